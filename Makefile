@@ -1,0 +1,58 @@
+# The two commands a fresh machine needs: `make demo` and `make test`. Everything else is a step of theirs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip
+STAMP := $(VENV)/.installed
+PACKAGES := apps/contracts apps/trainer apps/cli
+PYPROJECTS := $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+# torch 2.13.0 is installed from the machine's local CPU wheel where one is provided.
+export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
+# Where the demo writes its data, runs, reports and registry (laid out like the cluster volumes).
+DEMO_DIR ?= .rlops/demo
+
+.PHONY: help venv lint test test-fast demo clean constraints
+
+help:
+	@echo "make demo   set everything up and run the whole loop on this machine"
+	@echo "make test   every test (lint included)"
+	@echo "make lint   ruff + mypy"
+
+venv: $(STAMP)
+
+$(STAMP): constraints.txt requirements-dev.txt $(PYPROJECTS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip==$$(sed -n 's/^pip==//p' constraints.txt)"
+	# The constraints file pins every transitive version; torch 2.13.0 comes from the local CPU wheel.
+	$(PIP) install --quiet -c constraints.txt -r requirements-dev.txt $(foreach p,$(PACKAGES),-e $(p))
+	@touch $@
+
+# Re-pin after changing a dependency range: installs afresh, then records every version.
+constraints:
+	rm -rf $(VENV)-pin && $(PYTHON) -m venv $(VENV)-pin
+	$(VENV)-pin/bin/pip install --quiet -r requirements-dev.txt $(foreach p,$(PACKAGES),./$(p))
+	{ echo "# Every transitive version, pinned. Regenerate with 'make constraints'."; \
+	  $(VENV)-pin/bin/pip freeze --all | grep -vE '^(rlops-|-e )' | sed 's/+cpu$$//'; } > constraints.txt
+	rm -rf $(VENV)-pin
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+# Everything but the slow tests (training runs, Ray), for quick iterations.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/rlops demo --dir $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) .rlops .pytest_cache .mypy_cache .ruff_cache

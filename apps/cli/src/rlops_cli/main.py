@@ -1,0 +1,41 @@
+"""``rlops``: one command whose sub-commands come from the installed packages.
+
+Each package (trainer, server, …) declares its sub-commands in the ``rlops.commands`` entry-point
+group: a ``typer.Typer`` becomes a command group, a plain function a single command. Neither app
+imports the other; this package only composes them.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import typer
+
+GROUP = "rlops.commands"
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="rlops",
+        help="Take a reinforcement-learning policy from data to production and keep it healthy there.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_show_locals=False,
+    )
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        target = ep.load()
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=ep.name)
+        elif callable(target):
+            app.command(name=ep.name)(target)
+        else:
+            raise TypeError(f"entry point {ep.name} = {ep.value} is neither a typer.Typer nor a function")
+    return app
+
+
+def main() -> None:
+    build_app()()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The ``rlops`` command mounts every installed package's sub-commands, each with its own help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from rlops_cli.main import build_app
+
+runner = CliRunner()
+
+
+def _command_paths(app: typer.Typer) -> list[list[str]]:
+    click_cmd = typer.main.get_command(app)
+    paths: list[list[str]] = []
+
+    def walk(cmd: object, prefix: list[str]) -> None:
+        paths.append(prefix)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*prefix, name])
+
+    walk(click_cmd, [])
+    return paths
+
+
+def test_top_level_lists_trainer_commands() -> None:
+    result = runner.invoke(build_app(), ["--help"])
+    assert result.exit_code == 0, result.output
+    for name in ("data", "train", "evaluate", "registry", "demo"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("path", _command_paths(build_app()), ids=lambda p: " ".join(p) or "rlops")
+def test_every_command_has_help(path: list[str]) -> None:
+    result = runner.invoke(build_app(), [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    # Every command says what it does, not just its usage line.
+    body = result.output.split("Usage:", 1)[1]
+    assert len(body.strip().splitlines()) > 2
+
+
+def test_console_script_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "rlops_cli.main", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "rlops" in out.stdout
