@@ -46,8 +46,6 @@ class Selection:
 class PolicyModule(nn.Module):
     """Normalises observations with the training statistics, then scores every action."""
 
-    score_kind: str
-
     def __init__(
         self,
         net: nn.Module,

@@ -1,0 +1,39 @@
+"""What the trainer and the server agree on, written down once.
+
+A policy version is a directory holding :data:`POLICY_FILE` (TorchScript) and :data:`MODEL_CARD_FILE`
+(JSON, valid against the ``model-card`` schema). Aliases such as :data:`CHAMPION` point at versions.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+POLICY_FILE = "policy.pt"
+MODEL_CARD_FILE = "model-card.json"
+
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+ALIASES: tuple[str, ...] = (CHAMPION, CANDIDATE)
+
+MODEL_CARD_SCHEMA = "model-card"
+MODEL_CARD_SCHEMA_VERSION = 1
+
+_SUFFIX = ".schema.json"
+
+
+def schema_names() -> list[str]:
+    """Names accepted by :func:`load_schema`."""
+    files = resources.files(__name__)
+    return sorted(p.name.removesuffix(_SUFFIX) for p in files.iterdir() if p.name.endswith(_SUFFIX))
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) called ``name``, e.g. ``load_schema("model-card")``."""
+    names = schema_names()
+    if name not in names:
+        raise KeyError(f"unknown schema {name!r}; known schemas: {', '.join(names)}")
+    text = resources.files(__name__).joinpath(name + _SUFFIX).read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema

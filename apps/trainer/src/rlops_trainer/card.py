@@ -1,0 +1,238 @@
+"""The model card: what a policy is, where it came from, and what serving should expect to see.
+
+The card is plain JSON validated by the ``model-card`` schema of ``rlops_contracts``, the one place
+trainer and server agree on it. ``reference`` holds the training observations' per-feature statistics
+and quantile bins, which serving compares live traffic against (population stability index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from datetime import UTC, datetime
+from enum import Enum
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+import numpy as np
+import torch
+from rlops_contracts import MODEL_CARD_SCHEMA, MODEL_CARD_SCHEMA_VERSION, POLICY_FILE, load_schema
+
+from rlops_trainer.datasets import Transitions
+
+if TYPE_CHECKING:
+    from rlops_trainer.training import TrainResult
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+"""Policy names: they become directory names in the registry (the schema says the same)."""
+
+N_BINS = 10
+"""Quantile bins per observation feature in the reference statistics."""
+
+
+class CardError(ValueError):
+    """A model card that does not follow the schema; the message says where and what."""
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC, the format of every timestamp in cards and registry files."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def sha256_file(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def jsonable(value: Any, where: str = "value") -> Any:
+    """``value`` as strict JSON data: tuples become lists, paths strings, non-finite floats ``None``."""
+    if value is None or isinstance(value, bool | str | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return jsonable(value.item(), where)
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist(), where)
+    if isinstance(value, Enum):
+        return jsonable(value.value, where)
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value), where)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise CardError(f"{where}: cannot store a {type(value).__name__} in a model card (use JSON data)")
+
+
+def _bound(x: float) -> float | str:
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return float(x)
+
+
+def _feature_bins(column: np.ndarray) -> dict[str, list[float]]:
+    """Quantile bins of one feature: interior edges plus the proportion of rows in each bin.
+
+    Edges are taken from the data (``method="lower"``) and kept only above the minimum, so every
+    bin holds at least one training row and a discrete feature gets one bin per observed value
+    (up to ``N_BINS``).
+    """
+    qs = np.quantile(column, np.arange(1, N_BINS) / N_BINS, method="lower")
+    edges = np.unique(qs[qs > column.min()])
+    counts = np.bincount(np.searchsorted(edges, column, side="right"), minlength=len(edges) + 1)
+    return {
+        "edges": [float(e) for e in edges],
+        "proportions": [float(c) for c in counts / len(column)],
+    }
+
+
+def reference_stats(data: Transitions) -> dict[str, Any]:
+    """Per-feature mean, std, min, max and quantile bins of the observations; action proportions."""
+    if len(data) == 0:
+        raise CardError("reference statistics need at least one transition; the dataset is empty")
+    obs = np.asarray(data.observation, dtype=np.float64).reshape(len(data), -1)
+    actions = np.bincount(np.asarray(data.action, dtype=np.int64), minlength=data.meta.n_actions)
+    return {
+        "observation": {
+            "n": len(data),
+            "mean": [float(v) for v in obs.mean(axis=0)],
+            "std": [float(v) for v in obs.std(axis=0)],
+            "min": [float(v) for v in obs.min(axis=0)],
+            "max": [float(v) for v in obs.max(axis=0)],
+            "bins": [_feature_bins(obs[:, j]) for j in range(obs.shape[1])],
+        },
+        "actions": {"n": len(data), "proportions": [float(c) for c in actions / len(data)]},
+    }
+
+
+def observation_space(data: Transitions) -> dict[str, Any]:
+    space = data.meta.observation_space
+    if space.get("type") != "Box":
+        raise CardError(f"observation space must be a Box, got {space.get('type')!r}")
+    dim = data.meta.obs_dim
+    low = np.broadcast_to(np.asarray(space.get("low", -np.inf), dtype=np.float64), (dim,))
+    high = np.broadcast_to(np.asarray(space.get("high", np.inf), dtype=np.float64), (dim,))
+    return {
+        "type": "Box",
+        "shape": [int(s) for s in space["shape"]],
+        "dtype": "float32",
+        "low": [_bound(v) for v in low],
+        "high": [_bound(v) for v in high],
+    }
+
+
+def action_space(data: Transitions) -> dict[str, Any]:
+    space = data.meta.action_space
+    if space.get("type") != "Discrete":
+        raise CardError(f"action space must be Discrete, got {space.get('type')!r}")
+    return {"type": "Discrete", "n": data.meta.n_actions}
+
+
+def build_card(result: TrainResult, data: Transitions, name: str) -> dict[str, Any]:
+    """The card of a freshly trained, unpublished policy; ``files`` is filled by the exporter."""
+    now = utc_now()
+    starts = data.episode_starts()
+    return {
+        "schema_version": MODEL_CARD_SCHEMA_VERSION,
+        "name": name,
+        "version": None,
+        "created_at": now,
+        "algorithm": result.algorithm,
+        "hyperparameters": jsonable(result.config, "hyperparameters"),
+        "dataset": {
+            "fingerprint": result.dataset_fingerprint,
+            "env_id": data.meta.env_id,
+            "n_transitions": len(data),
+            "n_episodes": len(starts),
+            "source": data.meta.source,
+            "behavior_policy": data.meta.behavior_policy,
+        },
+        "observation_space": observation_space(data),
+        "action_space": action_space(data),
+        "policy": {
+            "file": POLICY_FILE,
+            "score_kind": result.policy.score_kind,
+            "input": {"dtype": "float32", "shape": [-1, data.meta.obs_dim]},
+            "selection": {
+                "temperature": float(result.selection.temperature),
+                "epsilon": float(result.selection.epsilon),
+            },
+            "torch_version": torch.__version__,
+        },
+        "training": {
+            "steps": int(result.steps),
+            "wall_time_s": float(result.wall_time_s),
+            "device": str(result.device),
+            "final_metrics": jsonable(result.final_metrics, "final_metrics"),
+        },
+        "evaluation": None,
+        "gate": None,
+        "reference": reference_stats(data),
+        "lineage": [
+            {
+                "event": "trained",
+                "at": now,
+                "algorithm": result.algorithm,
+                "dataset_fingerprint": result.dataset_fingerprint,
+                "steps": int(result.steps),
+            }
+        ],
+        "files": {},
+    }
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema(MODEL_CARD_SCHEMA))
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    return "card" + path
+
+
+def validate_card(card: Any, source: str = "model card") -> dict[str, Any]:
+    """Check ``card`` against the schema and its cross-field rules; returns it, or raises CardError."""
+    errors = list(_validator().iter_errors(card))
+    if errors:
+        first = jsonschema.exceptions.best_match(errors)
+        detail = f" ({'; '.join(e.message for e in first.context)})" if first.context else ""
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise CardError(f"{source}: {_where(first)}: {first.message}{detail}{more}")
+    dim = card["policy"]["input"]["shape"][1]
+    shape = card["observation_space"]["shape"]
+    if math.prod(shape) != dim:
+        raise CardError(
+            f"{source}: card.policy.input.shape: {dim} features but the observation space is {shape}"
+        )
+    ref = card["reference"]
+    for key in ("mean", "std", "min", "max", "bins"):
+        if len(ref["observation"][key]) != dim:
+            raise CardError(
+                f"{source}: card.reference.observation.{key}: {len(ref['observation'][key])} entries, "
+                f"expected one per observation feature ({dim})"
+            )
+    for j, b in enumerate(ref["observation"]["bins"]):
+        if len(b["proportions"]) != len(b["edges"]) + 1:
+            raise CardError(
+                f"{source}: card.reference.observation.bins[{j}]: {len(b['edges'])} edges need "
+                f"{len(b['edges']) + 1} proportions, got {len(b['proportions'])}"
+            )
+    n_actions = card["action_space"]["n"]
+    if len(ref["actions"]["proportions"]) != n_actions:
+        raise CardError(
+            f"{source}: card.reference.actions.proportions: {len(ref['actions']['proportions'])} entries, "
+            f"expected one per action ({n_actions})"
+        )
+    return dict(card)
