@@ -17,6 +17,23 @@ CHAMPION = "champion"
 CANDIDATE = "candidate"
 ALIASES: tuple[str, ...] = (CHAMPION, CANDIDATE)
 
+# The transition dataset (DESIGN.md, "Dataset"): Parquet, one row per transition, dataset metadata as
+# JSON in the schema metadata under DATASET_METADATA_KEY. Written by the trainer (collect, import) and
+# by the server's reward join; read by the trainer.
+DATASET_SCHEMA_VERSION = 1
+DATASET_METADATA_KEY = b"rlops"
+DATASET_COLUMNS: dict[str, str] = {
+    "episode_id": "int64",
+    "step": "int64",
+    "observation": "list<float32>[obs_dim]",
+    "action": "int64",
+    "reward": "float32",
+    "next_observation": "list<float32>[obs_dim]",
+    "terminated": "bool",
+    "truncated": "bool",
+    "behavior_logp": "float32, null when unknown",
+}
+
 MODEL_CARD_SCHEMA = "model-card"
 MODEL_CARD_SCHEMA_VERSION = 1
 

@@ -20,20 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from rlops_contracts import DATASET_COLUMNS, DATASET_METADATA_KEY, DATASET_SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
-
-COLUMNS: tuple[str, ...] = (
-    "episode_id",
-    "step",
-    "observation",
-    "action",
-    "reward",
-    "next_observation",
-    "terminated",
-    "truncated",
-    "behavior_logp",
-)
+SCHEMA_VERSION = DATASET_SCHEMA_VERSION
+COLUMNS: tuple[str, ...] = tuple(DATASET_COLUMNS)
 
 
 class DatasetError(ValueError):
@@ -460,7 +450,7 @@ def _integer_column(
 # Parquet
 # --------------------------------------------------------------------------------------------------
 
-METADATA_KEY = b"rlops"
+METADATA_KEY = DATASET_METADATA_KEY
 
 
 def to_table(t: Transitions) -> pa.Table:
