@@ -5,6 +5,8 @@ Behaviour specs:
 * ``random``: uniform over the actions; log-propensity ``-log(n)``.
 * ``eps-greedy:<eps>``: with probability ``eps`` a uniform action, otherwise the greedy action of a
   briefly trained linear policy; the logged propensity is ``(1 - eps) * [a == greedy] + eps / n``.
+  ``eps-greedy:<eps>@<steps>`` trains that policy with a budget of ``<steps>`` environment steps
+  instead of the default: a smaller budget gives a weaker greedy policy (a second quality knob).
 * ``mixture:<component>=<weight>,...``: every *episode* draws one component (``random`` or
   ``eps-greedy:<eps>``) with the given weights and follows it to the end; the logged propensity
   is that component's.
@@ -39,18 +41,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rlops_trainer.datasets import DatasetMeta, Transitions, box_space, discrete_space, validate
 
-CARTPOLE_MIXED = "mixture:random=0.5,eps-greedy:0.5=0.3,eps-greedy:0.3=0.1,eps-greedy:0.1=0.1"
-"""The mixed-quality CartPole-v1 behaviour of the demo and the benchmark. Half the episodes are uniform
-(return ≈ 22), the rest epsilon-greedy at 0.5 (≈ 80-120), 0.3 (≈ 240-350) and 0.1 (≈ 490): the behaviour
-policy's expected return is 112-130 for seeds 0-4, under 150, and about one episode in ten is near-perfect."""
+CARTPOLE_MIXED = "mixture:eps-greedy:0.1@2000=0.58,eps-greedy:0.3=0.09,random=0.33"
+"""The mixed-quality CartPole-v1 behaviour of the demo and the benchmark, modelled on production logs:
+most episodes come from a mediocre incumbent (epsilon-greedy around a policy trained on a 2,000-step
+budget), a few from a better but noisy policy (epsilon 0.3 around the fully trained one), a third are
+uniform exploration. Cloning the majority reproduces the mediocre policy; learning from the rewards
+can do better. The behaviour policy averages under 150 (see docs/benchmarks.md)."""
 
 TRAIN_BUDGET_STEPS = 20_000
 """Environment steps the cross-entropy method may spend training the greedy policy."""
 
 BEHAVIOR_FORMS = (
-    "accepted behaviours: 'random'; 'eps-greedy:<eps>' with 0 <= eps <= 1; "
-    "'mixture:<component>=<weight>,...' with components 'random' or 'eps-greedy:<eps>' and positive "
-    "weights, e.g. 'mixture:random=0.5,eps-greedy:0.3=0.5'"
+    "accepted behaviours: 'random'; 'eps-greedy:<eps>' or 'eps-greedy:<eps>@<training steps>' with "
+    "0 <= eps <= 1; 'mixture:<component>=<weight>,...' with components 'random' or 'eps-greedy:...' "
+    "and positive weights, e.g. 'mixture:random=0.5,eps-greedy:0.3@2000=0.5'"
 )
 
 
@@ -70,6 +74,8 @@ class Component:
     epsilon: float
     """1.0 for ``random``: no greedy policy is needed."""
     spec: str
+    budget_steps: int | None = None
+    """Training budget of this component's greedy policy; None: the collection's default."""
 
     @property
     def needs_policy(self) -> bool:
@@ -89,7 +95,7 @@ def _parse_component(text: str, whole: str) -> Component:
     text = text.strip()
     if text == "random":
         return Component(epsilon=1.0, spec="random")
-    match = re.fullmatch(r"eps-greedy:(.+)", text)
+    match = re.fullmatch(r"eps-greedy:([^@]+)(?:@(.*))?", text)
     if match:
         try:
             eps = float(match.group(1))
@@ -99,7 +105,16 @@ def _parse_component(text: str, whole: str) -> Component:
             ) from None
         if not 0.0 <= eps <= 1.0:
             raise CollectError(f"epsilon {eps:g} in behaviour {whole!r} is outside [0, 1]; {BEHAVIOR_FORMS}")
-        return Component(epsilon=eps, spec=f"eps-greedy:{eps:g}")
+        if match.group(2) is None:
+            return Component(epsilon=eps, spec=f"eps-greedy:{eps:g}")
+        budget_text = match.group(2)
+        if not budget_text.isdigit() or int(budget_text) < 1:
+            raise CollectError(
+                f"bad training budget {budget_text!r} in behaviour {whole!r}: a positive whole number of "
+                f"environment steps; {BEHAVIOR_FORMS}"
+            )
+        budget = int(budget_text)
+        return Component(epsilon=eps, spec=f"eps-greedy:{eps:g}@{budget}", budget_steps=budget)
     raise CollectError(f"unknown behaviour component {text!r} in {whole!r}; {BEHAVIOR_FORMS}")
 
 
@@ -293,11 +308,12 @@ def collect(
         transient=True,
     )
 
-    policy: LinearPolicy | None = None
+    # One greedy policy per training budget; components with the same budget share it.
+    policies: dict[int, LinearPolicy] = {}
     with progress_bar:
-        if any(c.needs_policy for c in spec.components):
-            progress_bar.add_task(f"training the greedy policy on {env_id}", total=None)
-            policy = train_greedy_policy(env_id, seed, budget_steps, max_episode_steps)
+        for budget in sorted({c.budget_steps or budget_steps for c in spec.components if c.needs_policy}):
+            progress_bar.add_task(f"training a greedy policy on {env_id} ({budget} steps)", total=None)
+            policies[budget] = train_greedy_policy(env_id, seed, budget, max_episode_steps)
         task = progress_bar.add_task(f"collecting {env_id} with {spec.spec}", total=episodes)
 
         rng = np.random.default_rng([seed, 2])
@@ -311,6 +327,7 @@ def collect(
         for episode in range(episodes):
             component = spec.components[chosen[episode]]
             eps = component.epsilon
+            policy = policies.get(component.budget_steps or budget_steps)
             # Both branches give exact probabilities: the greedy action also wins eps / n of the time.
             log_greedy = math.log((1.0 - eps) + eps / n) if eps < 1.0 else log_uniform
             log_other = math.log(eps / n) if eps > 0.0 else -math.inf
@@ -347,8 +364,8 @@ def collect(
         "episodes": episodes,
         "episodes_per_component": {c.spec: int(k) for c, k in zip(spec.components, counts, strict=True)},
     }
-    if policy is not None:
-        extra["greedy_policy"] = policy.train_info
+    if policies:
+        extra["greedy_policies"] = {str(b): p.train_info for b, p in policies.items()}
     meta = DatasetMeta(
         env_id=env_id,
         observation_space=box_space(obs_space.low, obs_space.high),
