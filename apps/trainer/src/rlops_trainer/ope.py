@@ -1,0 +1,689 @@
+"""Off-policy evaluation: the value of a target policy from transitions another policy logged.
+
+The value of a policy is the expected discounted return of an episode, ``E[sum_t gamma^t r_t]``, over
+the dataset's initial-state distribution. The target policy is a function from a batch of observations
+to action probabilities (``probs_fn``); :func:`policy_probs_fn` builds one from a policy module.
+
+Estimators (``evaluate`` runs any subset):
+
+* ``pdis``: per-decision importance sampling (Precup et al. 2000).
+* ``wpdis``: its weighted form, self-normalised at every step.
+* ``fqe``: fitted Q evaluation (Le et al. 2019): a small network regressed on
+  ``r + gamma * (1 - terminated) * sum_a' pi(a'|s') Q_target(s', a')``.
+* ``dr``: per-decision doubly robust (Jiang & Li 2016) with the FQE model.
+* ``wdr``: weighted doubly robust (Thomas & Brunskill 2016) with the FQE model.
+* ``behavior`` (:func:`behavior_value`): the on-policy mean discounted return of the logged episodes.
+
+Conventions, chosen once for every estimator:
+
+* Episodes are padded to the longest one. After its end an episode sits in an absorbing state: reward 0,
+  value 0, importance weight frozen at its final value. The weighted estimators therefore normalise at
+  step ``t`` over every episode, which keeps them consistent when episodes differ in length.
+* Importance-sampling and doubly robust estimates cover the logged horizon: a truncated episode
+  contributes the rewards it logged. FQE bootstraps through truncation (a time limit is not part of the
+  state), so it estimates the untruncated value; the two differ by at most ``gamma^T`` times the value
+  at the truncation step ``T``.
+* Intervals are percentile bootstraps over episodes. For FQE the Q network is fitted once and only the
+  initial-state values are resampled: the interval reflects the spread of initial states, not the
+  error of the fitted model (refitting per resample would multiply the cost by ``n_bootstrap``). The
+  doubly robust intervals likewise hold the model fixed and resample episodes.
+* Importance weights can be clipped (``clip_weights``): cumulative weights above the cap are set to it,
+  which trades bias for variance. Off by default.
+* Everything runs on numpy arrays of shape (episodes, longest episode): memory grows with their product
+  (100k CartPole transitions: a few tens of MB).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlops_trainer.datasets import Transitions
+from rlops_trainer.policy import Selection, mlp
+
+ProbsFn = Callable[[np.ndarray], np.ndarray]
+"""A target policy: observations ``[N, obs_dim]`` to action probabilities ``[N, n_actions]``."""
+
+ESTIMATORS: tuple[str, ...] = ("pdis", "wpdis", "fqe", "dr", "wdr")
+NEEDS_PROPENSITIES: frozenset[str] = frozenset({"pdis", "wpdis", "dr", "wdr"})
+NEEDS_MODEL: frozenset[str] = frozenset({"fqe", "dr", "wdr"})
+
+
+class OPEError(ValueError):
+    """The data or the target policy cannot support the requested estimate."""
+
+
+@dataclass
+class Estimate:
+    """One estimate of a policy value with its bootstrap interval and weight diagnostics."""
+
+    estimator: str
+    value: float
+    lower: float
+    upper: float
+    confidence: float
+    n_episodes: int
+    ess: float | None = None
+    """Kish effective sample size of the per-episode cumulative importance weights (None: no weights).
+    With weights frozen after an episode ends this is also the per-decision ESS at the horizon."""
+    ess_fraction: float | None = None
+    """``ess / n_episodes``."""
+    ess_collapsed: bool = False
+    """The ESS fell below the collapse threshold: the estimate rests on a handful of episodes."""
+    collapse_step: int | None = None
+    """First step at which the per-decision ESS fell below the threshold (None: it never did)."""
+    interval: str = "episodes"
+    """What the bootstrap resampled: ``episodes`` or ``initial states (Q fixed)``."""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Estimate:
+        return cls(**{**d, "warnings": list(d.get("warnings", []))})
+
+
+@dataclass
+class FQEConfig:
+    """Fitted Q evaluation. Defaults suit CartPole-sized problems (gamma 0.99, 50k–100k transitions)."""
+
+    hidden: tuple[int, ...] = (64, 64)
+    """Widths of the Q network's hidden layers (ReLU)."""
+    lr: float = 1e-3
+    """Adam learning rate (before the decay)."""
+    steps: int = 12000
+    """Gradient steps in total."""
+    batch_size: int = 256
+    """Transitions per gradient step, sampled uniformly with replacement."""
+    target_update: int = 10
+    """Gradient steps between copies of the Q network into the target network. Each copy is one
+    Bellman backup; information travels about ``steps / target_update`` steps back in time, so keep
+    that ratio well above the effective horizon ``1 / (1 - gamma)`` (here 1200 against 100)."""
+    lr_decay_from: float = 0.5
+    """Fraction of ``steps`` after which the learning rate decays linearly to 0. The constant phase
+    propagates values; the decay removes minibatch noise from the final Q, which matters to the doubly
+    robust estimators: they multiply its Bellman residuals by the importance weights. 1: no decay."""
+    clip_targets: bool = True
+    """Clip regression targets to the range of returns the logged rewards allow (see
+    :func:`value_range`); keeps extrapolation errors from compounding through the target network."""
+    seed: int = 0
+    """Seeds the network initialisation and the minibatch order."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "target_update"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"FQEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.lr_decay_from <= 1.0:
+            raise ValueError(f"FQEConfig.lr_decay_from must be in [0, 1], got {self.lr_decay_from}")
+        if not self.lr > 0:
+            raise ValueError(f"FQEConfig.lr must be > 0, got {self.lr}")
+        if not self.hidden or any(int(w) < 1 for w in self.hidden):
+            raise ValueError(f"FQEConfig.hidden must be positive widths, got {self.hidden}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Target policies
+
+
+def policy_probs_fn(policy: nn.Module, selection: Selection, batch_size: int = 65536) -> ProbsFn:
+    """Wrap a module with ``action_probs(obs, temperature, epsilon)`` (a ``PolicyModule`` or a loaded
+    TorchScript policy) as a ``probs_fn`` that serves numpy batches."""
+    if not hasattr(policy, "action_probs"):
+        raise TypeError(f"{type(policy).__name__} has no action_probs(obs, temperature, epsilon) method")
+    tensors = list(policy.buffers()) + list(policy.parameters())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    temperature, epsilon = float(selection.temperature), float(selection.epsilon)
+    action_probs = cast(Callable[[torch.Tensor, float, float], torch.Tensor], policy.action_probs)
+
+    def probs_fn(obs: np.ndarray) -> np.ndarray:
+        x = np.asarray(obs, dtype=np.float32)
+        out = []
+        with torch.no_grad():
+            for i in range(0, max(len(x), 1), batch_size):
+                t = torch.tensor(x[i : i + batch_size], device=device)
+                out.append(action_probs(t, temperature, epsilon).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0))
+
+    return probs_fn
+
+
+def _target_probs(probs_fn: ProbsFn, obs: np.ndarray, n_actions: int, what: str) -> np.ndarray:
+    probs = np.asarray(probs_fn(obs), dtype=np.float64)
+    if probs.shape != (len(obs), n_actions):
+        raise OPEError(
+            f"target policy returned probabilities of shape {probs.shape} for {what}; "
+            f"expected ({len(obs)}, {n_actions}) (one row per observation, one column per action)"
+        )
+    bad = ~np.isfinite(probs).all(axis=1) | (probs < -1e-6).any(axis=1)
+    bad |= np.abs(probs.sum(axis=1) - 1.0) > 1e-4
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise OPEError(
+            f"target policy returned an invalid distribution for {what} row {row}: {probs[row].tolist()} "
+            "(probabilities must be finite, non-negative and sum to 1)"
+        )
+    return np.clip(probs, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Episodes padded to the longest
+
+
+@dataclass
+class _Padded:
+    n: int  # episodes
+    horizon: int
+    lengths: np.ndarray  # [E]
+    episode: np.ndarray  # [N] episode index of every row
+    t: np.ndarray  # [N] position of every row inside its episode
+    starts: np.ndarray  # [E] first row of every episode
+    discount: np.ndarray  # [H] gamma^t
+
+    def pad(self, values: np.ndarray) -> np.ndarray:
+        """Per-row values into ``[E, H]``, zero after each episode's end."""
+        out = np.zeros((self.n, self.horizon), dtype=np.float64)
+        out[self.episode, self.t] = values
+        return out
+
+
+def _padded(data: Transitions, gamma: float) -> _Padded:
+    if len(data) == 0:
+        raise OPEError("the dataset has no transitions")
+    if not 0.0 < gamma <= 1.0:
+        raise OPEError(f"gamma must be in (0, 1], got {gamma}")
+    starts = data.episode_starts()
+    lengths = np.diff(np.append(starts, len(data)))
+    episode = np.repeat(np.arange(len(starts)), lengths)
+    t = np.arange(len(data)) - np.repeat(starts, lengths)
+    horizon = int(lengths.max())
+    discount = gamma ** np.arange(horizon, dtype=np.float64)
+    return _Padded(len(starts), horizon, lengths, episode, t, starts, discount)
+
+
+def _check_propensities(data: Transitions, estimator: str) -> None:
+    missing = np.isnan(data.behavior_logp)
+    if missing.any():
+        raise OPEError(
+            f"{estimator} needs the behaviour log-propensity of every logged action, but column "
+            f"'behavior_logp' is missing (NaN) in {int(missing.sum())} of {len(data)} rows "
+            f"(first at row {int(np.flatnonzero(missing)[0])}); importance-sampling and doubly robust "
+            "estimators (pdis, wpdis, dr, wdr) cannot run on this dataset; use fqe"
+        )
+
+
+def _cumulative_weights(
+    data: Transitions, pad: _Padded, probs: np.ndarray, clip_weights: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative importance weights ``rho_{0:t}`` ``[E, H]`` (frozen after the end) and ``rho_{0:t-1}``."""
+    pi_a = probs[np.arange(len(data)), data.action]
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(pi_a) - data.behavior_logp.astype(np.float64)
+    # log-space cumsum, then exp: a zero target probability gives -inf and so a weight of exactly 0.
+    with np.errstate(invalid="ignore", over="ignore"):
+        log_rho = np.cumsum(pad.pad(log_ratio), axis=1)
+        rho = np.exp(log_rho)
+    if clip_weights is not None:
+        if not clip_weights > 0:
+            raise OPEError(f"clip_weights must be > 0 or None, got {clip_weights}")
+        rho = np.minimum(rho, clip_weights)
+    rho_prev = np.concatenate([np.ones((pad.n, 1)), rho[:, :-1]], axis=1)
+    return rho, rho_prev
+
+
+def kish_ess(weights: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Kish effective sample size ``(sum w)^2 / sum w^2`` (0 where every weight is 0)."""
+    w = np.asarray(weights, dtype=np.float64)
+    s1, s2 = w.sum(axis=axis), (w * w).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        ess = np.where(s2 > 0, s1 * s1 / np.where(s2 > 0, s2, 1.0), 0.0)
+    return np.asarray(ess)
+
+
+def ess_threshold(n_episodes: int, min_ess: float, min_ess_fraction: float) -> float:
+    """ESS below which the weights are said to have collapsed."""
+    return max(float(min_ess), float(min_ess_fraction) * n_episodes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def _resample_counts(n: int, n_bootstrap: int, seed: int, chunk: int = 128) -> Iterator[np.ndarray]:
+    """Episode multiplicities for each bootstrap resample, in chunks of ``[b, n]`` (float64).
+
+    The same seed gives the same resamples to every estimator, so their intervals are paired."""
+    rng = np.random.default_rng(seed)
+    uniform = np.full(n, 1.0 / n)
+    for i in range(0, n_bootstrap, chunk):
+        yield rng.multinomial(n, uniform, size=min(chunk, n_bootstrap - i)).astype(np.float64)
+
+
+def _percentile(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    finite = samples[np.isfinite(samples)]
+    if finite.size < samples.size or finite.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(finite, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def _check_bootstrap(n_bootstrap: int, confidence: float) -> None:
+    if n_bootstrap < 1:
+        raise OPEError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    if not 0.0 < confidence < 1.0:
+        raise OPEError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _mean_with_ci(
+    per_episode: np.ndarray, n_bootstrap: int, confidence: float, seed: int
+) -> tuple[float, float, float]:
+    """Mean of per-episode contributions and its percentile bootstrap interval over episodes."""
+    n = len(per_episode)
+    samples = np.concatenate([c @ per_episode / n for c in _resample_counts(n, n_bootstrap, seed)])
+    lo, hi = _percentile(samples, confidence)
+    return float(per_episode.mean()), lo, hi
+
+
+@dataclass
+class _DRParts:
+    rho_r_minus_q: np.ndarray  # [E, H] rho_{0:t} (r_t - Q(s_t, a_t))
+    rho_prev_v: np.ndarray  # [E, H] rho_{0:t-1} V(s_t)
+    discount: np.ndarray  # [H]
+
+
+def _weighted(counts: np.ndarray, rho: np.ndarray, rho_prev: np.ndarray, parts: _DRParts) -> np.ndarray:
+    """Weighted (self-normalised per step) doubly robust value for every row of ``counts`` ``[b, E]``.
+
+    With ``q = v = 0`` this is weighted per-decision importance sampling."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = counts @ rho
+        s_prev = counts @ rho_prev
+        now = np.where(s > 0, (counts @ parts.rho_r_minus_q) / np.where(s > 0, s, 1.0), 0.0)
+        before = np.where(s_prev > 0, (counts @ parts.rho_prev_v) / np.where(s_prev > 0, s_prev, 1.0), 0.0)
+    return np.asarray((now + before) @ parts.discount)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fitted Q evaluation
+
+
+@dataclass
+class FQEModel:
+    """A fitted Q function for one target policy, in reward units."""
+
+    net: nn.Module
+    scale: float  # the network predicts Q * scale
+    final_loss: float
+    config: FQEConfig
+
+    def q_values(self, obs: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(obs), batch_size):
+                t = torch.tensor(np.asarray(obs[i : i + batch_size], dtype=np.float32))
+                out.append(self.net(t).double().numpy())
+        return np.concatenate(out) / self.scale if out else np.zeros((0, 0))
+
+
+class _Normalised(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, net: nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(np.where(std > 1e-6, std, 1.0), dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net((obs - self.mean) / self.std)
+
+
+def value_range(data: Transitions, gamma: float) -> tuple[float, float]:
+    """The discounted returns any policy can earn from this data's rewards: each reward lies in the
+    logged range and an episode may end at any step."""
+    if len(data) == 0:
+        return 0.0, 0.0
+    lengths = np.diff(np.append(data.episode_starts(), len(data)))
+    steps = 1.0 / (1.0 - gamma) if gamma < 1.0 else float(lengths.max())
+    return min(0.0, float(data.reward.min())) * steps, max(0.0, float(data.reward.max())) * steps
+
+
+def _returns_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """Discounted returns-to-go of padded ``[E, H]`` rewards."""
+    out = np.zeros_like(rewards)
+    acc = np.zeros(rewards.shape[0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        acc = rewards[:, t] + gamma * acc
+        out[:, t] = acc
+    return out
+
+
+def fit_fqe(
+    data: Transitions,
+    next_probs: np.ndarray,
+    *,
+    gamma: float,
+    config: FQEConfig | None = None,
+    progress: bool = False,
+) -> FQEModel:
+    """Fit Q^pi by fitted Q evaluation; ``next_probs`` is pi(.|s') for every row's next observation."""
+    cfg = config or FQEConfig()
+    # Regressing on values of order 1 keeps Adam's step size (and so its noise) commensurate with the
+    # values; the logged returns-to-go give that order without knowing the target policy's value.
+    pad = _padded(data, gamma)
+    g = np.abs(_returns_to_go(pad.pad(data.reward.astype(np.float64)), gamma)).max()
+    lo, hi = value_range(data, gamma)
+    scale = 1.0 / g if g > 0 else (1.0 / (hi - lo) if hi > lo else 1.0)
+    # Targets outside the returns any policy can earn are extrapolation errors; clipping them stops a
+    # target network from feeding such errors back into itself (they compound over the horizon).
+    y_lo, y_hi = (lo * scale, hi * scale) if cfg.clip_targets else (-math.inf, math.inf)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    both = np.concatenate([data.observation, data.next_observation]).astype(np.float64)
+    with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        net = mlp(data.meta.obs_dim, data.meta.n_actions, cfg.hidden)
+    q = _Normalised(net, both.mean(0), both.std(0))
+    target = copy.deepcopy(q).requires_grad_(False)
+    opt = torch.optim.Adam(q.parameters(), lr=cfg.lr)
+    decay_start = int(cfg.lr_decay_from * cfg.steps)
+
+    obs = torch.tensor(data.observation, dtype=torch.float32)
+    nxt = torch.tensor(data.next_observation, dtype=torch.float32)
+    act = torch.tensor(data.action, dtype=torch.int64)
+    rew = torch.tensor(data.reward, dtype=torch.float32) * scale
+    cont = gamma * (1.0 - torch.tensor(data.terminated, dtype=torch.float32))
+    pn = torch.tensor(next_probs, dtype=torch.float32)
+
+    bar = _progress("FQE", cfg.steps) if progress else None
+    params, target_params = list(q.parameters()), list(target.parameters())
+    loss_sum, loss_n, final_loss = torch.zeros(()), 0, float("nan")
+    try:
+        for step in range(1, cfg.steps + 1):
+            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=generator)
+            with torch.no_grad():
+                y = (rew[idx] + cont[idx] * (pn[idx] * target(nxt[idx])).sum(-1)).clamp(y_lo, y_hi)
+            pred = q(obs[idx]).gather(1, act[idx, None]).squeeze(1)
+            loss = torch.nn.functional.mse_loss(pred, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step > decay_start:
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * (cfg.steps - step) / max(cfg.steps - decay_start, 1)
+            loss_sum += loss.detach()
+            loss_n += 1
+            if step % cfg.target_update == 0:
+                with torch.no_grad():
+                    for tp, p in zip(target_params, params, strict=True):
+                        tp.copy_(p)
+            if step % 500 == 0 or step == cfg.steps:
+                final_loss = float(loss_sum) / loss_n
+                loss_sum, loss_n = torch.zeros(()), 0
+                if bar is not None:
+                    bar[0].update(bar[1], completed=step)
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    q.eval()
+    return FQEModel(net=q, scale=scale, final_loss=final_loss, config=cfg)
+
+
+def _progress(label: str, total: int) -> tuple[Any, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # Progress goes to stderr, so stdout carries only results.
+    p = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    p.start()
+    return p, p.add_task(label, total=total)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Estimators
+
+
+def _ess_fields(
+    rho: np.ndarray, n: int, min_ess: float, min_ess_fraction: float, estimator: str
+) -> dict[str, Any]:
+    ess = float(kish_ess(rho[:, -1]))
+    threshold = ess_threshold(n, min_ess, min_ess_fraction)
+    below = np.flatnonzero(kish_ess(rho, axis=0) < threshold)
+    collapse_step = int(below[0]) if below.size else None
+    warnings = []
+    if ess < threshold:
+        msg = (
+            f"importance weights collapsed: ESS {ess:.1f} of {n} episodes ({100 * ess / n:.2f} %), "
+            f"below the threshold {threshold:.1f}"
+        )
+        if collapse_step is not None:
+            msg += f"; the per-decision ESS fell below it at step {collapse_step}"
+        if estimator in ("dr", "wdr"):
+            msg += "; beyond that the estimate rests on the FQE model"
+        warnings.append(msg)
+    if not np.isfinite(rho).all():
+        warnings.append("importance weights overflowed float64; consider clip_weights")
+    return {
+        "ess": ess,
+        "ess_fraction": ess / n,
+        "ess_collapsed": ess < threshold,
+        "collapse_step": collapse_step,
+        "warnings": warnings,
+    }
+
+
+def estimate_is(
+    estimator: str,
+    data: Transitions,
+    probs: np.ndarray,
+    *,
+    gamma: float = 0.99,
+    q_values: np.ndarray | None = None,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    clip_weights: float | None = None,
+    min_ess: float = 10.0,
+    min_ess_fraction: float = 0.01,
+) -> Estimate:
+    """One importance-sampling (``pdis``, ``wpdis``) or doubly robust (``dr``, ``wdr``) estimate.
+
+    ``probs`` is pi(.|s_t) for every row ``[N, A]``; ``q_values`` the model's Q(s_t, .) ``[N, A]``,
+    required by ``dr`` and ``wdr``. All four share one formula,
+    ``sum_t gamma^t [w_t (r_t - Q(s_t, a_t)) + w_{t-1} V(s_t)]`` with ``V(s) = sum_a pi(a|s) Q(s, a)``,
+    ``Q = 0`` for pdis / wpdis, ``w`` the cumulative weights (pdis, dr) or the cumulative weights
+    divided by their sum over episodes at each step (wpdis, wdr), and ``w_{-1} = 1`` (resp. ``1/n``).
+    """
+    if estimator not in NEEDS_PROPENSITIES:
+        raise OPEError(f"estimate_is runs {', '.join(sorted(NEEDS_PROPENSITIES))}, not {estimator!r}")
+    _check_bootstrap(n_bootstrap, confidence)
+    pad = _padded(data, gamma)
+    _check_propensities(data, estimator)
+    if probs.shape != (len(data), data.meta.n_actions):
+        raise OPEError(f"probs has shape {probs.shape}; expected ({len(data)}, {data.meta.n_actions})")
+    rho, rho_prev = _cumulative_weights(data, pad, probs, clip_weights)
+    r = pad.pad(data.reward.astype(np.float64))
+    if estimator in ("dr", "wdr"):
+        if q_values is None or q_values.shape != probs.shape:
+            shape = None if q_values is None else q_values.shape
+            raise OPEError(f"{estimator} needs q_values of shape {probs.shape}, got {shape}")
+        q = pad.pad(q_values[np.arange(len(data)), data.action])
+        v = pad.pad((probs * q_values).sum(axis=1))
+    else:
+        q = v = np.zeros_like(r)
+    with np.errstate(invalid="ignore"):
+        parts = _DRParts(rho * (r - q), rho_prev * v, pad.discount)
+    if estimator in ("pdis", "dr"):
+        per_episode = (parts.rho_r_minus_q + parts.rho_prev_v) @ pad.discount
+        value, lo, hi = _mean_with_ci(per_episode, n_bootstrap, confidence, seed)
+    else:
+        value = float(_weighted(np.ones((1, pad.n)), rho, rho_prev, parts)[0])
+        samples = np.concatenate(
+            [_weighted(c, rho, rho_prev, parts) for c in _resample_counts(pad.n, n_bootstrap, seed)]
+        )
+        lo, hi = _percentile(samples, confidence)
+    return Estimate(
+        estimator=estimator,
+        value=value,
+        lower=lo,
+        upper=hi,
+        confidence=confidence,
+        n_episodes=pad.n,
+        **_ess_fields(rho, pad.n, min_ess, min_ess_fraction, estimator),
+    )
+
+
+def estimate_fqe(
+    data: Transitions,
+    probs: np.ndarray,
+    q_values: np.ndarray,
+    *,
+    gamma: float = 0.99,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """The FQE estimate: the mean over episodes of ``V(s_0) = sum_a pi(a|s_0) Q(s_0, a)`` at each
+    episode's first row, with the interval over initial states and Q held fixed."""
+    _check_bootstrap(n_bootstrap, confidence)
+    pad = _padded(data, gamma)
+    v0 = (probs[pad.starts] * q_values[pad.starts]).sum(axis=1)
+    value, lo, hi = _mean_with_ci(v0, n_bootstrap, confidence, seed)
+    est = Estimate("fqe", value, lo, hi, confidence, pad.n, interval="initial states (Q fixed)")
+    est.warnings.extend(_model_warnings(data, gamma, (probs * q_values).sum(axis=1)))
+    return est
+
+
+def behavior_value(
+    data: Transitions,
+    *,
+    gamma: float = 0.99,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """On-policy value of the logged data: the mean discounted return of its episodes."""
+    _check_bootstrap(n_bootstrap, confidence)
+    pad = _padded(data, gamma)
+    per_episode = pad.pad(data.reward.astype(np.float64)) @ pad.discount
+    value, lo, hi = _mean_with_ci(per_episode, n_bootstrap, confidence, seed)
+    return Estimate("behavior", value, lo, hi, confidence, pad.n)
+
+
+def evaluate(
+    data: Transitions,
+    probs_fn: ProbsFn,
+    *,
+    gamma: float = 0.99,
+    estimators: Sequence[str] = ESTIMATORS,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    fqe_config: FQEConfig | None = None,
+    seed: int = 0,
+    clip_weights: float | None = None,
+    min_ess: float = 10.0,
+    min_ess_fraction: float = 0.01,
+    progress: bool = False,
+) -> dict[str, Estimate]:
+    """Estimate the value of the policy ``probs_fn`` with each estimator in ``estimators``.
+
+    ``min_ess`` and ``min_ess_fraction`` set the collapse threshold: the weights have collapsed when the
+    ESS is below ``max(min_ess, min_ess_fraction * n_episodes)``. The FQE model, when one is needed, is
+    fitted once and shared by ``fqe``, ``dr`` and ``wdr``. Every estimate resamples the same episodes
+    (same ``seed``), so their intervals are paired.
+    """
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if unknown or not estimators:
+        raise OPEError(
+            f"unknown estimator(s) {unknown or '(none given)'}; choose from {', '.join(ESTIMATORS)}"
+        )
+    _check_bootstrap(n_bootstrap, confidence)
+    pad = _padded(data, gamma)
+    for name in estimators:
+        if name in NEEDS_PROPENSITIES:
+            _check_propensities(data, name)
+    n_actions = data.meta.n_actions
+    probs = _target_probs(probs_fn, data.observation, n_actions, "observation")
+
+    q_values: np.ndarray | None = None
+    fit_warnings: list[str] = []
+    if NEEDS_MODEL.intersection(estimators):
+        next_probs = _target_probs(probs_fn, data.next_observation, n_actions, "next_observation")
+        model = fit_fqe(data, next_probs, gamma=gamma, config=fqe_config, progress=progress)
+        q_values = model.q_values(data.observation)
+        fit_warnings = fqe_budget_warnings(model.config, gamma, pad.horizon)
+
+    boot: dict[str, Any] = {
+        "gamma": gamma,
+        "n_bootstrap": n_bootstrap,
+        "confidence": confidence,
+        "seed": seed,
+    }
+    weights: dict[str, Any] = {
+        "clip_weights": clip_weights,
+        "min_ess": min_ess,
+        "min_ess_fraction": min_ess_fraction,
+    }
+    out: dict[str, Estimate] = {}
+    for name in estimators:
+        if name == "fqe":
+            if q_values is None:
+                raise RuntimeError("FQE model missing")  # unreachable: fitted above when fqe is asked for
+            out[name] = estimate_fqe(data, probs, q_values, **boot)
+        else:
+            out[name] = estimate_is(name, data, probs, q_values=q_values, **boot, **weights)
+            if q_values is not None and name in NEEDS_MODEL:
+                out[name].warnings.extend(_model_warnings(data, gamma, (probs * q_values).sum(axis=1)))
+        if name in NEEDS_MODEL:
+            out[name].warnings.extend(fit_warnings)
+    return out
+
+
+def fqe_budget_warnings(config: FQEConfig, gamma: float, horizon: int) -> list[str]:
+    """A warning when FQE's training budget is too short for values to travel over the horizon.
+
+    Each target copy in the constant-learning-rate phase is about one Bellman backup; with fewer than
+    five effective horizons of them, values stay biased toward a truncated return (too low when
+    rewards are positive)."""
+    backups = config.steps * config.lr_decay_from / config.target_update
+    effective = min(1.0 / (1.0 - gamma), float(horizon)) if gamma < 1.0 else float(horizon)
+    if backups >= 5 * effective:
+        return []
+    return [
+        f"FQE ran about {backups:.0f} Bellman backups (steps x lr_decay_from / target_update) for an "
+        f"effective horizon of {effective:.0f} steps; below {5 * effective:.0f} the values are biased "
+        "toward a truncated return: raise FQEConfig.steps"
+    ]
+
+
+def _model_warnings(data: Transitions, gamma: float, v_s: np.ndarray) -> list[str]:
+    if not np.isfinite(v_s).all():
+        return ["the FQE model produced non-finite values"]
+    lo, hi = value_range(data, gamma)
+    slack = 0.1 * (hi - lo)
+    outside = (v_s < lo - slack) | (v_s > hi + slack)
+    # A few odd states always get odd values; a share of them, or any initial state, means the model
+    # extrapolates where the estimate needs it.
+    starts = data.episode_starts()
+    if outside.mean() > 0.01 or outside[starts].any():
+        return [
+            f"the FQE model is out of range on {100 * outside.mean():.1f} % of the logged states "
+            f"({100 * outside[starts].mean():.1f} % of initial states): V spans "
+            f"[{v_s.min():.4g}, {v_s.max():.4g}], but returns on these rewards lie in [{lo:.4g}, {hi:.4g}]"
+        ]
+    return []
