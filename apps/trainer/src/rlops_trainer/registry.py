@@ -367,15 +367,17 @@ class Registry:
 
         ``incumbent_version`` is the champion version the candidate was compared with (null: none,
         the behaviour policy was the baseline). A decision of :func:`rlops_trainer.gate.decide` without
-        it is accepted when its baseline is the behaviour policy, or an incumbent labelled
-        ``NAME@VERSION``.
+        it (missing or null) is accepted when its baseline is the behaviour policy, or an incumbent
+        labelled ``NAME@VERSION``.
         """
         gate = dict(jsonable(gate, "gate"))
         if not isinstance(gate.get("promote"), bool):
             raise RegistryError(
                 f"gate decision: 'promote' must be true or false, got {gate.get('promote')!r}"
             )
-        if "incumbent_version" not in gate:
+        # A null version next to an incumbent baseline says nothing: the label must tell.
+        unresolved = gate.get("incumbent_version") is None and gate.get("baseline") == "incumbent"
+        if "incumbent_version" not in gate or unresolved:
             label = parse_ref(str(gate.get("baseline_label", "")))
             if gate.get("baseline") == "behavior":
                 gate["incumbent_version"] = None

@@ -83,11 +83,16 @@ def report_entry(
         raise ReportError(f"{report_path}: expected an object with 'policies': [{{'ref': ..., ...}}, ...]")
     target = policy_dir.resolve()
 
-    def names_this_policy(ref: Any) -> bool:
-        # A path in the report may be relative to where evaluate ran or to the report itself.
-        return ref == name or target in (Path(str(ref)).resolve(), (report_path.parent / str(ref)).resolve())
+    def names_this_policy(entry: dict[str, Any]) -> bool:
+        # The absolute path is exact; a ref typed as a relative path may be relative to where
+        # evaluate ran or to the report itself.
+        ref = entry["ref"]
+        candidates = [Path(str(ref)).resolve(), (report_path.parent / str(ref)).resolve()]
+        if entry.get("path"):
+            candidates.append(Path(str(entry["path"])).resolve())
+        return ref == name or target in candidates
 
-    matches = [p for p in policies if names_this_policy(p["ref"])]
+    matches = [p for p in policies if names_this_policy(p)]
     if len(matches) != 1:
         refs = ", ".join(str(p["ref"]) for p in policies) or "none"
         what = "no entry" if not matches else f"{len(matches)} entries"
