@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 STAMP := $(VENV)/.installed
-PACKAGES := apps/contracts apps/trainer apps/cli
+PACKAGES := apps/contracts apps/trainer apps/server apps/cli
 PYPROJECTS := $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 # torch 2.13.0 is installed from the machine's local CPU wheel where one is provided.
 export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
@@ -36,7 +36,7 @@ constraints:
 	rm -rf $(VENV)-pin && $(PYTHON) -m venv $(VENV)-pin
 	$(VENV)-pin/bin/pip install --quiet -r requirements-dev.txt $(foreach p,$(PACKAGES),./$(p))
 	{ echo "# Every transitive version, pinned. Regenerate with 'make constraints'."; \
-	  $(VENV)-pin/bin/pip freeze --all | grep -vE '^(rlops-|-e )' | sed 's/+cpu$$//'; } > constraints.txt
+	  $(VENV)-pin/bin/pip freeze --all | grep -vE '^(rlops-|-e |# Editable)' | sed 's/+cpu$$//'; } > constraints.txt
 	rm -rf $(VENV)-pin
 
 lint: $(STAMP)

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from rlops_cli.main import build_app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

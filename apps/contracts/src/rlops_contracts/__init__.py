@@ -34,6 +34,34 @@ DATASET_COLUMNS: dict[str, str] = {
     "behavior_logp": "float32, null when unknown",
 }
 
+# The decision log (DESIGN.md, "Decision log"): one JSON record per decision, written by serving; the
+# rewards that arrive later, keyed by decision_id. The reward join turns both into the dataset above.
+DECISION_FIELDS: tuple[str, ...] = (
+    "decision_id",  # str: the client's id, or a uuid4 made by the server
+    "time",  # float: unix seconds when the decision was made
+    "policy",  # str: policy name
+    "version",  # int: registry version that decided
+    "episode_id",  # str | null
+    "step",  # int | null: position in the episode
+    "observation",  # list[float]: the raw observation
+    "action",  # int: the action answered
+    "propensity",  # float: probability of that action under the served distribution
+    "temperature",  # float: exploration setting used (<= 0 means greedy)
+    "epsilon",  # float: exploration setting used
+    "action_mask",  # list[bool | int] | null
+    "fallback",  # bool: the action came from the fallback path
+)
+REWARD_FIELDS: tuple[str, ...] = (
+    "decision_id",  # str: the decision this reward belongs to
+    "reward",  # float
+    "terminated",  # bool: the episode ended in a terminal state after this decision
+    "truncated",  # bool: the episode was cut off (time limit) after this decision
+    "next_observation",  # list[float] | null: required for the last step of an episode
+    "time",  # float: unix seconds when the feedback service received the reward
+    "policy",  # str | null: optional, only labels the live metrics
+    "version",  # int | str | null: optional, only labels the live metrics
+)
+
 MODEL_CARD_SCHEMA = "model-card"
 MODEL_CARD_SCHEMA_VERSION = 1
 

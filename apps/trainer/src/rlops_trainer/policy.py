@@ -9,8 +9,6 @@ scores into action probabilities is written once and travels inside ``policy.pt`
   with the uniform distribution: ``(1 - epsilon) * p + epsilon / n_actions``.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +43,10 @@ class Selection:
 
 class PolicyModule(nn.Module):
     """Normalises observations with the training statistics, then scores every action."""
+
+    # Real (not postponed) annotations: TorchScript reads them to type the buffers.
+    obs_mean: torch.Tensor
+    obs_std: torch.Tensor
 
     def __init__(
         self,

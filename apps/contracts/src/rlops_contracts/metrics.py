@@ -1,0 +1,51 @@
+"""Metric names and label values shared by everything that exports or queries rlops metrics.
+
+Names start with ``rlops_`` and carry their unit; every serving metric has the labels ``policy`` and
+``version``. Alert rules and dashboards query these names; the exporters import them from here.
+"""
+
+from __future__ import annotations
+
+POLICY_LABELS: tuple[str, str] = ("policy", "version")
+
+INFERENCE_LATENCY = "rlops_inference_latency_seconds"
+ACTIONS = "rlops_actions_total"
+REJECTED_REQUESTS = "rlops_rejected_requests_total"
+NONFINITE_OUTPUTS = "rlops_nonfinite_outputs_total"
+FALLBACK = "rlops_fallback_total"
+POLICY_ENTROPY = "rlops_policy_entropy"
+VALUE_ESTIMATE = "rlops_value_estimate"
+OBSERVATION_DRIFT_BIN = "rlops_observation_drift_bin_total"
+OBSERVATION_REFERENCE = "rlops_observation_reference_ratio"
+ACTION_REFERENCE = "rlops_action_reference_ratio"
+DECISIONS_LOGGED = "rlops_decisions_logged_total"
+DECISION_LOG_DROPPED = "rlops_decision_log_dropped_total"
+
+# Values of the ``reason`` label of rlops_rejected_requests_total (a closed set, so cardinality is bounded).
+R_MALFORMED_JSON = "malformed_json"
+R_NOT_AN_OBJECT = "not_an_object"
+R_BAD_FIELD = "bad_field"
+R_MISSING_OBSERVATION = "missing_observation"
+R_BAD_OBSERVATION = "bad_observation"
+R_NONFINITE_OBSERVATION = "nonfinite_observation"
+R_EMPTY_BATCH = "empty_batch"
+R_BATCH_TOO_LARGE = "batch_too_large"
+R_BAD_MASK = "bad_mask"
+R_BAD_OPTION = "bad_option"
+REJECT_REASONS: tuple[str, ...] = (
+    R_MALFORMED_JSON,
+    R_NOT_AN_OBJECT,
+    R_BAD_FIELD,
+    R_MISSING_OBSERVATION,
+    R_BAD_OBSERVATION,
+    R_NONFINITE_OBSERVATION,
+    R_EMPTY_BATCH,
+    R_BATCH_TOO_LARGE,
+    R_BAD_MASK,
+    R_BAD_OPTION,
+)
+
+# Values of the ``reason`` label of rlops_fallback_total.
+F_NONFINITE_OUTPUT = "nonfinite_output"
+F_INFERENCE_ERROR = "inference_error"
+FALLBACK_REASONS: tuple[str, ...] = (F_NONFINITE_OUTPUT, F_INFERENCE_ERROR)

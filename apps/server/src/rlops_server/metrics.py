@@ -1,0 +1,374 @@
+"""Serving metrics: names, labels, TorchServe's metrics.yaml, and a recorder that batches updates.
+
+Names start with ``rlops_`` and carry their unit; every metric has the labels ``policy`` and
+``version`` first. TorchServe 0.12 exports them on its metrics port in prometheus mode once they are
+declared under ``model_metrics`` in the metrics config; its histograms have the Prometheus client's
+default buckets (5 ms … 10 s) and no way to change them.
+
+================================== ========= ==================== ============================================
+name                               type      extra labels         meaning
+================================== ========= ==================== ============================================
+rlops_inference_latency_seconds    histogram                      handler time of the server batch that
+                                                                  answered the request, one per request
+rlops_actions_total                counter   action               actions answered
+rlops_rejected_requests_total      counter   reason               requests answered 4xx (reasons below)
+rlops_nonfinite_outputs_total      counter                        observations with NaN/inf model outputs
+rlops_fallback_total               counter   reason               actions answered by the fallback path
+rlops_policy_entropy               gauge                          mean entropy (nats) of the served
+                                                                  distributions since the last update
+rlops_value_estimate               gauge                          mean max Q-value since the last update
+                                                                  (q_values policies only)
+rlops_observation_drift_bin_total  counter   feature, bin         observations per reference bin of the model
+                                                                  card (PSI against its proportions in PromQL)
+rlops_observation_reference_ratio  gauge     feature, bin         the card's share of training observations
+                                                                  per bin (the PSI reference)
+rlops_action_reference_ratio       gauge     action               the card's share of each action in the
+                                                                  training data
+rlops_decisions_logged_total       counter                        decision records written to the log
+rlops_decision_log_dropped_total   counter                        decision records dropped (queue full)
+================================== ========= ==================== ============================================
+
+Updates are collected in memory and handed to the backend every ``flush_seconds`` by a background
+thread (:class:`MetricsRecorder`): with TorchServe each update is a log line the frontend parses, so
+per-decision updates on the request path would cost more than the policy itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import yaml
+from rlops_contracts.metrics import (  # noqa: F401  (re-exported)
+    ACTION_REFERENCE,
+    ACTIONS,
+    DECISION_LOG_DROPPED,
+    DECISIONS_LOGGED,
+    F_INFERENCE_ERROR,
+    F_NONFINITE_OUTPUT,
+    FALLBACK,
+    FALLBACK_REASONS,
+    INFERENCE_LATENCY,
+    NONFINITE_OUTPUTS,
+    OBSERVATION_DRIFT_BIN,
+    OBSERVATION_REFERENCE,
+    POLICY_ENTROPY,
+    POLICY_LABELS,
+    R_BAD_FIELD,
+    R_BAD_MASK,
+    R_BAD_OBSERVATION,
+    R_BAD_OPTION,
+    R_BATCH_TOO_LARGE,
+    R_EMPTY_BATCH,
+    R_MALFORMED_JSON,
+    R_MISSING_OBSERVATION,
+    R_NONFINITE_OBSERVATION,
+    R_NOT_AN_OBJECT,
+    REJECT_REASONS,
+    REJECTED_REQUESTS,
+    VALUE_ESTIMATE,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: str
+    """counter, gauge or histogram (TorchServe's metric types)."""
+    unit: str
+    labels: tuple[str, ...]
+    """Labels after ``policy`` and ``version``."""
+
+    @property
+    def dimensions(self) -> list[str]:
+        return [*POLICY_LABELS, *self.labels]
+
+
+SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec(INFERENCE_LATENCY, "histogram", "s", ()),
+    MetricSpec(ACTIONS, "counter", "count", ("action",)),
+    MetricSpec(REJECTED_REQUESTS, "counter", "count", ("reason",)),
+    MetricSpec(NONFINITE_OUTPUTS, "counter", "count", ()),
+    MetricSpec(FALLBACK, "counter", "count", ("reason",)),
+    MetricSpec(POLICY_ENTROPY, "gauge", "nats", ()),
+    MetricSpec(VALUE_ESTIMATE, "gauge", "score", ()),
+    MetricSpec(OBSERVATION_DRIFT_BIN, "counter", "count", ("feature", "bin")),
+    MetricSpec(OBSERVATION_REFERENCE, "gauge", "ratio", ("feature", "bin")),
+    MetricSpec(ACTION_REFERENCE, "gauge", "ratio", ("action",)),
+    MetricSpec(DECISIONS_LOGGED, "counter", "count", ()),
+    MetricSpec(DECISION_LOG_DROPPED, "counter", "count", ()),
+)
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+
+# --- TorchServe metrics config ---------------------------------------------------------------------
+
+
+def torchserve_default_metrics_config() -> Path:
+    """The metrics.yaml that ships with the installed TorchServe (``ts/configs/metrics.yaml``)."""
+    spec = importlib.util.find_spec("ts")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "TorchServe (the 'ts' package) is not installed; pip install torchserve==0.12.0"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "configs" / "metrics.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: TorchServe's default metrics config is missing from the installation"
+        )
+    return path
+
+
+def metrics_config(default: Path | None = None) -> dict[str, Any]:
+    """TorchServe's default metrics config with the rlops metrics added under ``model_metrics``.
+
+    A custom config replaces the default one, so TorchServe's own ``ts_metrics`` (and its handler's
+    ``model_metrics``) are kept exactly as shipped: the frontend emits them with those dimensions.
+    """
+    source = default or torchserve_default_metrics_config()
+    with open(source, encoding="utf-8") as f:
+        base = yaml.safe_load(f)
+    if not isinstance(base, dict) or "ts_metrics" not in base:
+        raise ValueError(f"{source}: not a TorchServe metrics config (no ts_metrics section)")
+    config = copy.deepcopy(base)
+    model_metrics = config.get("model_metrics") or {}
+    config["model_metrics"] = model_metrics
+    for spec in SPECS:
+        entries = model_metrics.setdefault(spec.kind, [])
+        entries[:] = [e for e in entries if e.get("name") != spec.name]
+        entries.append({"name": spec.name, "unit": spec.unit, "dimensions": spec.dimensions})
+    return config
+
+
+def write_metrics_config(path: Path, default: Path | None = None) -> Path:
+    """Write :func:`metrics_config` as yaml to ``path``; returns ``path``."""
+    text = yaml.safe_dump(metrics_config(default), sort_keys=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# --- recording -------------------------------------------------------------------------------------
+
+
+Emit = Callable[[str, float, list[str]], None]
+"""``emit(name, value, label_values)``: hand one update to the metrics backend; label values follow
+:attr:`MetricSpec.dimensions`. Counters add ``value``, gauges are set to it, histograms observe it."""
+
+
+class BatchOutcome(Protocol):
+    """What the recorder reads from a batch's decisions (rlops_server.runtime.Decisions)."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    probabilities: np.ndarray
+    scores: np.ndarray | None
+    fallback: np.ndarray
+    nonfinite: int
+    errors: int
+
+
+class LogCounters(Protocol):
+    """The counters of a decision log (rlops_server.decision_log.DecisionLog)."""
+
+    @property
+    def written(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+
+class MetricsRecorder:
+    """Accumulates serving metrics in memory and hands them to ``emit`` every ``flush_seconds``.
+
+    The request path only appends references to the batch's arrays (:meth:`record_batch`) or bumps a
+    counter. Everything else happens in :meth:`flush`, on a background thread and over all batches
+    since the last flush at once: action counts, entropy of the served distributions, drift bins
+    (``binner(observations) -> counts[feature, bin]``) and, for q_values policies (``values=True``),
+    the mean of the best score per decision.
+    """
+
+    MAX_PENDING_ROWS = 65_536
+    """Observations held between flushes before the flusher is woken early."""
+    MAX_PENDING_LATENCIES = 200_000
+    """Latency observations held between flushes; beyond it the oldest are dropped (only if the flusher
+    stalls)."""
+
+    def __init__(
+        self,
+        emit: Emit,
+        policy: str,
+        version: int | str | None,
+        n_actions: int,
+        binner: Callable[[np.ndarray], np.ndarray],
+        bins_per_feature: np.ndarray,
+        values: bool = False,
+        flush_seconds: float = 1.0,
+        decision_log: LogCounters | None = None,
+        reference: tuple[list[list[float]], list[float]] | None = None,
+    ) -> None:
+        self._emit = emit
+        self.labels = [policy, "none" if version is None else str(version)]
+        self.flush_seconds = flush_seconds
+        self._binner = binner
+        self._values = values
+        bins = np.asarray(bins_per_feature, dtype=np.int64)
+        # Label values of every (feature, bin) that exists, in the layout binner returns.
+        self._drift_valid = np.arange(int(bins.max(initial=1)))[None, :] < bins[:, None]
+        self._n_actions = n_actions
+        self._action_labels = [str(a) for a in range(n_actions)]
+        self._lock = threading.Lock()
+        self._batches: list[BatchOutcome] = []
+        self._pending_rows = 0
+        self._latencies: list[float] = []
+        self._rejected: dict[str, int] = {}
+        self._fallback: dict[str, int] = {}
+        self._nonfinite = 0
+        self._log = decision_log
+        self._log_seen = (0, 0)
+        # (per-feature bin proportions, action proportions) of the model card: emitted with the first
+        # flush; gauges keep their value in the frontend, so once per worker is enough.
+        self._reference = reference
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._emit_failures = 0
+
+    # --- the request path ----------------------------------------------------------------------------
+
+    def record_batch(self, outcome: BatchOutcome) -> None:
+        """Keep one server batch's decisions for the next flush (its arrays must not change afterwards)."""
+        with self._lock:
+            self._batches.append(outcome)
+            self._pending_rows += len(outcome.actions)
+            if outcome.nonfinite:
+                self._nonfinite += outcome.nonfinite
+                self._fallback[F_NONFINITE_OUTPUT] = (
+                    self._fallback.get(F_NONFINITE_OUTPUT, 0) + outcome.nonfinite
+                )
+            if outcome.errors:
+                self._fallback[F_INFERENCE_ERROR] = self._fallback.get(F_INFERENCE_ERROR, 0) + outcome.errors
+            full = self._pending_rows >= self.MAX_PENDING_ROWS
+        if full:
+            self._wake.set()
+
+    def record_rejected(self, reason: str) -> None:
+        with self._lock:
+            self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def record_latency(self, seconds: float, requests: int) -> None:
+        """``requests`` requests were answered ``seconds`` after their server batch started."""
+        with self._lock:
+            excess = len(self._latencies) + requests - self.MAX_PENDING_LATENCIES
+            if excess > 0:
+                del self._latencies[:excess]
+            self._latencies.extend([seconds] * requests)
+
+    # --- flushing ------------------------------------------------------------------------------------
+
+    def _send(self, name: str, value: float, extra: list[str] | None = None) -> None:
+        try:
+            self._emit(name, value, self.labels + extra if extra else list(self.labels))
+        except Exception:  # a metrics backend problem must never take the worker down
+            self._emit_failures += 1
+            if self._emit_failures == 1:
+                log.exception("metric %s could not be emitted; further failures are counted silently", name)
+
+    def flush(self) -> None:
+        """Hand everything accumulated since the last flush to the backend."""
+        with self._flush_lock:
+            with self._lock:
+                batches, self._batches = self._batches, []
+                self._pending_rows = 0
+                latencies, self._latencies = self._latencies, []
+                rejected, self._rejected = self._rejected, {}
+                fallback, self._fallback = self._fallback, {}
+                nonfinite, self._nonfinite = self._nonfinite, 0
+            for seconds in latencies:
+                self._send(INFERENCE_LATENCY, seconds)
+            for reason, count in rejected.items():
+                self._send(REJECTED_REQUESTS, count, [reason])
+            if nonfinite:
+                self._send(NONFINITE_OUTPUTS, nonfinite)
+            for reason, count in fallback.items():
+                self._send(FALLBACK, count, [reason])
+            if self._reference is not None:
+                bins, actions = self._reference
+                for j, proportions in enumerate(bins):
+                    for b, share in enumerate(proportions):
+                        self._send(OBSERVATION_REFERENCE, share, [str(j), str(b)])
+                for a, share in enumerate(actions):
+                    self._send(ACTION_REFERENCE, share, [self._action_labels[a]])
+                self._reference = None
+            if batches:
+                self._flush_decisions(batches)
+            if self._log is not None:
+                written, dropped = self._log.written, self._log.dropped
+                if written > self._log_seen[0]:
+                    self._send(DECISIONS_LOGGED, written - self._log_seen[0])
+                if dropped > self._log_seen[1]:
+                    self._send(DECISION_LOG_DROPPED, dropped - self._log_seen[1])
+                self._log_seen = (written, dropped)
+
+    def _flush_decisions(self, batches: list[BatchOutcome]) -> None:
+        obs = np.concatenate([b.observations for b in batches])
+        actions = np.concatenate([b.actions for b in batches])
+        probs = np.concatenate([b.probabilities for b in batches])
+        good = ~np.concatenate([b.fallback for b in batches])
+        counts = np.bincount(actions, minlength=self._n_actions)
+        for a in np.flatnonzero(counts).tolist():
+            self._send(ACTIONS, int(counts[a]), [self._action_labels[a]])
+        if good.any():
+            p = probs[good]
+            entropy = -(p * np.log(np.where(p > 0.0, p, 1.0))).sum(axis=1)
+            self._send(POLICY_ENTROPY, float(entropy.mean()))
+            if self._values:
+                scores = [b.scores[~b.fallback] for b in batches if b.scores is not None]
+                if scores:
+                    best = np.concatenate(scores).max(axis=1, initial=-np.inf)
+                    best = best[np.isfinite(best)]
+                    if len(best):
+                        self._send(VALUE_ESTIMATE, float(best.mean()))
+        drift = self._binner(obs)
+        features, bins = np.nonzero((drift > 0) & self._drift_valid)
+        for j, b, count in zip(features.tolist(), bins.tolist(), drift[features, bins].tolist(), strict=True):
+            self._send(OBSERVATION_DRIFT_BIN, count, [str(j), str(b)])
+
+    def start(self) -> MetricsRecorder:
+        """Flush every ``flush_seconds`` (or when many observations are pending) until :meth:`close`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="rlops-metrics", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # keep flushing: one bad batch must not end the metrics for good
+                log.exception("flushing metrics failed")
+
+    def close(self) -> None:
+        """Stop the flusher and flush what is left. Idempotent."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+        try:
+            self.flush()
+        except Exception:
+            log.exception("the last metrics flush failed")

@@ -1,0 +1,137 @@
+"""Model archives built from the registry: what the .mar holds, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_registry
+from rlops_server.archive import (
+    VERSION_KEY,
+    ArchiveError,
+    archive_file_name,
+    build_archive,
+    check_archive,
+    handler_source,
+    resolve_version,
+    server_version,
+)
+from rlops_server.commands.serve import app
+from rlops_server.runtime import ServingSettings
+from rlops_server.tsconfig import ModelSettings
+from typer.testing import CliRunner
+
+
+def test_archive_holds_policy_card_handler_and_config(registry: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    built = build_archive(
+        registry,
+        "toy",
+        "champion",
+        store,
+        model_settings=ModelSettings(batch_size=8, max_batch_delay_ms=2, min_workers=1, max_workers=2),
+        serving=ServingSettings(max_batch_observations=64),
+    )
+    assert (built.name, built.version, built.path) == ("toy", 1, store / archive_file_name("toy", 1))
+    assert sorted(p.name for p in store.iterdir()) == ["toy-v1.mar"], "staging files left in the store"
+    with zipfile.ZipFile(built.path) as z:
+        names = set(z.namelist())
+        assert names == {
+            "policy.pt",
+            "model-card.json",
+            "handler.py",
+            "model-config.yaml",
+            "MAR-INF/MANIFEST.json",
+        }
+        assert z.read("policy.pt") == (registry / "toy" / "1" / "policy.pt").read_bytes()
+        assert z.read("model-card.json") == (registry / "toy" / "1" / "model-card.json").read_bytes()
+        assert z.read("handler.py") == handler_source().read_bytes()
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(z.read("model-config.yaml"))
+    assert manifest["model"] == {
+        "modelName": "toy",
+        "serializedFile": "policy.pt",
+        "handler": "handler.py",
+        "modelVersion": "1",
+        "configFile": "model-config.yaml",
+    }
+    assert config["batchSize"] == 8
+    assert config["maxBatchDelay"] == 2
+    assert (config["minWorkers"], config["maxWorkers"]) == (1, 2)
+    assert config["deviceType"] == "cpu"
+    assert config["handler"]["max_batch_observations"] == 64
+    assert config["handler"][VERSION_KEY] == server_version()
+
+
+def test_two_versions_of_one_model(registry: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    a = build_archive(registry, "toy", "champion", store)
+    b = build_archive(registry, "toy", "candidate", store)
+    assert (a.version, b.version) == (1, 2)
+    assert check_archive(b.path, "toy", 2)["model"]["modelName"] == "toy"  # type: ignore[index]
+    # Rebuilding replaces the archive in place.
+    again = build_archive(registry, "toy", 2, store)
+    assert again.path == b.path
+    assert sorted(p.name for p in store.iterdir()) == ["toy-v1.mar", "toy-v2.mar"]
+
+
+def test_batch_delay_of_zero_is_refused() -> None:
+    # TorchServe reads maxBatchDelay 0 as "not set" and falls back to 100 ms.
+    config = ModelSettings(batch_size=1, max_batch_delay_ms=1).model_config(ServingSettings())
+    assert config["maxBatchDelay"] == 1
+    with pytest.raises(ValueError, match=r"max_batch_delay_ms must be an integer in \[1, 10000\]"):
+        ModelSettings(max_batch_delay_ms=0)
+
+
+def test_versions_and_aliases_resolve(registry: Path) -> None:
+    assert resolve_version(registry, "toy", "champion") == 1
+    assert resolve_version(registry, "toy", "candidate") == 2
+    assert resolve_version(registry, "toy", 2) == 2
+    with pytest.raises(ArchiveError, match=r"has no version 9; versions: 1, 2"):
+        resolve_version(registry, "toy", "9")
+    with pytest.raises(
+        ArchiveError, match=r"no version or alias 'staging'; aliases: candidate → 2, champion → 1"
+    ):
+        resolve_version(registry, "toy", "staging")
+    with pytest.raises(ArchiveError, match=r"unknown policy 'cartpole' in registry .*; known policies: toy"):
+        resolve_version(registry, "cartpole", "champion")
+
+
+def test_tampered_version_is_not_archived(tmp_path: Path) -> None:
+    reg = write_registry(tmp_path / "registry")
+    with open(reg / "toy" / "1" / "policy.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArchiveError, match=r"version 1 cannot be archived: .*sha256 does not match"):
+        build_archive(reg, "toy", 1, tmp_path / "store")
+    assert not (tmp_path / "store" / "toy-v1.mar").exists()
+
+
+def test_card_must_name_the_registry_version(tmp_path: Path) -> None:
+    reg = write_registry(tmp_path / "registry", candidate=False)
+    shutil.copytree(reg / "toy" / "1", reg / "toy" / "3")
+    with pytest.raises(
+        ArchiveError, match=r"says 'toy' version 1, but it is 'toy' version 3 in the registry"
+    ):
+        build_archive(reg, "toy", 3, tmp_path / "store")
+
+
+def test_cli_archive_and_start_errors(registry: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    store = tmp_path / "store"
+    result = runner.invoke(
+        app, ["archive", "toy", "candidate", "--registry", str(registry), "--store", str(store)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (store / "toy-v2.mar").is_file()
+    no_champion = write_registry(tmp_path / "fresh")
+    (no_champion / "toy" / "aliases.json").write_text('{"candidate": 2}')
+    result = runner.invoke(app, ["start", "--registry", str(no_champion), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "has no champion to serve" in result.output
+    result = runner.invoke(app, ["archive", "nope", "1", "--registry", str(registry), "--store", str(store)])
+    assert result.exit_code == 2
+    assert "unknown policy 'nope'" in result.output
