@@ -149,7 +149,7 @@ def test_without_champion_the_behaviour_policy_is_the_baseline(setup: dict[str, 
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert report["champion"] is None
-    assert [p["label"] for p in report["policies"]] == ["cartpole", "cartpole#2"]
+    assert [p["label"] for p in report["policies"]] == ["cartpole bc", "cartpole bc#2"]
     for p in report["policies"]:
         assert set(p["estimates"]) == {"fqe", "pdis"}
         assert p["rollout"] is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -76,7 +77,9 @@ def demo(
     runs = d / "runs"
     reports = d / "reports" / "offline"
     registry = d / "registry"
-    env = {**os.environ, "RLOPS_REGISTRY": str(registry), "OMP_NUM_THREADS": "1"}
+    # Reports are wide tables: give them room when the output is a log rather than a terminal.
+    columns = str(max(shutil.get_terminal_size((140, 40)).columns, 140))
+    env = {**os.environ, "RLOPS_REGISTRY": str(registry), "OMP_NUM_THREADS": "1", "COLUMNS": columns}
 
     plan = [
         Step(
@@ -97,7 +100,6 @@ def demo(
             ],
             [data],
         ),
-        Step("inspect it", ["data", "inspect", str(data)]),
         *(
             Step(
                 f"train {algo.upper()}",

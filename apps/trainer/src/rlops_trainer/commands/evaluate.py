@@ -111,6 +111,9 @@ def _labels(policies: list[_Policy]) -> None:
         base = str(p.card.get("name") or p.path.name)
         if p.version is not None:
             base += f"@{p.version}"
+        # Unpublished candidates usually share a name: the algorithm tells them apart.
+        elif p.card.get("algorithm"):
+            base += f" {p.card['algorithm']}"
         seen[base] = seen.get(base, 0) + 1
         p.label = base if seen[base] == 1 else f"{base}#{seen[base]}"
 
