@@ -2,7 +2,8 @@
 
 Every step is an ``rlops`` command run as its own process, exactly as a user would type it, so the demo
 doubles as a walkthrough: the commands are printed before they run and the summary says where each
-result went and how long each step took.
+result went and how long each step took. The folder it writes is laid out like the cluster volumes:
+``data/``, ``runs/``, ``reports/``, ``registry/``, ``logs/`` (decisions and rewards) and ``serve/``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -40,136 +46,194 @@ def _rlops(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "rlops_cli.main", *args]
 
 
-def _run(step: Step, env: dict[str, str]) -> None:
-    console.rule(f"[bold]{step.title}")
-    console.print(f"[dim]$ rlops {shlex.join(step.args)}")
-    start = time.perf_counter()
-    proc = subprocess.run(_rlops(step.args), env=env, check=False)
-    step.seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        console.print(f"[red]step '{step.title}' failed with exit code {proc.returncode}")
-        raise typer.Exit(proc.returncode)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def _best_passing(report_path: Path) -> list[dict[str, object]]:
-    """Candidates whose gate passed, best lower bound first."""
+class Demo:
+    def __init__(self, env: dict[str, str], root: Path) -> None:
+        self.env = env
+        self.root = root
+        self.done: list[Step] = []
+
+    def run(self, title: str, *args: str | Path, outputs: tuple[Path, ...] = ()) -> Step:
+        step = Step(title, [str(a) for a in args], list(outputs))
+        console.rule(f"[bold]{step.title}")
+        console.print(f"[dim]$ rlops {shlex.join(step.args)}")
+        start = time.perf_counter()
+        proc = subprocess.run(_rlops(step.args), env=self.env, check=False)
+        step.seconds = time.perf_counter() - start
+        self.done.append(step)
+        if proc.returncode != 0:
+            console.print(f"[red]step '{step.title}' failed with exit code {proc.returncode}")
+            raise typer.Exit(proc.returncode)
+        return step
+
+    @contextmanager
+    def background(self, title: str, *args: str | Path, ready_url: str) -> Iterator[None]:
+        """A long-running command (a service) for the duration of the block, stopped with SIGTERM."""
+        step = Step(title, [str(a) for a in args])
+        console.rule(f"[bold]{step.title}")
+        console.print(f"[dim]$ rlops {shlex.join(step.args)} &")
+        start = time.perf_counter()
+        proc = subprocess.Popen(_rlops(step.args), env=self.env)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(ready_url, timeout=1):
+                        break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        console.print(f"[red]'{step.title}' did not come up at {ready_url}")
+                        raise typer.Exit(1) from None
+                    time.sleep(0.2)
+            step.seconds = time.perf_counter() - start
+            self.done.append(step)
+            yield
+        finally:
+            # SIGTERM is the clean shutdown: the service finishes its open log files.
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def summary(self) -> Table:
+        table = Table(title=f"rlops demo: steps (outputs under {self.root})")
+        table.add_column("step")
+        table.add_column("seconds", justify="right")
+        table.add_column("output")
+        for step in self.done:
+            outputs = "\n".join(str(o.relative_to(self.root)) for o in step.outputs)
+            table.add_row(step.title, f"{step.seconds:.1f}", outputs)
+        table.add_row("[bold]total", f"[bold]{sum(s.seconds for s in self.done):.1f}", "")
+        return table
+
+
+def _best_passing(report_path: Path) -> dict[str, object] | None:
+    """The candidate whose gate passed with the best lower bound, if any."""
     report = json.loads(report_path.read_text())
     passing = [p for p in report["policies"] if p.get("gate") and p["gate"]["promote"]]
-    return sorted(passing, key=lambda p: float(p["gate"]["candidate_lower"]), reverse=True)
+    return max(passing, key=lambda p: float(p["gate"]["candidate_lower"]), default=None)
 
 
 def demo(
     directory: Annotated[
-        Path, typer.Option("--dir", help="Folder for data, runs, reports and the registry.")
+        Path, typer.Option("--dir", help="Folder for data, runs, reports, registry, logs and the server.")
     ] = Path(".rlops/demo"),
-    episodes: Annotated[int, typer.Option(help="Episodes of logged data to collect.", min=10)] = 200,
-    steps: Annotated[int, typer.Option(help="Gradient steps per training run.", min=100)] = 20000,
+    episodes: Annotated[int, typer.Option(help="Episodes of logged data to collect.", min=10)] = 300,
+    steps: Annotated[int, typer.Option(help="Gradient steps per training run.", min=100)] = 10000,
     env_episodes: Annotated[
         int, typer.Option(help="Ground-truth rollouts per policy in the evaluation.", min=0)
+    ] = 30,
+    traffic_episodes: Annotated[
+        int, typer.Option(help="CartPole episodes driven by the served policy.", min=1)
     ] = 20,
     seed: Annotated[int, typer.Option(help="Seed for collection and training.")] = 0,
 ) -> None:
-    """Run the loop on this machine: collect → train BC and CQL → OPE report → gate → registry."""
+    """Run the loop on this machine: collect → train → OPE → gate → registry → serve → traffic → join."""
     from rlops_trainer.collect import CARTPOLE_MIXED
 
     d = directory.resolve()
+    marker = d / ".rlops-demo"
+    if d.exists() and any(d.iterdir()):
+        if not marker.exists():
+            console.print(f"[red]error:[/] {d} is not empty and not made by rlops demo; use another --dir")
+            raise typer.Exit(2)
+        # A rerun starts from nothing: a registry left from an earlier run would change the gate's baseline.
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    marker.touch()
     data = d / "data" / "cartpole-mixed.parquet"
     runs = d / "runs"
-    reports = d / "reports" / "offline"
+    report = d / "reports" / "offline"
     registry = d / "registry"
+    logs = d / "logs"
+    serve_dir = d / "serve"
+    joined = d / "data" / "served-joined.parquet"
     # Reports are wide tables: give them room when the output is a log rather than a terminal.
     columns = str(max(shutil.get_terminal_size((140, 40)).columns, 140))
     env = {**os.environ, "RLOPS_REGISTRY": str(registry), "OMP_NUM_THREADS": "1", "COLUMNS": columns}
-
-    plan = [
-        Step(
-            "collect a mixed-quality dataset",
-            [
-                "data",
-                "collect",
-                "--env",
-                ENV_ID,
-                "--behavior",
-                CARTPOLE_MIXED,
-                "--episodes",
-                str(episodes),
-                "--seed",
-                str(seed),
-                "--out",
-                str(data),
-            ],
-            [data],
-        ),
-        *(
-            Step(
-                f"train {algo.upper()}",
-                [
-                    "train",
-                    algo,
-                    "--data",
-                    str(data),
-                    "--out",
-                    str(runs / algo),
-                    "--steps",
-                    str(steps),
-                    "--seed",
-                    str(seed),
-                    "--name",
-                    POLICY_NAME,
-                ],
-                [runs / algo / "policy"],
-            )
-            for algo in ("bc", "cql")
-        ),
-        Step(
-            "off-policy evaluation with confidence intervals, next to rollout truth",
-            [
-                "evaluate",
-                "--data",
-                str(data),
-                "--policy",
-                str(runs / "bc" / "policy"),
-                "--policy",
-                str(runs / "cql" / "policy"),
-                "--registry",
-                str(registry),
-                "--champion",
-                POLICY_NAME,
-                "--env-episodes",
-                str(env_episodes),
-                "--out",
-                str(reports),
-            ],
-            [reports / "report.json", reports / "report.png"],
-        ),
-    ]
+    demo = Demo(env, d)
     console.print(f"[bold]rlops demo[/] — everything goes under {d}")
-    for step in plan:
-        _run(step, env)
 
-    passing = _best_passing(reports / "report.json")
-    gate_steps: list[Step] = []
-    if not passing:
-        console.print("[yellow]no candidate passed the gate: the registry keeps its current champion")
-    for p in passing[:1]:
-        ref = str(p["ref"])
-        publish = Step(
-            f"publish {Path(ref).parent.name.upper()} to the registry",
-            ["registry", "publish", ref, "--name", POLICY_NAME, "--report", str(reports / "report.json")],
-            [registry / POLICY_NAME],
+    # Offline: data → policies → evaluation → gate → registry.
+    demo.run(
+        "collect a mixed-quality dataset",
+        *("data", "collect", "--env", ENV_ID, "--behavior", CARTPOLE_MIXED),
+        *("--episodes", str(episodes), "--seed", str(seed), "--out", data),
+        outputs=(data,),
+    )
+    for algo in ("bc", "cql"):
+        demo.run(
+            f"train {algo.upper()}",
+            *("train", algo, "--data", data, "--out", runs / algo, "--name", POLICY_NAME),
+            *("--steps", str(steps), "--seed", str(seed)),
+            outputs=(runs / algo / "policy",),
         )
-        _run(publish, env)
-        version = max(int(v.name) for v in (registry / POLICY_NAME).iterdir() if v.name.isdigit())
-        promote = Step("promote it through the gate", ["registry", "promote", POLICY_NAME, str(version)])
-        _run(promote, env)
-        gate_steps += [publish, promote]
-    listing = Step("the registry now", ["registry", "list"])
-    _run(listing, env)
+    demo.run(
+        "off-policy evaluation with confidence intervals, next to rollout truth",
+        *("evaluate", "--data", data),
+        *("--policy", runs / "bc" / "policy", "--policy", runs / "cql" / "policy"),
+        *("--registry", registry, "--champion", POLICY_NAME, "--env-episodes", str(env_episodes)),
+        *("--out", report),
+        outputs=(report / "report.json", report / "report.png"),
+    )
+    best = _best_passing(report / "report.json")
+    if best is None:
+        console.print("[yellow]no candidate passed the gate: nothing to publish or serve")
+        console.print(demo.summary())
+        return
+    demo.run(
+        f"publish the best gated candidate ({best['label']})",
+        *("registry", "publish", str(best["path"]), "--name", POLICY_NAME),
+        *("--report", report / "report.json"),
+        outputs=(registry / POLICY_NAME,),
+    )
+    version = max(int(v.name) for v in (registry / POLICY_NAME).iterdir() if v.name.isdigit())
+    demo.run("promote it through the gate", "registry", "promote", POLICY_NAME, str(version))
 
-    table = Table(title="rlops demo: steps")
-    table.add_column("step")
-    table.add_column("seconds", justify="right")
-    table.add_column("output")
-    for step in [*plan, *gate_steps, listing]:
-        table.add_row(step.title, f"{step.seconds:.1f}", "\n".join(str(o) for o in step.outputs))
-    console.print(table)
+    # Online: archive → TorchServe → traffic from a real environment → decision log + rewards → dataset.
+    ports = {k: _free_port() for k in ("inference", "management", "metrics", "grpc", "feedback")}
+    demo.run(
+        "archive the champion for TorchServe",
+        *("serve", "archive", POLICY_NAME, "champion", "--store", serve_dir / "model-store"),
+        outputs=(serve_dir / "model-store",),
+    )
+    inference_url = f"http://127.0.0.1:{ports['inference']}"
+    feedback_url = f"http://127.0.0.1:{ports['feedback']}"
+    summary_path = d / "reports" / "traffic.json"
+    with demo.background(
+        "reward feedback service",
+        *("feedback", "serve", "--dir", logs, "--port", str(ports["feedback"])),
+        ready_url=f"{feedback_url}/healthz",
+    ):
+        demo.run(
+            "start TorchServe with the champion",
+            *("serve", "start", "--name", POLICY_NAME, "--run-dir", serve_dir, "--decision-log-dir", logs),
+            *("--port", str(ports["inference"]), "--management-port", str(ports["management"])),
+            *("--metrics-port", str(ports["metrics"]), "--grpc-port", str(ports["grpc"])),
+            outputs=(serve_dir,),
+        )
+        try:
+            demo.run(
+                f"drive {ENV_ID} with the served policy",
+                *("serve", "traffic", "--url", inference_url, "--model", POLICY_NAME, "--env", ENV_ID),
+                *("--episodes", str(traffic_episodes), "--feedback-url", feedback_url),
+                *("--run-dir", serve_dir, "--summary", summary_path, "--seed", str(seed + 1000)),
+                outputs=(summary_path,),
+            )
+        finally:
+            demo.run("stop TorchServe (flushes the decision log)", "serve", "stop", "--run-dir", serve_dir)
+    demo.run(
+        "join decisions with rewards into a training dataset",
+        *("feedback", "join", "--decisions", logs, "--rewards", logs, "--out", joined),
+        *("--policy", POLICY_NAME, "--registry", registry),
+        outputs=(joined,),
+    )
+    demo.run("inspect the joined dataset", "data", "inspect", joined)
+    demo.run("the registry now", "registry", "list")
+    console.print(demo.summary())
