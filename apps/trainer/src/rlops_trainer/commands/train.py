@@ -1,0 +1,267 @@
+"""``rlops train``: learn a policy offline from a dataset and write it as a policy directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from rlops_trainer.algos import ALGORITHMS
+from rlops_trainer.training import RunOptions, TrainResult, config_fields, resolve_device
+
+app = typer.Typer(
+    name="train",
+    help="Learn a policy offline from a dataset (BC, CQL, IQL) and write it as a policy directory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+# --------------------------------------------------------------------------------------------------
+# --set key=value
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        (item, *_rest) = typing.get_args(tp)
+        return f"comma-separated {item.__name__}s"
+    return str(getattr(tp, "__name__", tp))
+
+
+def _convert(text: str, tp: Any) -> Any:
+    """Parse ``text`` as a value of the config field type ``tp``; ValueError names what is accepted."""
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if tp is int:
+        return int(text)
+    if tp is float:
+        return float(text)
+    if tp is str:
+        return text
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        if not parts:
+            raise ValueError("expected one or more comma-separated values")
+        return tuple(_convert(p, item) for p in parts)
+    if isinstance(tp, types.UnionType):
+        raise ValueError(f"fields of type {tp} cannot be set from the command line")
+    return tp(text)
+
+
+def apply_overrides(cfg: Any, items: list[str]) -> Any:
+    """A copy of ``cfg`` with ``key=value`` overrides, type-checked; ValueError says what was wrong."""
+    fields = {f.name: f for f in config_fields(type(cfg))}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-4")
+        if key not in fields:
+            raise ValueError(f"--set {item!r}: unknown field '{key}'; valid fields: {', '.join(fields)}")
+        try:
+            changes[key] = _convert(value, fields[key].type)
+        except ValueError as exc:
+            raise ValueError(
+                f"--set {item!r}: '{value}' is not a valid {_type_name(fields[key].type)} for '{key}' ({exc})"
+            ) from exc
+    return dataclasses.replace(cfg, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _summary(result: TrainResult, out: Path, policy_dir: Path, steps_done: int) -> Table:
+    table = Table(title=f"{result.algorithm} training", title_justify="left", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("algorithm", result.algorithm)
+    table.add_row("steps", f"{result.steps:,}")
+    rate = result.final_metrics.get("steps_per_s", 0.0) if steps_done else 0.0
+    table.add_row("steps/s", f"{rate:,.0f}" if rate else "-")
+    table.add_row("wall time", f"{result.wall_time_s:.1f} s")
+    table.add_row("device", result.device)
+    table.add_row(
+        "selection", f"temperature {result.selection.temperature}, epsilon {result.selection.epsilon}"
+    )
+    for key, value in result.final_metrics.items():
+        if key != "steps_per_s":
+            table.add_row(key, _fmt(value))
+    if result.metrics_path is not None:
+        table.add_row("metrics", str(result.metrics_path))
+    table.add_row("checkpoints", str(out / "checkpoints"))
+    table.add_row("policy", str(policy_dir))
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+_HELP = {
+    "data": "Dataset file (Parquet, as written by `rlops data`).",
+    "out": "Run directory: metrics.jsonl, checkpoints/ and policy/ go here.",
+    "steps": "Gradient steps (overrides the config).",
+    "seed": "Random seed (overrides the config).",
+    "device": "auto (CUDA when available), cpu, cuda or cuda:N.",
+    "resume": "Continue from the latest checkpoint in --out.",
+    "ray_workers": "Train data-parallel on Ray Train with this many workers; 0 trains in this process.",
+    "set": "Override a config field, key=value (repeatable); `rlops train config ALGO` lists them.",
+    "name": "Policy name in the model card (default: the algorithm).",
+    "checkpoint_every": "Gradient steps between checkpoints; 0 writes one only at the end.",
+    "log_every": "Gradient steps between metric records.",
+    "progress": "Show a progress bar.",
+}
+
+
+def _train_command(algorithm: str) -> Callable[..., None]:
+    config_cls, train_fn = ALGORITHMS[algorithm]
+
+    def command(
+        data: Annotated[Path, typer.Option("--data", help=_HELP["data"])],
+        out: Annotated[Path, typer.Option("--out", help=_HELP["out"])],
+        steps: Annotated[int | None, typer.Option("--steps", help=_HELP["steps"])] = None,
+        seed: Annotated[int | None, typer.Option("--seed", help=_HELP["seed"])] = None,
+        device: Annotated[str, typer.Option("--device", help=_HELP["device"])] = "auto",
+        resume: Annotated[bool, typer.Option("--resume", help=_HELP["resume"])] = False,
+        ray_workers: Annotated[int, typer.Option("--ray-workers", help=_HELP["ray_workers"])] = 0,
+        overrides: Annotated[list[str] | None, typer.Option("--set", help=_HELP["set"])] = None,
+        name: Annotated[str | None, typer.Option("--name", help=_HELP["name"])] = None,
+        checkpoint_every: Annotated[
+            int, typer.Option("--checkpoint-every", help=_HELP["checkpoint_every"])
+        ] = 5000,
+        log_every: Annotated[int, typer.Option("--log-every", help=_HELP["log_every"])] = 100,
+        progress: Annotated[bool, typer.Option("--progress/--no-progress", help=_HELP["progress"])] = True,
+    ) -> None:
+        from rlops_trainer.card import NAME_RE
+        from rlops_trainer.datasets import load
+
+        try:
+            cfg = apply_overrides(config_cls(), overrides or [])
+            flags = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
+            cfg = dataclasses.replace(cfg, **flags)
+        except ValueError as exc:
+            _fail(str(exc))
+        if ray_workers < 0:
+            _fail(f"--ray-workers must be >= 0, got {ray_workers}")
+        if log_every < 1:
+            _fail(f"--log-every must be >= 1, got {log_every}")
+        if checkpoint_every < 0:
+            _fail(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+        policy_name = name or algorithm
+        if not NAME_RE.match(policy_name):
+            _fail(
+                f"--name {policy_name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        try:
+            resolve_device(device)
+        except ValueError as exc:
+            _fail(f"--device: {exc}")
+        if not data.exists():
+            _fail(f"--data {data}: no such file")
+        try:
+            dataset = load(data)
+        except ValueError as exc:
+            # DatasetError names the file, the column and the row itself.
+            _fail(str(exc))
+        run = RunOptions(
+            out_dir=out,
+            device=device,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            progress=progress,
+        )
+        start_step = _checkpoint_step(out) if resume else 0
+        try:
+            if ray_workers:
+                from rlops_trainer.distributed import train_distributed
+
+                with console.status(f"{algorithm}: training with {ray_workers} Ray Train workers"):
+                    result = train_distributed(algorithm, cfg, dataset, data, run, ray_workers)
+            else:
+                result = train_fn(cfg, dataset, run)
+        except (ValueError, FloatingPointError) as exc:
+            _fail(str(exc))
+        except RuntimeError as exc:
+            # A failed Ray Train run: the message carries the workers' error.
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from exc
+
+        from rlops_trainer.export import ExportError, write_policy_dir
+
+        try:
+            policy_dir = write_policy_dir(result, dataset, out / "policy", policy_name)
+        except ExportError as exc:
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from exc
+        console.print(_summary(result, out, policy_dir, result.steps - start_step))
+
+    summary = (inspect.getdoc(inspect.getmodule(train_fn)) or algorithm).splitlines()[0]
+    command.__doc__ = (
+        f"{summary} Writes metrics, checkpoints and a policy directory (policy.pt and "
+        f"model-card.json) under --out. `rlops train config {algorithm}` lists the hyperparameters."
+    )
+    return command
+
+
+def _checkpoint_step(out: Path) -> int:
+    from rlops_trainer.training import latest_checkpoint
+
+    latest = latest_checkpoint(out)
+    return int(latest.stem.split("-")[1]) if latest is not None else 0
+
+
+for _algorithm in ALGORITHMS:
+    app.command(name=_algorithm)(_train_command(_algorithm))
+
+
+@app.command("config")
+def show_config(
+    algorithm: Annotated[str, typer.Argument(help=f"One of: {', '.join(ALGORITHMS)}.")],
+) -> None:
+    """Print an algorithm's hyperparameters with their defaults and meaning (set them with --set)."""
+    if algorithm not in ALGORITHMS:
+        _fail(f"unknown algorithm '{algorithm}'; accepted: {', '.join(ALGORITHMS)}")
+    table = Table(title=f"{algorithm} config", title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("type")
+    table.add_column("default", justify="right")
+    table.add_column("meaning")
+    for field in config_fields(ALGORITHMS[algorithm][0]):
+        table.add_row(field.name, _type_name(field.type), _fmt(field.default), field.doc)
+    console.print(table)
