@@ -5,33 +5,27 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rlops_server.commands import err_console, group
+from rlops_server.commands import fail as _fail
 from rlops_server.feedback import serve as serve_feedback
 from rlops_server.join import JoinError, JoinStats, join
 
 TOKEN_ENV = "RLOPS_FEEDBACK_TOKEN"
 
-app = typer.Typer(
-    name="feedback",
-    help="Reward feedback: the service that receives rewards, and the join into a training dataset.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
 
 console = Console()
-err_console = Console(stderr=True)
 
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
+app = group(
+    "feedback",
+    "Reward feedback: the service that receives rewards, and the join into a training dataset.",
+)
 
 
 @app.command()

@@ -6,11 +6,10 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rlops_contracts import CANDIDATE, CHAMPION
 
@@ -23,21 +22,20 @@ from rlops_server.archive import (
     registry_aliases,
     registry_policies,
 )
+from rlops_server.commands import fail as _fail
+from rlops_server.commands import group
 from rlops_server.commands.traffic import traffic
 from rlops_server.process import DEFAULT_RUN_DIR, ModelVersionState, ServeError
 from rlops_server.runtime import ServingSettings
 from rlops_server.tsconfig import METRICS_FILE, ModelSettings, ServedModel, ServerConfig
 
-app = typer.Typer(
-    name="serve",
-    help="Serve registry policies on TorchServe: archives, start, stop, status.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+console = Console()
+
+app = group(
+    "serve",
+    "Serve registry policies on TorchServe: archives, start, stop, status.",
 )
 
-console = Console()
-err_console = Console(stderr=True)
 
 DEFAULT_DECISION_LOG_DIR = Path(".rlops/logs")
 """Log root shared with the reward service and the join: decisions go to <root>/decisions/."""
@@ -69,11 +67,6 @@ WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Wo
 MaxObsOption = Annotated[
     int, typer.Option("--max-batch-observations", min=1, help="Most observations one request may carry.")
 ]
-
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
 
 
 @contextmanager

@@ -6,28 +6,24 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rlops_server.client import DEFAULT_TIMEOUT_S, PolicyClient
+from rlops_server.commands import err_console
+from rlops_server.commands import fail as _fail
 from rlops_server.process import DEFAULT_RUN_DIR, ServeError, read_keys
 from rlops_server.traffic import RewardSender, TrafficError, TrafficSummary, run_traffic
 
 INFERENCE_TOKEN_ENV = "RLOPS_INFERENCE_TOKEN"
 FEEDBACK_TOKEN_ENV = "RLOPS_FEEDBACK_TOKEN"
 
+
 console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
 
 
 def _ms(x: float) -> str:

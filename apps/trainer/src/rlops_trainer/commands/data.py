@@ -6,7 +6,7 @@ import json
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console, Group
@@ -15,24 +15,17 @@ from rich.table import Table
 
 from rlops_trainer import datasets
 from rlops_trainer.collect import CARTPOLE_MIXED, CollectError, collect
+from rlops_trainer.commands import fail as _fail
+from rlops_trainer.commands import group
 from rlops_trainer.datasets import LOW_PROPENSITY, DatasetError, Transitions
 from rlops_trainer.importers import import_dataset
 
-app = typer.Typer(
-    name="data",
-    help="Record, import and inspect transition datasets (Parquet, one row per transition).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
-
 console = Console()
-err_console = Console(stderr=True)
 
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
+app = group(
+    "data",
+    "Record, import and inspect transition datasets (Parquet, one row per transition).",
+)
 
 
 # --------------------------------------------------------------------------------------------------

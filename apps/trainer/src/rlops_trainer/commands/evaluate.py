@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,20 +21,13 @@ from rich.markup import escape
 from rlops_contracts import CHAMPION
 
 from rlops_trainer.card import utc_now
+from rlops_trainer.commands import fail as _fail
 from rlops_trainer.datasets import DatasetError, Transitions
 from rlops_trainer.gate import GateError, decide, default_estimator
 from rlops_trainer.ope import ESTIMATORS, NEEDS_PROPENSITIES, Estimate, FQEConfig, OPEError
 from rlops_trainer.policy import Selection
 from rlops_trainer.registry import DEFAULT_ROOT, ENV_VAR
 from rlops_trainer.report import PLOT_FILE, REPORT_FILE, REPORT_SCHEMA_VERSION
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
 
 
 @dataclass
@@ -59,6 +52,9 @@ class _Policy:
     def version(self) -> int | None:
         v = self.card.get("version")
         return int(v) if isinstance(v, int) else None
+
+
+console = Console()
 
 
 def _load_policy(ref: str, path: Path, role: str, data: Transitions) -> _Policy:

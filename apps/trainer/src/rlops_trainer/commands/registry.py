@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console, Group
@@ -16,19 +16,18 @@ from rich.table import Table
 from rlops_contracts import CHAMPION
 
 from rlops_trainer.card import CardError
+from rlops_trainer.commands import fail as _fail
+from rlops_trainer.commands import group
 from rlops_trainer.export import PolicyDirError
 from rlops_trainer.registry import DEFAULT_ROOT, ENV_VAR, Registry, RegistryError
 
-app = typer.Typer(
-    name="registry",
-    help="Versioned policies with model cards; aliases champion and candidate; gated promotion and rollback.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+console = Console()
+
+app = group(
+    "registry",
+    "Versioned policies with model cards; aliases champion and candidate; gated promotion and rollback.",
 )
 
-console = Console()
-err_console = Console(stderr=True)
 
 RegistryOption = Annotated[
     Path,
@@ -43,11 +42,6 @@ RegistryOption = Annotated[
 
 class ReportError(ValueError):
     """An evaluation report that cannot be used for publishing."""
-
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,23 +16,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlops_trainer.algos import ALGORITHMS
+from rlops_trainer.commands import err_console, group
+from rlops_trainer.commands import fail as _fail
 from rlops_trainer.training import RunOptions, TrainResult, config_fields, resolve_device
 
-app = typer.Typer(
-    name="train",
-    help="Learn a policy offline from a dataset (BC, CQL, IQL) and write it as a policy directory.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
-
 console = Console()
-err_console = Console(stderr=True)
 
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
+app = group(
+    "train",
+    "Learn a policy offline from a dataset (BC, CQL, IQL) and write it as a policy directory.",
+)
 
 
 # --------------------------------------------------------------------------------------------------
