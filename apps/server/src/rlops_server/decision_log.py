@@ -23,8 +23,8 @@ import atexit
 import collections
 import contextlib
 import datetime as dt
-import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import orjson
 from rlops_contracts import DECISION_FIELDS  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,27 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+_ORJSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
+
+
 def _encode(record: dict[str, Any]) -> bytes:
-    # allow_nan=False: NaN/inf are not JSON, and every reader of the log must be able to parse it.
-    return (json.dumps(record, separators=(",", ":"), allow_nan=False, default=_default) + "\n").encode()
+    # orjson: serialisation is most of the writer thread's time, which shares the worker's core.
+    # It would write NaN/inf as null, so they are refused here: a log must say what was decided.
+    line = orjson.dumps(record, default=_default, option=_ORJSON_OPTIONS)
+    if b"null" in line and _has_nonfinite(record):
+        raise ValueError("record holds NaN or infinity, which JSON cannot represent")
+    return line
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_nonfinite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_nonfinite(v) for v in value)
+    tolist = getattr(value, "tolist", None)
+    return callable(tolist) and _has_nonfinite(tolist())
 
 
 def _pid_alive(pid: int) -> bool:
