@@ -15,7 +15,7 @@ export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
 # Where the demo writes its data, runs, reports and registry (laid out like the cluster volumes).
 DEMO_DIR ?= .rlops/demo
 
-.PHONY: help venv lint test test-fast demo clean constraints
+.PHONY: help venv system lint test test-fast demo clean constraints
 
 help:
 	@echo "make demo   set everything up and run the whole loop on this machine"
@@ -39,19 +39,30 @@ constraints:
 	  $(VENV)-pin/bin/pip freeze --all | grep -vE '^(rlops-|-e |# Editable)' | sed 's/+cpu$$//'; } > constraints.txt
 	rm -rf $(VENV)-pin
 
+# OS packages: TorchServe needs Java 17. Installed with apt where it is available and we are root;
+# otherwise say what is missing.
+system:
+	@if ! command -v java >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; \
+	  else \
+	    echo "TorchServe needs Java 17 (e.g. apt-get install openjdk-17-jre-headless)"; exit 1; \
+	  fi; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint system
 	$(BIN)/pytest
 
 # Everything but the slow tests (training runs, Ray), for quick iterations.
-test-fast: $(STAMP)
+test-fast: $(STAMP) system
 	$(BIN)/pytest -m "not slow"
 
-demo: $(STAMP)
+demo: $(STAMP) system
 	$(BIN)/rlops demo --dir $(DEMO_DIR)
 
 clean:
