@@ -28,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -650,7 +650,11 @@ class PolicyRuntime:
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {value!r}", f"'{name}': an integer >= 0")
         return value
 
-    def _id_list(self, req: dict[str, Any], name: str, k: int) -> Any:
+    @staticmethod
+    def _per_observation(
+        req: dict[str, Any], name: str, k: int, items: str, check: Callable[[Any, str], Any]
+    ) -> list[Any] | None:
+        """``req[name]``: null, or a list with one entry (null or checked by ``check``) per observation."""
         value = req.get(name)
         if value is None:
             return None
@@ -659,23 +663,16 @@ class PolicyRuntime:
                 422,
                 m.R_BAD_OPTION,
                 f"'{name}' must be a list with one entry per observation ({k})",
-                f"'{name}': a list of {k} strings or nulls",
+                f"'{name}': a list of {k} {items} or nulls",
             )
-        allow_int = name == "episode_ids"
-        return [None if v is None else self._id(v, f"{name}[{i}]", allow_int) for i, v in enumerate(value)]
+        return [None if v is None else check(v, f"{name}[{i}]") for i, v in enumerate(value)]
 
-    def _step_list(self, req: dict[str, Any], k: int) -> list[int | None] | None:
-        value = req.get("steps")
-        if value is None:
-            return None
-        if not isinstance(value, list) or len(value) != k:
-            raise _reject(
-                422,
-                m.R_BAD_OPTION,
-                f"'steps' must be a list with one entry per observation ({k})",
-                f"'steps': a list of {k} integers >= 0 or nulls",
-            )
-        return [None if v is None else self._step(v, f"steps[{i}]") for i, v in enumerate(value)]
+    def _id_list(self, req: dict[str, Any], name: str, k: int) -> list[Any] | None:
+        allow_int = name == "episode_ids"
+        return self._per_observation(req, name, k, "strings", lambda v, n: self._id(v, n, allow_int))
+
+    def _step_list(self, req: dict[str, Any], k: int) -> list[Any] | None:
+        return self._per_observation(req, "steps", k, "integers >= 0", self._step)
 
     def _masks(self, value: Any, name: str, k: int) -> np.ndarray:
         accepted = (
