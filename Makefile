@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 STAMP := $(VENV)/.installed
-PACKAGES := apps/contracts apps/trainer apps/server apps/cli
+PACKAGES := apps/contracts apps/trainer apps/server apps/stack apps/delivery apps/cli
 PYPROJECTS := $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 # torch 2.13.0 is installed from the machine's local CPU wheel where one is provided.
 export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
@@ -39,14 +39,20 @@ constraints:
 	  $(VENV)-pin/bin/pip freeze --all | grep -vE '^(rlops-|-e |# Editable)' | sed 's/+cpu$$//'; } > constraints.txt
 	rm -rf $(VENV)-pin
 
-# OS packages: TorchServe needs Java 17. Installed with apt where it is available and we are root;
+# OS packages: TorchServe needs Java 17; the local monitoring stack and the rule tests need Prometheus,
+# promtool, Alertmanager and amtool. Installed with apt where it is available and we are root;
 # otherwise say what is missing.
+APT_NEEDS := java:openjdk-17-jre-headless prometheus:prometheus promtool:prometheus \
+	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager
 system:
-	@if ! command -v java >/dev/null 2>&1; then \
+	@missing=""; for need in $(APT_NEEDS); do \
+	  command -v "$${need%%:*}" >/dev/null 2>&1 || missing="$$missing $${need#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$(echo $$missing | tr ' ' '\n' | sort -u); \
 	  else \
-	    echo "TorchServe needs Java 17 (e.g. apt-get install openjdk-17-jre-headless)"; exit 1; \
+	    echo "missing OS packages:$$missing (install them with your package manager)"; exit 1; \
 	  fi; \
 	fi
 

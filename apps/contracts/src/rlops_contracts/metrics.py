@@ -49,3 +49,36 @@ REJECT_REASONS: tuple[str, ...] = (
 F_NONFINITE_OUTPUT = "nonfinite_output"
 F_INFERENCE_ERROR = "inference_error"
 FALLBACK_REASONS: tuple[str, ...] = (F_NONFINITE_OUTPUT, F_INFERENCE_ERROR)
+
+# Reward feedback service (labels ``policy``, ``version`` where a reward names its decision's policy).
+REWARDS_RECEIVED = "rlops_rewards_received_total"
+REWARDS_REJECTED = "rlops_rewards_rejected_total"
+REWARD_POSITIVE_SUM = "rlops_reward_positive_sum_total"
+REWARD_NEGATIVE_SUM = "rlops_reward_negative_sum_total"
+
+# Training (offline and online trainers export the same names; labels ``run``, ``algorithm``, ``policy``).
+TRAINING_LABELS: tuple[str, str, str] = ("run", "algorithm", "policy")
+TRAIN_EPISODE_RETURN = "rlops_train_episode_return"
+TRAIN_EPISODE_LENGTH = "rlops_train_episode_length"
+TRAIN_LOSS = "rlops_train_loss"  # extra label ``loss`` (total, policy, value, td, cql_penalty, ...)
+TRAIN_GRAD_NORM = "rlops_train_grad_norm"
+TRAIN_POLICY_ENTROPY = "rlops_train_policy_entropy"
+TRAIN_Q_ESTIMATE = "rlops_train_q_estimate"
+TRAIN_EXPLORATION_RATE = "rlops_train_exploration_rate"
+TRAIN_STEPS = "rlops_train_steps_total"  # gradient steps (offline) or learner updates (online)
+TRAIN_ENV_STEPS = "rlops_train_env_steps_total"
+TRAIN_ENV_STEPS_PER_SECOND = "rlops_train_env_steps_per_second"
+TRAIN_LAST_PROGRESS = "rlops_train_last_progress_timestamp_seconds"
+TRAIN_EVAL_RETURN = "rlops_train_eval_return"
+TRAIN_BASELINE_RETURN = "rlops_train_baseline_return"
+TRAIN_NONFINITE = "rlops_train_nonfinite_total"
+
+# Default local ports (the cluster uses the same container ports).
+PORT_TS_INFERENCE = 8080
+PORT_TS_MANAGEMENT = 8081
+PORT_TS_METRICS = 8082
+PORT_FEEDBACK = 8090
+PORT_TRAINER_METRICS = 9108
+PORT_PROMETHEUS = 9090
+PORT_ALERTMANAGER = 9093
+PORT_ACTIONS_WEBHOOK = 9095
