@@ -341,6 +341,7 @@ def ope_summary(rows: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
         "gamma": GAMMA,
         "truth_episodes": s.truth_episodes,
         "fqe_steps": s.fqe_steps,
+        "fqe_models": ope.FQEConfig().ensemble,
         "estimators": estimators,
         "candidates": rows,
         "spearman": spearman,
@@ -782,7 +783,7 @@ def main(
         int, typer.Option(help="Gradient steps of every training run, rlops and d3rlpy.")
     ] = 5000,
     eval_episodes: Annotated[int, typer.Option(help="Greedy rollouts per trained policy.")] = 20,
-    truth_episodes: Annotated[int, typer.Option(help="Rollouts per OPE candidate for the truth.")] = 100,
+    truth_episodes: Annotated[int, typer.Option(help="Rollouts per OPE candidate for the truth.")] = 300,
     fqe_steps: Annotated[int, typer.Option(help="FQE gradient steps per OPE candidate.")] = (
         ope.FQEConfig.steps
     ),

@@ -23,6 +23,7 @@ from rlops_trainer.ope import (
     fqe_budget_warnings,
     kish_ess,
     policy_probs_fn,
+    spread_warnings,
 )
 from rlops_trainer.policy import PolicyModule, Selection, mlp
 from scipy.stats import spearmanr
@@ -180,6 +181,42 @@ def test_estimators_match_hand_computed_values() -> None:
     assert behavior_value(data, **kw).value == pytest.approx((1 + 0.5 * 2 + 4) / 2)
     # ESS of the trajectory weights (1.28, 2).
     assert estimate_is("pdis", data, probs, **kw).ess == pytest.approx(3.28**2 / (1.28**2 + 4))
+
+
+def test_an_ensemble_averages_its_models_and_its_interval_covers_their_disagreement() -> None:
+    data, probs, q = _two_episodes()
+    kw: dict[str, Any] = {"gamma": 0.5, "n_bootstrap": 400}
+    low, high = q - 1.0, q + 1.0  # V(s) is 1 lower (higher) everywhere: FQE 0.95 and 2.95
+    ensemble = np.stack([low, high])
+    fqe = estimate_fqe(data, probs, ensemble, **kw)
+    assert fqe.value == pytest.approx((1.4 + 2.5) / 2)
+    assert fqe.members == pytest.approx([0.95, 2.95])
+    assert fqe.interval == "initial states and 2 Q models"
+    # Resamples alternate between the models, so the interval spans both of them, unlike either
+    # model's own interval.
+    alone = estimate_fqe(data, probs, low, **kw)
+    assert alone.interval == "initial states (Q fixed)"
+    assert alone.members == pytest.approx([0.95])
+    assert fqe.lower <= alone.lower
+    assert alone.upper < 2.95 <= fqe.upper
+    # DR and WDR are linear in Q: the ensemble's estimate is the mean of its members' estimates.
+    for name in ("dr", "wdr"):
+        both = estimate_is(name, data, probs, q_values=ensemble, **kw)
+        each = [estimate_is(name, data, probs, q_values=m, **kw).value for m in (low, high)]
+        assert both.value == pytest.approx(np.mean(each))
+        assert both.members == pytest.approx(each)
+    with pytest.raises(OPEError, match=r"dr needs q_values of shape \(3, 2\) or \(models, \*\(3, 2\)\)"):
+        estimate_is("dr", data, probs, q_values=np.zeros((2, 3, 3)), **kw)
+
+
+def test_disagreeing_models_warn() -> None:
+    spread = Estimate("fqe", 10.0, 8.0, 12.0, 0.95, 100, members=[9.0, 10.0, 11.5])
+    (warning,) = spread_warnings(spread, max_spread=0.1)
+    assert "the 3 FQE models disagree: fqe ranges over [9, 11.5] (25 % of the value, above 10 %)" in warning
+    assert spread_warnings(spread, max_spread=0.3) == []
+    assert spread_warnings(Estimate("fqe", 10.0, 8.0, 12.0, 0.95, 100, members=[9.0]), 0.01) == []
+    with pytest.raises(ValueError, match=r"FQEConfig\.ensemble must be >= 1"):
+        FQEConfig(ensemble=0)
 
 
 def test_kish_ess() -> None:

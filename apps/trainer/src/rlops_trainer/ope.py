@@ -23,10 +23,14 @@ Conventions, chosen once for every estimator:
   contributes the rewards it logged. FQE bootstraps through truncation (a time limit is not part of the
   state), so it estimates the untruncated value; the two differ by at most ``gamma^T`` times the value
   at the truncation step ``T``.
-* Intervals are percentile bootstraps over episodes. For FQE the Q network is fitted once and only the
-  initial-state values are resampled: the interval reflects the spread of initial states, not the
-  error of the fitted model (refitting per resample would multiply the cost by ``n_bootstrap``). The
-  doubly robust intervals likewise hold the model fixed and resample episodes.
+* Intervals are percentile bootstraps over episodes. FQE fits a small ensemble of Q networks
+  (``FQEConfig.ensemble``, different seeds); the estimate averages them and each bootstrap resample
+  is scored with one of them in turn, so the interval covers both the spread of initial states and
+  the disagreement between the fitted models. Where the data do not cover the states a policy
+  visits, the models extrapolate differently: that is the error a single fixed model's interval
+  would hide (refitting per resample would multiply the cost by ``n_bootstrap``). The doubly robust
+  intervals are built the same way. Models that disagree by more than ``FQEConfig.max_spread`` of
+  the value add a warning to the estimate.
 * Importance weights can be clipped (``clip_weights``): cumulative weights above the cap are set to it,
   which trades bias for variance. Off by default.
 * Everything runs on numpy arrays of shape (episodes, longest episode): memory grows with their product
@@ -36,6 +40,7 @@ Conventions, chosen once for every estimator:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -80,7 +85,10 @@ class Estimate:
     collapse_step: int | None = None
     """First step at which the per-decision ESS fell below the threshold (None: it never did)."""
     interval: str = "episodes"
-    """What the bootstrap resampled: ``episodes`` or ``initial states (Q fixed)``."""
+    """What the bootstrap resampled: ``episodes``, ``initial states`` or either of them with ``and
+    <k> Q models``."""
+    members: list[float] | None = None
+    """The value under each fitted Q model of the FQE ensemble (None: no model)."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,10 +123,18 @@ class FQEConfig:
     """Clip regression targets to the range of returns the logged rewards allow (see
     :func:`value_range`); keeps extrapolation errors from compounding through the target network."""
     seed: int = 0
-    """Seeds the network initialisation and the minibatch order."""
+    """Seeds the network initialisation and the minibatch order (member ``k`` of the ensemble uses
+    ``seed + k``)."""
+    ensemble: int = 3
+    """Q networks fitted independently. Their mean is the estimate and their disagreement widens the
+    interval; 1 fits a single network whose interval covers only the spread of initial states."""
+    max_spread: float = 0.1
+    """Warn when the ensemble's values (max - min) differ by more than this fraction of the value."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "target_update"):
+        if not self.max_spread > 0:
+            raise ValueError(f"FQEConfig.max_spread must be > 0, got {self.max_spread}")
+        for name in ("steps", "batch_size", "target_update", "ensemble"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"FQEConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.lr_decay_from <= 1.0:
@@ -282,14 +298,27 @@ def _check_bootstrap(n_bootstrap: int, confidence: float) -> None:
         raise OPEError(f"confidence must be in (0, 1), got {confidence}")
 
 
+def _members(n_rows: int, start: int, k: int) -> np.ndarray:
+    """Which ensemble member scores each of ``n_rows`` resamples starting at resample ``start``: in
+    turn, so every member scores the same share of them."""
+    return (start + np.arange(n_rows)) % k
+
+
 def _mean_with_ci(
     per_episode: np.ndarray, n_bootstrap: int, confidence: float, seed: int
 ) -> tuple[float, float, float]:
-    """Mean of per-episode contributions and its percentile bootstrap interval over episodes."""
-    n = len(per_episode)
-    samples = np.concatenate([c @ per_episode / n for c in _resample_counts(n, n_bootstrap, seed)])
-    lo, hi = _percentile(samples, confidence)
-    return float(per_episode.mean()), lo, hi
+    """Mean of per-episode contributions and its percentile bootstrap interval over episodes.
+
+    ``per_episode`` is ``[E]``, or ``[K, E]`` with one row per Q model of an ensemble: then the mean is
+    over models too, and each resample is scored with one model in turn."""
+    rows = np.atleast_2d(per_episode)
+    k, n = rows.shape
+    samples, start = [], 0
+    for c in _resample_counts(n, n_bootstrap, seed):
+        samples.append(np.einsum("be,be->b", c, rows[_members(len(c), start, k)]) / n)
+        start += len(c)
+    lo, hi = _percentile(np.concatenate(samples), confidence)
+    return float(rows.mean()), lo, hi
 
 
 @dataclass
@@ -374,8 +403,10 @@ def fit_fqe(
     gamma: float,
     config: FQEConfig | None = None,
     progress: bool = False,
+    label: str = "FQE",
 ) -> FQEModel:
-    """Fit Q^pi by fitted Q evaluation; ``next_probs`` is pi(.|s') for every row's next observation."""
+    """Fit one Q^pi by fitted Q evaluation (``config.seed``; ``config.ensemble`` is for
+    :func:`fit_fqe_ensemble`); ``next_probs`` is pi(.|s') for every row's next observation."""
     cfg = config or FQEConfig()
     # Regressing on values of order 1 keeps Adam's step size (and so its noise) commensurate with the
     # values; the logged returns-to-go give that order without knowing the target policy's value.
@@ -403,7 +434,7 @@ def fit_fqe(
     cont = gamma * (1.0 - torch.tensor(data.terminated, dtype=torch.float32))
     pn = torch.tensor(next_probs, dtype=torch.float32)
 
-    bar = _progress("FQE", cfg.steps) if progress else None
+    bar = _progress(label, cfg.steps) if progress else None
     params, target_params = list(q.parameters()), list(target.parameters())
     loss_sum, loss_n, final_loss = torch.zeros(()), 0, float("nan")
     try:
@@ -435,6 +466,29 @@ def fit_fqe(
             bar[0].stop()
     q.eval()
     return FQEModel(net=q, scale=scale, final_loss=final_loss, config=cfg)
+
+
+def fit_fqe_ensemble(
+    data: Transitions,
+    next_probs: np.ndarray,
+    *,
+    gamma: float,
+    config: FQEConfig | None = None,
+    progress: bool = False,
+) -> list[FQEModel]:
+    """``config.ensemble`` FQE models, member ``k`` seeded with ``config.seed + k``."""
+    cfg = config or FQEConfig()
+    return [
+        fit_fqe(
+            data,
+            next_probs,
+            gamma=gamma,
+            config=dataclasses.replace(cfg, seed=cfg.seed + k),
+            progress=progress,
+            label=f"FQE {k + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "FQE",
+        )
+        for k in range(cfg.ensemble)
+    ]
 
 
 def _progress(label: str, total: int) -> tuple[Any, Any]:
@@ -508,6 +562,8 @@ def estimate_is(
     ``sum_t gamma^t [w_t (r_t - Q(s_t, a_t)) + w_{t-1} V(s_t)]`` with ``V(s) = sum_a pi(a|s) Q(s, a)``,
     ``Q = 0`` for pdis / wpdis, ``w`` the cumulative weights (pdis, dr) or the cumulative weights
     divided by their sum over episodes at each step (wpdis, wdr), and ``w_{-1} = 1`` (resp. ``1/n``).
+    ``q_values`` may also be ``[K, N, A]``, one slice per model of an FQE ensemble: the estimate is
+    their mean and the interval covers their disagreement (see :func:`_mean_with_ci`).
     """
     if estimator not in NEEDS_PROPENSITIES:
         raise OPEError(f"estimate_is runs {', '.join(sorted(NEEDS_PROPENSITIES))}, not {estimator!r}")
@@ -518,25 +574,31 @@ def estimate_is(
         raise OPEError(f"probs has shape {probs.shape}; expected ({len(data)}, {data.meta.n_actions})")
     rho, rho_prev = _cumulative_weights(data, pad, probs, clip_weights)
     r = pad.pad(data.reward.astype(np.float64))
+    members: list[float] | None = None
     if estimator in ("dr", "wdr"):
-        if q_values is None or q_values.shape != probs.shape:
-            shape = None if q_values is None else q_values.shape
-            raise OPEError(f"{estimator} needs q_values of shape {probs.shape}, got {shape}")
-        q = pad.pad(q_values[np.arange(len(data)), data.action])
-        v = pad.pad((probs * q_values).sum(axis=1))
+        models = _as_ensemble(q_values, probs.shape, estimator)
+        qs = [pad.pad(m[np.arange(len(data)), data.action]) for m in models]
+        vs = [pad.pad((probs * m).sum(axis=1)) for m in models]
     else:
-        q = v = np.zeros_like(r)
+        qs = vs = [np.zeros_like(r)]
     with np.errstate(invalid="ignore"):
-        parts = _DRParts(rho * (r - q), rho_prev * v, pad.discount)
+        parts = [_DRParts(rho * (r - q), rho_prev * v, pad.discount) for q, v in zip(qs, vs, strict=True)]
     if estimator in ("pdis", "dr"):
-        per_episode = (parts.rho_r_minus_q + parts.rho_prev_v) @ pad.discount
+        per_episode = np.stack([(p.rho_r_minus_q + p.rho_prev_v) @ pad.discount for p in parts])
         value, lo, hi = _mean_with_ci(per_episode, n_bootstrap, confidence, seed)
+        by_member = per_episode.mean(axis=1)
     else:
-        value = float(_weighted(np.ones((1, pad.n)), rho, rho_prev, parts)[0])
-        samples = np.concatenate(
-            [_weighted(c, rho, rho_prev, parts) for c in _resample_counts(pad.n, n_bootstrap, seed)]
-        )
-        lo, hi = _percentile(samples, confidence)
+        everyone = np.ones((1, pad.n))
+        by_member = np.array([_weighted(everyone, rho, rho_prev, p)[0] for p in parts])
+        value = float(by_member.mean())
+        chunks, start = [], 0
+        for c in _resample_counts(pad.n, n_bootstrap, seed):
+            scored = np.stack([_weighted(c, rho, rho_prev, p) for p in parts])  # [K, b]
+            chunks.append(scored[_members(len(c), start, len(parts)), np.arange(len(c))])
+            start += len(c)
+        lo, hi = _percentile(np.concatenate(chunks), confidence)
+    if estimator in ("dr", "wdr"):
+        members = [float(x) for x in by_member]
     return Estimate(
         estimator=estimator,
         value=value,
@@ -544,8 +606,27 @@ def estimate_is(
         upper=hi,
         confidence=confidence,
         n_episodes=pad.n,
+        interval=_interval_label("episodes", len(parts) if members is not None else 0),
+        members=members,
         **_ess_fields(rho, pad.n, min_ess, min_ess_fraction, estimator),
     )
+
+
+def _as_ensemble(q_values: np.ndarray | None, shape: tuple[int, ...], estimator: str) -> np.ndarray:
+    """``q_values`` as ``[K, N, A]``: one model ``[N, A]`` or an ensemble of them."""
+    q = None if q_values is None else np.asarray(q_values, dtype=np.float64)
+    if q is not None and q.shape == shape:
+        return q[None]
+    if q is None or q.ndim != 3 or q.shape[1:] != shape or q.shape[0] < 1:
+        got = None if q is None else q.shape
+        raise OPEError(f"{estimator} needs q_values of shape {shape} or (models, *{shape}), got {got}")
+    return q
+
+
+def _interval_label(resampled: str, n_models: int) -> str:
+    if n_models == 0:
+        return resampled
+    return f"{resampled} and {n_models} Q models" if n_models > 1 else f"{resampled} (Q fixed)"
 
 
 def estimate_fqe(
@@ -559,13 +640,24 @@ def estimate_fqe(
     seed: int = 0,
 ) -> Estimate:
     """The FQE estimate: the mean over episodes of ``V(s_0) = sum_a pi(a|s_0) Q(s_0, a)`` at each
-    episode's first row, with the interval over initial states and Q held fixed."""
+    episode's first row, with the interval over initial states. ``q_values`` is ``[N, A]`` (one model,
+    held fixed) or ``[K, N, A]`` (an ensemble: mean over models, their disagreement in the interval)."""
     _check_bootstrap(n_bootstrap, confidence)
     pad = _padded(data, gamma)
-    v0 = (probs[pad.starts] * q_values[pad.starts]).sum(axis=1)
+    models = _as_ensemble(q_values, probs.shape, "fqe")
+    v0 = (probs[None, pad.starts] * models[:, pad.starts]).sum(axis=2)  # [K, E]
     value, lo, hi = _mean_with_ci(v0, n_bootstrap, confidence, seed)
-    est = Estimate("fqe", value, lo, hi, confidence, pad.n, interval="initial states (Q fixed)")
-    est.warnings.extend(_model_warnings(data, gamma, (probs * q_values).sum(axis=1)))
+    est = Estimate(
+        "fqe",
+        value,
+        lo,
+        hi,
+        confidence,
+        pad.n,
+        interval=_interval_label("initial states", len(models)),
+        members=[float(x) for x in v0.mean(axis=1)],
+    )
+    est.warnings.extend(_model_warnings(data, gamma, (probs * models.mean(axis=0)).sum(axis=1)))
     return est
 
 
@@ -622,11 +714,12 @@ def evaluate(
 
     q_values: np.ndarray | None = None
     fit_warnings: list[str] = []
+    cfg = fqe_config or FQEConfig()
     if NEEDS_MODEL.intersection(estimators):
         next_probs = _target_probs(probs_fn, data.next_observation, n_actions, "next_observation")
-        model = fit_fqe(data, next_probs, gamma=gamma, config=fqe_config, progress=progress)
-        q_values = model.q_values(data.observation)
-        fit_warnings = fqe_budget_warnings(model.config, gamma, pad.horizon)
+        models = fit_fqe_ensemble(data, next_probs, gamma=gamma, config=cfg, progress=progress)
+        q_values = np.stack([m.q_values(data.observation) for m in models])
+        fit_warnings = fqe_budget_warnings(cfg, gamma, pad.horizon)
 
     boot: dict[str, Any] = {
         "gamma": gamma,
@@ -648,10 +741,27 @@ def evaluate(
         else:
             out[name] = estimate_is(name, data, probs, q_values=q_values, **boot, **weights)
             if q_values is not None and name in NEEDS_MODEL:
-                out[name].warnings.extend(_model_warnings(data, gamma, (probs * q_values).sum(axis=1)))
+                v_s = (probs * q_values.mean(axis=0)).sum(axis=1)
+                out[name].warnings.extend(_model_warnings(data, gamma, v_s))
         if name in NEEDS_MODEL:
-            out[name].warnings.extend(fit_warnings)
+            out[name].warnings.extend(fit_warnings + spread_warnings(out[name], cfg.max_spread))
     return out
+
+
+def spread_warnings(est: Estimate, max_spread: float) -> list[str]:
+    """A warning when the Q models of an ensemble disagree by more than ``max_spread`` of the value:
+    the data do not pin the value down where this policy goes, whatever the interval's width."""
+    if not est.members or len(est.members) < 2:
+        return []
+    lo, hi = min(est.members), max(est.members)
+    scale = max(abs(est.value), 1e-12)
+    if (hi - lo) / scale <= max_spread:
+        return []
+    return [
+        f"the {len(est.members)} FQE models disagree: {est.estimator} ranges over [{lo:.4g}, {hi:.4g}] "
+        f"({100 * (hi - lo) / scale:.0f} % of the value, above {100 * max_spread:.0f} %); the logged "
+        "data cover the states this policy visits too thinly to fix its value"
+    ]
 
 
 def fqe_budget_warnings(config: FQEConfig, gamma: float, horizon: int) -> list[str]:

@@ -188,6 +188,14 @@ def evaluate(
     fqe_steps: Annotated[
         int, typer.Option("--fqe-steps", help="Gradient steps of fitted Q evaluation per policy.")
     ] = FQEConfig.steps,
+    fqe_models: Annotated[
+        int,
+        typer.Option(
+            "--fqe-models",
+            help="Q networks in the FQE ensemble (different seeds): their mean is the estimate, their "
+            "disagreement widens the interval and warns.",
+        ),
+    ] = FQEConfig.ensemble,
     clip_weights: Annotated[
         float | None,
         typer.Option(
@@ -216,6 +224,8 @@ def evaluate(
         _fail(f"--bootstrap must be >= 1, got {n_bootstrap}")
     if fqe_steps < 1:
         _fail(f"--fqe-steps must be >= 1, got {fqe_steps}")
+    if fqe_models < 1:
+        _fail(f"--fqe-models must be >= 1, got {fqe_models}")
     if clip_weights is not None and not clip_weights > 0.0:
         _fail(f"--clip-weights must be > 0, got {clip_weights}")
     if not margin >= 0.0:
@@ -247,7 +257,7 @@ def evaluate(
 
     policies = _resolve(policy or [], registry, champion, transitions)
     _labels(policies)
-    fqe_config = FQEConfig(steps=fqe_steps, seed=seed)
+    fqe_config = FQEConfig(steps=fqe_steps, seed=seed, ensemble=fqe_models)
 
     from rlops_trainer import ope
 
