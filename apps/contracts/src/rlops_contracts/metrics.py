@@ -82,3 +82,26 @@ PORT_TRAINER_METRICS = 9108
 PORT_PROMETHEUS = 9090
 PORT_ALERTMANAGER = 9093
 PORT_ACTIONS_WEBHOOK = 9095
+
+# Prometheus job names of the scrape targets (local stack and cluster alike); alert rules select on them.
+JOB_TORCHSERVE = "torchserve"
+JOB_FEEDBACK = "rlops-feedback"
+JOB_TRAINER = "rlops-trainer"
+JOB_ACTIONS = "rlops-actions"
+
+# Exported by the actions service (rlops_stack.webhook), which reads TorchServe's management API:
+# labels ``policy``, ``version``.
+SERVING_WORKERS = "rlops_serving_workers"
+SERVING_READY_WORKERS = "rlops_serving_ready_workers"
+# Labels ``action`` (rollback, scale_up) and ``outcome`` (done, skipped, failed).
+ACTIONS_TAKEN = "rlops_alert_actions_total"
+
+# TorchServe's own metrics that rlops dashboards and rules query (names and labels are TorchServe's:
+# ``model_name``, ``model_version``, where requests to the default version say ``default``; the
+# Requests* counters carry no model label). The *_microseconds ones are counters of summed time.
+TS_INFERENCE_REQUESTS = "ts_inference_requests_total"
+TS_INFERENCE_LATENCY = "ts_inference_latency_microseconds"
+TS_QUEUE_LATENCY = "ts_queue_latency_microseconds"
+TS_REQUESTS_2XX = "Requests2XX"
+TS_REQUESTS_4XX = "Requests4XX"
+TS_REQUESTS_5XX = "Requests5XX"
