@@ -57,6 +57,16 @@ class TinyPolicy(nn.Module):
         return (1.0 - epsilon) * probs + epsilon / n
 
 
+class OnePassTinyPolicy(TinyPolicy):
+    """TinyPolicy that also exports ``scores_and_probs``, as policies exported by rlops do."""
+
+    @torch.jit.export
+    def scores_and_probs(
+        self, obs: torch.Tensor, temperature: float, epsilon: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(obs), self.action_probs(obs, temperature, epsilon)
+
+
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -136,11 +146,14 @@ def write_policy_dir(
     score_kind: str = "q_values",
     temperature: float = 0.0,
     epsilon: float = 0.0,
+    one_pass: bool = False,
 ) -> Path:
-    """A policy directory (policy.pt + model-card.json) at ``path``."""
+    """A policy directory (policy.pt + model-card.json) at ``path``; ``one_pass`` exports
+    ``scores_and_probs`` too."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        scripted = torch.jit.script(TinyPolicy(sign).eval())
+        module = OnePassTinyPolicy(sign) if one_pass else TinyPolicy(sign)
+        scripted = torch.jit.script(module.eval())
         buf = io.BytesIO()
         torch.jit.save(scripted, buf)
     data = buf.getvalue()

@@ -314,6 +314,30 @@ def test_one_pass_for_a_server_batch_with_mixed_settings(tmp_path: Path) -> None
     assert answers[2]["probabilities"] == pytest.approx([1 / 3] * 3)
 
 
+def test_policies_with_and_without_scores_and_probs_decide_alike(tmp_path: Path) -> None:
+    poisoned = [0.5, -0.5, 0.2, POISON]
+    decisions = []
+    for one_pass in (False, True):
+        d = write_policy_dir(
+            tmp_path / f"one-pass-{one_pass}",
+            sign=-1.0,
+            score_kind="logits",
+            temperature=1.0,
+            epsilon=0.1,
+            one_pass=one_pass,
+        )
+        rt = PolicyRuntime.load(d, ServingSettings(seed=0))
+        assert rt._one_pass is one_pass
+        decisions.append(rt.decide([rt.parse({"observations": [OBS] * 50 + [poisoned]})]))
+    old, new = decisions
+    assert (old.actions == new.actions).all()
+    assert old.probabilities[:50] == pytest.approx(new.probabilities[:50])
+    assert old.scores is not None
+    assert new.scores is not None
+    assert np.array_equal(old.scores, new.scores, equal_nan=True)
+    assert old.fallback.tolist() == new.fallback.tolist() == [False] * 50 + [True]
+
+
 class Broken:
     """Stands in for a policy whose forward pass raises (e.g. a shape bug in a newly exported model)."""
 

@@ -385,6 +385,8 @@ class PolicyRuntime:
         order = [self.fallback_action] + [int(a) for a in np.argsort(proportions, kind="stable")[::-1]]
         self._fallback_order = np.array(list(dict.fromkeys(order)), dtype=np.int64)
         self._rng = np.random.default_rng(settings.seed)
+        # Policies exported before scores_and_probs existed need two passes (forward, action_probs).
+        self._one_pass = hasattr(module, "scores_and_probs")
         bins = card["reference"]["observation"]["bins"]
         width = max(len(b["edges"]) for b in bins) if bins else 0
         edges = np.full((self.obs_dim, width), np.inf)
@@ -731,12 +733,17 @@ class PolicyRuntime:
         try:
             # The scores are needed even when only the distribution is answered: a greedy rule turns
             # NaN scores into a finite one-hot distribution (argmax of NaN), which would hide them.
-            scores = self.module.forward(x).numpy()
             settings = {(r.temperature, r.epsilon) for r in requests}
-            if len(settings) == 1:
+            if len(settings) == 1 and self._one_pass:
                 ((t, e),) = settings
+                s_t, p_t = self.module.scores_and_probs(x, t, e)
+                scores, probs = s_t.numpy(), p_t.numpy().astype(np.float64)
+            elif len(settings) == 1:
+                ((t, e),) = settings
+                scores = self.module.forward(x).numpy()
                 probs = self.module.action_probs(x, t, e).numpy().astype(np.float64)
             else:
+                scores = self.module.forward(x).numpy()
                 # Different exploration settings in one server batch: one call per setting.
                 probs = np.empty((n, a), dtype=np.float64)
                 for t, e in settings:

@@ -136,6 +136,11 @@ def check_parity(
             p_exp = exported.action_probs(x, temperature, epsilon)
             key = f"action_probs(temperature={temperature:g}, epsilon={epsilon:g})"
             deviations[key] = float((p_exp - p_eager).abs().max())
+            both_scores, both_probs = exported.scores_and_probs(x, temperature, epsilon)
+            key = f"scores_and_probs(temperature={temperature:g}, epsilon={epsilon:g})"
+            deviations[key] = max(
+                float((both_scores - s_exp).abs().max()), float((both_probs - p_exp).abs().max())
+            )
     if mismatched:
         raise ExportError(
             f"exported and eager policies choose different actions on {mismatched} of {len(x)} probes"

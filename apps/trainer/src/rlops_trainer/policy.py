@@ -70,7 +70,17 @@ class PolicyModule(nn.Module):
 
     @torch.jit.export
     def action_probs(self, obs: torch.Tensor, temperature: float, epsilon: float) -> torch.Tensor:
+        return self._probs(self.forward(obs), temperature, epsilon)
+
+    @torch.jit.export
+    def scores_and_probs(
+        self, obs: torch.Tensor, temperature: float, epsilon: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and ``action_probs`` from one pass of the network (what serving needs)."""
         scores = self.forward(obs)
+        return scores, self._probs(scores, temperature, epsilon)
+
+    def _probs(self, scores: torch.Tensor, temperature: float, epsilon: float) -> torch.Tensor:
         n = scores.shape[-1]
         if temperature > 0.0:
             probs = torch.softmax(scores / temperature, dim=-1)
