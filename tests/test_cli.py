@@ -48,3 +48,21 @@ def test_console_script_runs() -> None:
         [sys.executable, "-m", "rlops_cli.main", "--help"], capture_output=True, text=True, check=True
     )
     assert "rlops" in out.stdout
+
+
+def test_a_package_that_fails_to_import_leaves_the_other_commands_working(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    import rlops_cli.main as main
+
+    good = EntryPoint(name="demo", value="rlops_cli.demo:demo", group=main.GROUP)
+    broken = EntryPoint(name="ghost", value="rlops_no_such_package.commands:app", group=main.GROUP)
+    monkeypatch.setattr(main, "entry_points", lambda group: [good, broken])
+    app = main.build_app()
+    assert runner.invoke(app, ["demo", "--help"]).exit_code == 0
+    result = runner.invoke(app, ["ghost"])
+    assert result.exit_code == 1
+    assert "rlops ghost is unavailable: rlops_no_such_package.commands:app" in result.output
+    assert "No module named 'rlops_no_such_package'" in result.output
