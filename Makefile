@@ -24,7 +24,7 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): constraints.txt requirements-dev.txt $(PYPROJECTS)
+$(STAMP): constraints.txt requirements-dev.txt infra/requirements.txt $(PYPROJECTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip==$$(sed -n 's/^pip==//p' constraints.txt)"
 	# The constraints file pins every transitive version; torch 2.13.0 comes from the local CPU wheel.
@@ -60,6 +60,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint apps/trainer/Dockerfile apps/server/Dockerfile
 
 test: lint system
 	$(BIN)/pytest

@@ -1,0 +1,432 @@
+"""Serving: TorchServe from the server image, configured by the same code that configures the local
+server (``rlops_server.tsconfig``), its archives read from the model volume.
+
+Objects: a ConfigMap (config.properties naming the served version, metrics.yaml, log4j2.xml), a
+Deployment — or an Argo Rollout when delivery is on — with /ping probes, a Service, a
+HorizontalPodAutoscaler, a PodDisruptionBudget, a ServiceMonitor and a NetworkPolicy.
+
+TorchServe binds its management API to loopback (``rlops_server.tsconfig``) and the NetworkPolicy
+admits port 8081 from this namespace only, so nothing outside the namespace can load or unload models.
+TorchServe generates its own API keys per process and cannot take a given token, and a Service spreads
+requests over pods with different keys, so in the cluster token authorization is off and the inference
+API is reachable only from the namespaces the stack lists (``serving.client_namespaces``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import yaml
+from rlops_contracts.metrics import PORT_TS_INFERENCE, PORT_TS_MANAGEMENT, PORT_TS_METRICS
+from rlops_infra import config as cfg
+from rlops_infra.base import Component
+from rlops_infra.k8s import (
+    DATA_MOUNT,
+    MODEL_STORE_DIR,
+    MODELS_MOUNT,
+    container_security,
+    gpu_placement,
+    metadata,
+    mount,
+    pod_security,
+    pvc_volume,
+    quantity_milli,
+    resources,
+    scratch_volume,
+    selector,
+)
+from rlops_server.archive import archive_file_name
+from rlops_server.metrics import metrics_config
+from rlops_server.tsconfig import (
+    LOG_CONFIG_FILE,
+    METRICS_FILE,
+    PROPERTIES_FILE,
+    ModelSettings,
+    ServedModel,
+    ServerConfig,
+    render_log_config,
+    render_properties,
+)
+
+COMPONENT = "serving"
+CONFIG_DIR = "/etc/rlops"
+VERSION_LABEL = "rlops.dev/policy-version"
+QUEUE_METRIC = "torchserve_queue_wait_seconds"
+"""Custom metric prometheus-adapter serves for the HPA: seconds a request waits in TorchServe's queue."""
+
+
+@dataclass(frozen=True)
+class Canary:
+    """How a Rollout moves traffic to a new version and which analyses decide."""
+
+    steps: tuple[int, ...]
+    pause_seconds: int
+    analysis_template: str
+    ope_template: str | None
+    args: tuple[tuple[str, str], ...]
+    """Analysis arguments: policy, candidate and champion."""
+
+
+@dataclass(frozen=True)
+class ServingArgs:
+    serving: cfg.Serving
+    namespace: str
+    server_image: str
+    data_claim: str
+    models_claim: str
+    decision_logs: str
+    """Decision-log folder inside the data volume."""
+    monitoring_namespace: str | None
+    monitor_labels: dict[str, str] | None
+    canary: Canary | None = None
+
+
+def base_name(args: ServingArgs) -> str:
+    return f"torchserve-{args.serving.policy}"
+
+
+def config_name(args: ServingArgs) -> str:
+    # One ConfigMap per served version: during a canary the stable pods keep reading their own.
+    return f"{base_name(args)}-v{args.serving.version}"
+
+
+def server_config(s: cfg.Serving) -> ServerConfig:
+    settings = ModelSettings(
+        batch_size=s.batch_size,
+        max_batch_delay_ms=s.max_batch_delay_ms,
+        min_workers=s.workers,
+        max_workers=s.workers,
+    )
+    model = ServedModel(s.policy, str(s.version), archive_file_name(s.policy, s.version), settings)
+    return ServerConfig(
+        model_store=Path(MODEL_STORE_DIR),
+        metrics_config=Path(CONFIG_DIR) / METRICS_FILE,
+        models=(model,),
+        inference_host="0.0.0.0",
+        inference_port=PORT_TS_INFERENCE,
+        management_port=PORT_TS_MANAGEMENT,
+        metrics_host="0.0.0.0",
+        metrics_port=PORT_TS_METRICS,
+        token_auth=False,
+        default_workers_per_model=s.workers,
+    )
+
+
+def config_map(args: ServingArgs) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(config_name(args), args.namespace, COMPONENT),
+        "data": {
+            PROPERTIES_FILE: render_properties(server_config(args.serving)),
+            METRICS_FILE: yaml.safe_dump(metrics_config(), sort_keys=False),
+            LOG_CONFIG_FILE: render_log_config(),
+        },
+    }
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def pod_template(args: ServingArgs) -> dict[str, Any]:
+    s = args.serving
+    command = [
+        "torchserve", "--start", "--foreground", "--ncs",
+        "--log-config", f"{CONFIG_DIR}/{LOG_CONFIG_FILE}",
+        "--model-store", MODEL_STORE_DIR,
+        "--ts-config", f"{CONFIG_DIR}/{PROPERTIES_FILE}",
+    ]  # fmt: skip
+    env = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "LOG_LOCATION", "value": "/tmp/logs"},
+        {"name": "METRICS_LOCATION", "value": "/tmp/logs"},
+        # One torch thread per worker: TorchServe already runs a worker per core asked for.
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+        # Each pod writes its own decision-log folder; the reward join reads them all.
+        {"name": "RLOPS_DECISION_LOG_DIR", "value": f"{DATA_MOUNT}/{args.decision_logs}/$(POD_NAME)"},
+    ]
+    container = {
+        "name": "torchserve",
+        "image": args.server_image,
+        "command": command,
+        # TorchServe writes next to where it starts; the root filesystem is read-only.
+        "workingDir": "/tmp",
+        "env": env,
+        "ports": [
+            {"name": "http", "containerPort": PORT_TS_INFERENCE},
+            {"name": "metrics", "containerPort": PORT_TS_METRICS},
+        ],
+        "resources": resources(s.resources.cpu, s.resources.memory, s.resources.gpus),
+        # Java and the model load take a while: liveness starts counting once startup succeeded.
+        "startupProbe": _probe("/ping", 5, 60),
+        "readinessProbe": _probe("/ping", 5, 3),
+        "livenessProbe": _probe("/ping", 10, 6),
+        "securityContext": container_security(),
+        "volumeMounts": [
+            mount("config", CONFIG_DIR, read_only=True),
+            mount("models", MODELS_MOUNT, read_only=True),
+            mount("data", DATA_MOUNT),
+            mount("tmp", "/tmp"),
+        ],
+    }
+    spec: dict[str, Any] = {
+        "securityContext": pod_security(),
+        "terminationGracePeriodSeconds": 30,
+        **gpu_placement(s.resources.gpus),
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_name(args)}},
+            pvc_volume("models", args.models_claim, read_only=True),
+            pvc_volume("data", args.data_claim),
+            scratch_volume("tmp", "4Gi"),
+        ],
+    }
+    if s.min_pods > 1:
+        spec["topologySpreadConstraints"] = [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": selector(COMPONENT)},
+            }
+        ]
+    return {
+        "metadata": {"labels": {**selector(COMPONENT), VERSION_LABEL: str(s.version)}},
+        "spec": spec,
+    }
+
+
+def canary_strategy(c: Canary) -> dict[str, Any]:
+    analysis_args = [{"name": k, "value": v} for k, v in c.args]
+    steps: list[dict[str, Any]] = []
+    if c.ope_template:
+        # Off-policy evaluation on recent logs decides before any traffic moves.
+        steps.append({"analysis": {"templates": [{"templateName": c.ope_template}], "args": analysis_args}})
+    first_weight = len(steps)
+    for weight in c.steps:
+        steps.append({"setWeight": weight})
+        if weight < 100 and c.pause_seconds:
+            steps.append({"pause": {"duration": f"{c.pause_seconds}s"}})
+    return {
+        "canary": {
+            "maxSurge": "25%",
+            "maxUnavailable": 0,
+            "steps": steps,
+            "analysis": {
+                "templates": [{"templateName": c.analysis_template}],
+                "startingStep": first_weight,
+                "args": analysis_args,
+            },
+        }
+    }
+
+
+def workload(args: ServingArgs) -> dict[str, Any]:
+    s = args.serving
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector(COMPONENT)},
+        "revisionHistoryLimit": 3,
+        "template": pod_template(args),
+    }
+    if not s.autoscaling.enabled:
+        # With an HPA the replica count is the HPA's to set; declaring it here would fight it.
+        spec["replicas"] = s.replicas
+    if args.canary is None:
+        spec["strategy"] = {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0},
+        }
+        api_version, kind = "apps/v1", "Deployment"
+    else:
+        spec["strategy"] = canary_strategy(args.canary)
+        api_version, kind = "argoproj.io/v1alpha1", "Rollout"
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": metadata(base_name(args), args.namespace, COMPONENT),
+        "spec": spec,
+    }
+
+
+def service(args: ServingArgs) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(base_name(args), args.namespace, COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(COMPONENT),
+            "ports": [
+                {"name": "http", "port": PORT_TS_INFERENCE, "targetPort": "http"},
+                {"name": "metrics", "port": PORT_TS_METRICS, "targetPort": "metrics"},
+            ],
+        },
+    }
+
+
+def autoscaler(args: ServingArgs, target_kind: str, target_api: str) -> dict[str, Any]:
+    a = args.serving.autoscaling
+    if a.metric == "cpu":
+        metric: dict[str, Any] = {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": round(a.target)},
+            },
+        }
+    else:
+        metric = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": QUEUE_METRIC},
+                "target": {"type": "AverageValue", "averageValue": quantity_milli(a.target)},
+            },
+        }
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(base_name(args), args.namespace, COMPONENT),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": target_api, "kind": target_kind, "name": base_name(args)},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": [metric],
+            "behavior": {
+                # Scale up at once under a burst; scale down slowly so a dip does not drop warm workers.
+                "scaleUp": {"stabilizationWindowSeconds": 0},
+                "scaleDown": {"stabilizationWindowSeconds": 300},
+            },
+        },
+    }
+
+
+def disruption_budget(args: ServingArgs) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(base_name(args), args.namespace, COMPONENT),
+        "spec": {
+            "minAvailable": args.serving.pdb_min_available,
+            "selector": {"matchLabels": selector(COMPONENT)},
+        },
+    }
+
+
+def _ports(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def network_policy(args: ServingArgs) -> dict[str, Any]:
+    ingress: list[dict[str, Any]] = [
+        # Same namespace: inference, management and metrics.
+        {
+            "from": [{"podSelector": {}}],
+            "ports": _ports(PORT_TS_INFERENCE, PORT_TS_MANAGEMENT, PORT_TS_METRICS),
+        }
+    ]
+    if args.serving.client_namespaces:
+        ingress.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchExpressions": [
+                                {
+                                    "key": "kubernetes.io/metadata.name",
+                                    "operator": "In",
+                                    "values": list(args.serving.client_namespaces),
+                                }
+                            ]
+                        }
+                    }
+                ],
+                "ports": _ports(PORT_TS_INFERENCE),
+            }
+        )
+    if args.monitoring_namespace:
+        ingress.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": args.monitoring_namespace}
+                        }
+                    }
+                ],
+                "ports": _ports(PORT_TS_METRICS),
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(base_name(args), args.namespace, COMPONENT),
+        "spec": {
+            "podSelector": {"matchLabels": selector(COMPONENT)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    }
+
+
+def service_monitor(args: ServingArgs, labels: dict[str, str]) -> dict[str, Any]:
+    meta = metadata(base_name(args), args.namespace, COMPONENT)
+    meta["labels"].update(labels)
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": selector(COMPONENT)},
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+        },
+    }
+
+
+def objects(args: ServingArgs) -> list[dict[str, Any]]:
+    work = workload(args)
+    out = [config_map(args), work, service(args), network_policy(args)]
+    if args.serving.autoscaling.enabled:
+        out.append(autoscaler(args, work["kind"], work["apiVersion"]))
+    if args.serving.pdb_min_available:
+        out.append(disruption_budget(args))
+    if args.monitor_labels is not None:
+        out.append(service_monitor(args, args.monitor_labels))
+    return out
+
+
+class Serving(Component):
+    """Outputs ``service``: the in-cluster URL of the inference API."""
+
+    def __init__(
+        self,
+        name: str,
+        args: ServingArgs,
+        opts: pulumi.ResourceOptions | None = None,
+        depends_on: list[pulumi.Resource] | None = None,
+    ) -> None:
+        super().__init__("Serving", name, opts)
+        deps = depends_on or []
+        config: pulumi.Resource | None = None
+        for obj in objects(args):
+            kind = obj["kind"]
+            extra: dict[str, Any] = {}
+            if kind == "ConfigMap":
+                # Kept after a version change: pods of the previous version may still restart and read it.
+                extra["retain_on_delete"] = args.canary is not None
+                config = self.add("config", obj, depends_on=deps, **extra)
+                continue
+            self.add(kind.lower(), obj, depends_on=[*deps, *([config] if config else [])])
+        url = f"http://{base_name(args)}.{args.namespace}.svc:{PORT_TS_INFERENCE}"
+        self.url = url
+        self.register_outputs({"url": url})
