@@ -263,3 +263,24 @@ def test_bad_settings_are_refused() -> None:
         PolicyClient("localhost:8080", "m")
     with pytest.raises(ValueError, match="timeout"):
         PolicyClient("http://localhost:8080", "m", timeout=0)
+
+
+def test_a_token_source_follows_a_restart_with_new_keys(server: FakeServer) -> None:
+    keys = ["old"]
+    server.script = ["401", "ok"]
+    client = PolicyClient(server.url, "cartpole", token=lambda: keys[-1], timeout=2.0)
+    keys.append("new")  # the server restarted and wrote new keys
+    d = client.act([0.5, 0.0])
+    assert not d.fallback
+    assert [r["auth"] for r in server.requests] == ["Bearer old", "Bearer new"]
+    assert client.retried == 1
+
+
+def test_a_401_without_new_keys_falls_back_without_retry(server: FakeServer) -> None:
+    server.script = ["401"]
+    fixed = PolicyClient(server.url, "cartpole", token="old", timeout=2.0)
+    assert fixed.act([0.5]).fallback
+    unchanged = PolicyClient(server.url, "cartpole", token=lambda: "old", timeout=2.0)
+    assert unchanged.act([0.5]).fallback
+    assert len(server.requests) == 2
+    assert fixed.fallbacks["rejected"] == unchanged.fallbacks["rejected"] == 1

@@ -9,7 +9,9 @@ reading the answer; when it passes, or the server fails, the call returns ``fall
 Retries happen only where the request cannot have been processed:
 
 - the connection could not be made (refused, unreachable, connect timeout): nothing was sent;
-- TorchServe answered 503: its job queue was full and the request was refused before any worker saw it.
+- TorchServe answered 503: its job queue was full and the request was refused before any worker saw it;
+- TorchServe answered 401 and the token source now gives a different token: the server restarted with new
+  keys and refused the request before any worker saw it.
 
 Nothing else is retried. After a read timeout, a reset connection or another 5xx, the server may
 already have chosen an action and written it to the decision log under this ``decision_id``;
@@ -93,7 +95,9 @@ class PolicyClient:
     """Ask ``<base_url>/predictions/<model>[/<version>]`` for actions (see the module docstring).
 
     ``retries`` counts extra attempts after a safe failure; the n-th waits ``backoff * 2**(n-1)``
-    seconds, within the deadline. ``token`` is TorchServe's inference key, sent as a bearer token.
+    seconds, within the deadline. ``token`` is TorchServe's inference key, sent as a bearer token, or a
+    function returning the current key (e.g. :func:`rlops_server.process.inference_token` over a run
+    directory): TorchServe makes new keys at every start, and a client given a function follows them.
     """
 
     def __init__(
@@ -106,7 +110,7 @@ class PolicyClient:
         retries: int = 2,
         backoff: float = 0.005,
         fallback_action: FallbackAction = 0,
-        token: str | None = None,
+        token: str | Callable[[], str | None] | None = None,
         pool_size: int = 8,
     ) -> None:
         url = urllib.parse.urlsplit(base_url)
@@ -125,8 +129,8 @@ class PolicyClient:
         self.path = path
         self.url = f"{url.scheme}://{url.netloc}{path}"
         self._headers = {"Content-Type": "application/json"}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
+        self._token_source = token if callable(token) else None
+        self._set_token(token() if callable(token) else token)
         pool_cls = urllib3.HTTPSConnectionPool if url.scheme == "https" else urllib3.HTTPConnectionPool
         # block=False: a burst beyond pool_size opens extra connections instead of waiting for one.
         self._pool = pool_cls(url.hostname, url.port, maxsize=pool_size, block=False, retries=False)
@@ -243,6 +247,27 @@ class PolicyClient:
                     self.retried += 1
                 time.sleep(pause)
 
+    def _set_token(self, token: str | None) -> None:
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        else:
+            self._headers.pop("Authorization", None)
+
+    def _refreshed_token(self) -> bool:
+        """Whether the token source gives a new token (now in use)."""
+        if self._token_source is None:
+            return False
+        try:
+            token = self._token_source()
+        except Exception as e:  # a half-written key file mid-restart: keep the old token, fall back
+            log.debug("token source failed: %s", e)
+            return False
+        if not token or self._headers.get("Authorization") == f"Bearer {token}":
+            return False
+        with self._lock:
+            self._set_token(token)
+        return True
+
     def _attempt(self, data: bytes, remaining: float) -> Any:
         try:
             r = self._pool.urlopen(
@@ -267,6 +292,8 @@ class PolicyClient:
             raise _Failure(CONNECTION, f"request to {self.url} failed: {e}", retry=False) from None
         if r.status == 503:
             raise _Failure(UNAVAILABLE, f"503 from {self.url}: {r.data[:200]!r}", retry=True)
+        if r.status == 401 and self._refreshed_token():
+            raise _Failure(REJECTED, f"401 from {self.url}: the server's keys changed", retry=True)
         if r.status >= 500:
             raise _Failure(SERVER_ERROR, f"{r.status} from {self.url}: {r.data[:200]!r}", retry=False)
         if r.status != 200:

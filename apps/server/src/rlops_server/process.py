@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,12 @@ def read_keys(run_dir: Path) -> dict[str, str]:
     except (ValueError, UnicodeDecodeError) as e:
         raise ServeError(f"{path}: not TorchServe's key file: {e}") from e
     return {k: v["key"] for k, v in data.items() if isinstance(v, dict) and "key" in v}
+
+
+def inference_token(run_dir: Path) -> Callable[[], str | None]:
+    """The inference key of the server in ``run_dir`` as a function that reads it afresh: a
+    :class:`rlops_server.client.PolicyClient` given it keeps working across a restart."""
+    return lambda: read_keys(run_dir).get("inference")
 
 
 def http_json(url: str, *, token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from rich.table import Table
 from rlops_server.client import DEFAULT_TIMEOUT_S, PolicyClient
 from rlops_server.commands import err_console
 from rlops_server.commands import fail as _fail
-from rlops_server.process import DEFAULT_RUN_DIR, ServeError, read_keys
+from rlops_server.process import DEFAULT_RUN_DIR, ServeError, inference_token, read_keys
 from rlops_server.traffic import RewardSender, TrafficError, TrafficSummary, run_traffic
 
 INFERENCE_TOKEN_ENV = "RLOPS_INFERENCE_TOKEN"
@@ -109,12 +110,14 @@ def traffic(
 
     Prints mean return, client latency p50/p99, error and fallback counts, and writes a JSON summary.
     """
-    token = os.environ.get(INFERENCE_TOKEN_ENV) or None
+    token: str | Callable[[], str | None] | None = os.environ.get(INFERENCE_TOKEN_ENV) or None
     if token is None:
         try:
-            token = read_keys(run_dir).get("inference")
+            read_keys(run_dir)  # a broken key file is an error now, not a fallback per request
         except ServeError as e:
             _fail(str(e))
+        # Read afresh after a 401, so that the traffic survives a restart of the server (new keys).
+        token = inference_token(run_dir)
     try:
         client = PolicyClient(
             url,
