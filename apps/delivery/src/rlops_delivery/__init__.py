@@ -1,0 +1,2 @@
+"""rlops delivery: canary rollouts judged by policy-aware checks, the OPE gate on served logs, and the loop
+that retrains from them."""

@@ -1,0 +1,228 @@
+"""The OPE gate on served logs: before any traffic moves, value the candidate on what serving logged.
+
+The registry's gate judged the candidate on its training data when it was published. Serving has
+logged decisions since (under the champion, and earlier candidates), joined with the rewards that came
+back: the most recent picture of the world. This gate values the candidate and the champion off-policy on
+that data with the same estimator (:func:`rlops_trainer.ope.evaluate`) and applies the same rule
+(:func:`rlops_trainer.gate.decide`): promote only when the candidate's lower bound clears the champion.
+
+The logs are joined with :func:`rlops_server.join.join`; a subset of the decision files (the loop's
+window) is joined through a folder of links to them, because the join reads whole folders.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rlops_contracts import CHAMPION
+from rlops_server.decision_log import DECISIONS_STREAM
+from rlops_server.feedback import REWARDS_STREAM
+from rlops_server.join import JoinError, JoinStats, input_files, join
+from rlops_trainer import ope
+from rlops_trainer.datasets import DatasetError, Transitions
+from rlops_trainer.export import PolicyDirError, load_policy_dir
+from rlops_trainer.gate import GateError, decide, default_estimator
+from rlops_trainer.ope import ESTIMATORS, FQEConfig, OPEError
+from rlops_trainer.policy import Selection
+from rlops_trainer.registry import Registry, RegistryError
+
+
+class OPEGateError(ValueError):
+    """The gate cannot be run as asked (no logs, unknown versions, mismatched spaces)."""
+
+
+@dataclass(frozen=True)
+class OPESettings:
+    estimator: str | None = None
+    """Estimator the gate decides on; None: dr with propensities, else fqe."""
+    margin: float = 0.0
+    relative: bool = False
+    against: str = "value"
+    gamma: float = 0.99
+    confidence: float = 0.95
+    n_bootstrap: int = 500
+    fqe_steps: int = FQEConfig.steps
+    fqe_models: int = FQEConfig.ensemble
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.estimator is not None and self.estimator not in ESTIMATORS:
+            raise OPEGateError(f"estimator {self.estimator!r}: choose from {', '.join(ESTIMATORS)}")
+        if not (self.margin >= 0 and math.isfinite(self.margin)):
+            raise OPEGateError(f"margin must be >= 0, got {self.margin}")
+        if self.against not in ("value", "upper"):
+            raise OPEGateError(f"against must be 'value' or 'upper', got {self.against!r}")
+        if not 0 < self.gamma <= 1:
+            raise OPEGateError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not 0 < self.confidence < 1:
+            raise OPEGateError(f"confidence must be in (0, 1), got {self.confidence}")
+        for name in ("n_bootstrap", "fqe_steps", "fqe_models"):
+            if getattr(self, name) < 1:
+                raise OPEGateError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@contextmanager
+def _linked(decision_files: Sequence[Path], logs: Path) -> Iterator[Path]:
+    """A temporary log root whose decisions/ holds links to ``decision_files`` and whose rewards/ links
+    to every reward file under ``logs`` (rewards may come long after their decisions)."""
+    root = Path(tempfile.mkdtemp(prefix="rlops-join-"))
+    try:
+        for stream, files in (
+            (DECISIONS_STREAM, decision_files),
+            (REWARDS_STREAM, input_files(logs, REWARDS_STREAM) if (logs / REWARDS_STREAM).is_dir() else []),
+        ):
+            d = root / stream
+            d.mkdir()
+            for i, f in enumerate(files):
+                os.symlink(Path(f).resolve(), d / f"{i:06d}-{Path(f).name}")
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def join_logs(
+    logs: Path,
+    policy: str,
+    registry: Path,
+    out: Path,
+    decision_files: Sequence[Path] | None = None,
+) -> JoinStats:
+    """Join the decisions (all complete files under ``logs``, or only ``decision_files``) of ``policy``
+    with every reward under ``logs`` into the Parquet dataset ``out``."""
+    logs = Path(logs)
+    try:
+        if decision_files is None:
+            return join(logs, logs, out, policy=policy, registry=registry)
+        if not decision_files:
+            raise OPEGateError(f"no decision files to join for {policy}")
+        with _linked(decision_files, logs) as root:
+            return join(root, root, out, policy=policy, registry=registry)
+    except JoinError as e:
+        raise OPEGateError(f"joining the logs under {logs}: {e}") from None
+
+
+def load_dataset(path: Path) -> Transitions:
+    from rlops_trainer import datasets
+
+    try:
+        return datasets.load(path)
+    except DatasetError as e:
+        raise OPEGateError(str(e)) from None
+
+
+def _estimate(
+    module: Any, card: dict[str, Any], data: Transitions, estimator: str, s: OPESettings
+) -> ope.Estimate:
+    sel = card["policy"]["selection"]
+    selection = Selection(temperature=float(sel["temperature"]), epsilon=float(sel["epsilon"]))
+    estimates = ope.evaluate(
+        data,
+        ope.policy_probs_fn(module, selection),
+        gamma=s.gamma,
+        estimators=(estimator,),
+        n_bootstrap=s.n_bootstrap,
+        confidence=s.confidence,
+        fqe_config=FQEConfig(steps=s.fqe_steps, seed=s.seed, ensemble=s.fqe_models),
+        seed=s.seed,
+    )
+    return estimates[estimator]
+
+
+def gate(
+    registry: Path, policy: str, candidate: int | str | Path, data: Transitions, settings: OPESettings
+) -> dict[str, Any]:
+    """Value candidate and champion on ``data`` and decide; the result is plain JSON data.
+
+    ``candidate`` is a registry version (number or alias) or an unpublished policy directory. Keys:
+    ``promote``, ``reason``, ``candidate`` (its version, None for a directory), ``champion`` (None: no
+    champion, the behaviour policy is the baseline), ``gate`` (the full decision, as the registry's
+    publish takes it), ``estimates``, ``behavior``, ``data``, ``settings``.
+    """
+    reg = Registry(registry)
+    try:
+        champion = reg.aliases(policy).get(CHAMPION) if policy in reg.names() else None
+        version: int | None = None
+        if isinstance(candidate, Path):
+            loaded = {"candidate": load_policy_dir(candidate)}
+        else:
+            version = reg.resolve_version(policy, candidate)
+            loaded = {"candidate": reg.load(policy, version)}
+        if champion is not None and champion != version:
+            loaded["champion"] = reg.load(policy, champion)
+    except (RegistryError, PolicyDirError) as e:
+        raise OPEGateError(str(e)) from None
+    for role, (_, card) in loaded.items():
+        n_obs = math.prod(int(x) for x in card["observation_space"]["shape"])
+        if n_obs != data.meta.obs_dim or int(card["action_space"]["n"]) != data.meta.n_actions:
+            raise OPEGateError(
+                f"{policy} {role} ({card.get('version') or 'unpublished'}) takes {n_obs} features and "
+                f"{card['action_space']['n']} "
+                f"actions, but the logs have {data.meta.obs_dim} and {data.meta.n_actions}"
+            )
+    estimator = settings.estimator or default_estimator(data.has_propensities)
+    if estimator in ope.NEEDS_PROPENSITIES and not data.has_propensities:
+        raise OPEGateError(f"estimator {estimator} needs behaviour propensities, and the logs have none")
+    try:
+        estimates = {role: _estimate(m, c, data, estimator, settings) for role, (m, c) in loaded.items()}
+        behavior = ope.behavior_value(
+            data,
+            gamma=settings.gamma,
+            n_bootstrap=settings.n_bootstrap,
+            confidence=settings.confidence,
+            seed=settings.seed,
+        )
+        decision = decide(
+            estimates["candidate"],
+            estimates.get("champion"),
+            behavior,
+            settings.margin,
+            settings.relative,
+            against="upper" if settings.against == "upper" else "value",
+            incumbent_label=f"champion {policy}@{champion}",
+            incumbent_version=champion if "champion" in estimates else None,
+        )
+    except (OPEError, GateError) as e:
+        raise OPEGateError(str(e)) from None
+    return {
+        "promote": decision.promote,
+        "reason": decision.reason,
+        "candidate": version,
+        "champion": champion,
+        "gate": decision.to_dict(),
+        "estimates": {role: e.to_dict() for role, e in estimates.items()},
+        "behavior": behavior.to_dict(),
+        "data": {
+            "fingerprint": data.fingerprint(),
+            "n_transitions": len(data),
+            "n_episodes": len(data.episode_starts()),
+            "behavior_policy": data.meta.behavior_policy,
+            "has_propensities": data.has_propensities,
+        },
+        "settings": {**asdict(settings), "estimator": estimator},
+    }
+
+
+def gate_on_logs(
+    logs: Path,
+    registry: Path,
+    policy: str,
+    candidate: int | str,
+    settings: OPESettings,
+    decision_files: Sequence[Path] | None = None,
+) -> dict[str, Any]:
+    """Join the logs, then :func:`gate`; the join's counts go in the result under ``join``."""
+    with tempfile.TemporaryDirectory(prefix="rlops-ope-") as tmp:
+        out = Path(tmp) / "joined.parquet"
+        stats = join_logs(logs, policy, registry, out, decision_files)
+        data = load_dataset(out)
+        result = gate(registry, policy, candidate, data, settings)
+    result["join"] = {**stats.counts(), "versions": stats.versions, "logs": str(logs)}
+    return result

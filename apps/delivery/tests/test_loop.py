@@ -1,0 +1,184 @@
+"""One iteration of the loop on real logs, real training, the real OPE gate and registry.
+
+The served logs are written with the server's own log writer from CartPole episodes driven by the
+champion (with exploration, so the propensities are informative). The canary and the restart of
+TorchServe are stand-ins here (the end-to-end test runs the real ones); everything before them is real.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import POLICY, publish, serve_episodes, train_policy_dir
+from rlops_delivery import loop
+from rlops_delivery.drills import write_constant_policy_dir
+from rlops_server.decision_log import DECISIONS_STREAM, complete_files
+from rlops_trainer.registry import Registry
+
+
+def config(**overrides: Any) -> loop.LoopConfig:
+    raw: dict[str, Any] = {
+        "policy": POLICY,
+        "algorithm": "cql",
+        "train": {"steps": 1500, "alpha": 0.1, "hidden": [64, 64], "seed": 0},
+        "min_new_transitions": 300,
+        "reward_wait": "1ms",
+        "gate": {"estimator": "fqe", "fqe_steps": 1500, "fqe_models": 1, "bootstrap": 100},
+        "canary": {"steps": "10,100", "interval": "5s", "step_duration": "10s", "step_timeout": "1m"},
+    }
+    raw.update(overrides)
+    return loop.parse_config(raw, "loop.yaml")
+
+
+class Canary:
+    def __init__(self, state: str = "promoted", fail: bool = False) -> None:
+        self.state, self.fail = state, fail
+        self.versions: list[int] = []
+        self.loaded: list[int] = []
+
+    def load(self, version: int) -> str:
+        self.loaded.append(version)
+        return f"loaded {version}"
+
+    def __call__(self, version: int) -> dict[str, Any]:
+        self.versions.append(version)
+        if self.fail:
+            raise RuntimeError("the canary process died")
+        return {
+            "id": "r1",
+            "state": self.state,
+            "traffic": {},
+            "decision": {"reason": f"canary {self.state}"},
+        }
+
+
+def make_loop(tmp_path: Path, registry: Path, cfg: loop.LoopConfig, canary: Canary) -> loop.Loop:
+    paths = loop.Paths(tmp_path / "logs", registry, tmp_path / "state", tmp_path / "serve")
+    return loop.Loop(cfg, paths, canary=canary, load_candidate=canary.load, report=print)
+
+
+@pytest.fixture
+def poor_champion(tmp_path: Path, cartpole_data: Any) -> Path:
+    """A registry whose champion always pushes left: logs under it leave room to learn better."""
+    registry = tmp_path / "registry"
+    base = train_policy_dir(cartpole_data, tmp_path / "base")
+    publish(registry, write_constant_policy_dir(base, tmp_path / "left", 0), gate=False)
+    Registry(registry).promote(POLICY, 1, require_gate=False, force_reason="a poor first champion")
+    return registry
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(loop.LoopError, match=r"loop.yaml: policy: the policy name"):
+        loop.parse_config({}, "loop.yaml")
+    with pytest.raises(loop.LoopError, match=r"algorithm: 'ppo'; accepted: bc, cql, iql"):
+        config(algorithm="ppo")
+    with pytest.raises(loop.LoopError, match=r"train: .*unknown field 'lr_'"):
+        config(train={"lr_": 1})
+    with pytest.raises(loop.LoopError, match=r"gate: unknown key\(s\) margn"):
+        config(gate={"margn": 1})
+    with pytest.raises(loop.LoopError, match=r"canary.interval: 'often' is not a positive duration"):
+        config(canary={"interval": "often"})
+    with pytest.raises(loop.LoopError, match=r"min_new_transitions: 0 is not an integer >= 1"):
+        config(min_new_transitions=0)
+    with pytest.raises(loop.LoopError, match=r"unknown key\(s\) extra"):
+        config(extra=1)
+
+
+@pytest.mark.slow
+def test_an_iteration_trains_gates_publishes_and_canaries_then_waits(
+    tmp_path: Path, poor_champion: Path
+) -> None:
+    serve_episodes(tmp_path / "logs", poor_champion, episodes=80, seed=0)
+    canary = Canary()
+    the_loop = make_loop(tmp_path, poor_champion, config(), canary)
+    it = the_loop.run_once()
+    assert it["stage"] == loop.DONE, it
+    assert it["gate"]["promote"] is True, it["gate"]["reason"]
+    assert it["outcome"] == loop.PROMOTED
+    version = it["version"]
+    assert canary.loaded == canary.versions == [version]
+    card = Registry(poor_champion).card(POLICY, version)
+    trained = card["lineage"][0]
+    assert trained["event"] == "trained"
+    assert trained["loop"]["iteration"] == it["id"]
+    assert trained["loop"]["new_transitions"] == it["new_transitions"] > 300
+    assert [e["event"] for e in card["lineage"]] == ["trained", "gate", "published"]
+    assert card["gate"]["promote"] is True
+    assert card["gate"]["incumbent_version"] == 1
+    assert card["evaluation"]["source"].startswith("rlops loop iteration")
+    # Nothing new: the next run waits and changes nothing.
+    state_before = the_loop.state_path.read_text()
+    again = make_loop(tmp_path, poor_champion, config(), canary).run_once()
+    assert again["outcome"] == "waiting"
+    assert the_loop.state_path.read_text() == state_before
+    assert canary.versions == [version]
+
+
+@pytest.mark.slow
+def test_too_little_new_data_waits_and_keeps_the_files_for_later(tmp_path: Path, poor_champion: Path) -> None:
+    serve_episodes(tmp_path / "logs", poor_champion, episodes=5, seed=1)
+    canary = Canary()
+    result = make_loop(tmp_path, poor_champion, config(min_new_transitions=10_000), canary).run_once()
+    assert result["outcome"] == "waiting"
+    assert "are needed to retrain" in result["reason"]
+    state = loop.LoopState.read(tmp_path / "state" / POLICY / loop.STATE_FILE, POLICY)
+    assert state.consumed == []
+    assert not (tmp_path / "state" / POLICY / loop.ITERATIONS_DIR).exists() or not any(
+        (tmp_path / "state" / POLICY / loop.ITERATIONS_DIR).iterdir()
+    )
+
+
+@pytest.mark.slow
+def test_files_younger_than_the_reward_wait_are_left_for_later(tmp_path: Path, poor_champion: Path) -> None:
+    serve_episodes(tmp_path / "logs", poor_champion, episodes=5, seed=2)
+    the_loop = make_loop(tmp_path, poor_champion, config(reward_wait="1h"), Canary())
+    assert the_loop.new_files() == []
+    old = time.time() - 7200
+    for f in complete_files(tmp_path / "logs" / DECISIONS_STREAM):
+        os.utime(f, (old, old))
+    assert len(the_loop.new_files()) == 1
+
+
+@pytest.mark.slow
+def test_a_rejected_candidate_is_not_published_and_its_files_are_consumed(
+    tmp_path: Path, poor_champion: Path
+) -> None:
+    serve_episodes(tmp_path / "logs", poor_champion, episodes=40, seed=3)
+    canary = Canary()
+    versions_before = Registry(poor_champion).versions(POLICY)
+    cfg = config(
+        gate={"estimator": "fqe", "fqe_steps": 300, "fqe_models": 1, "bootstrap": 50, "margin": 1000}
+    )
+    it = make_loop(tmp_path, poor_champion, cfg, canary).run_once()
+    assert it["outcome"] == loop.REJECTED_BY_GATE
+    assert "not promoted" in it["reason"]
+    assert Registry(poor_champion).versions(POLICY) == versions_before
+    assert canary.versions == []
+    state = loop.LoopState.read(tmp_path / "state" / POLICY / loop.STATE_FILE, POLICY)
+    assert state.consumed == it["new_files"]
+    assert (
+        tmp_path / "state" / POLICY / loop.ITERATIONS_DIR / it["id"] / "policy" / "model-card.json"
+    ).exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_iteration_resumes_where_it_stopped(tmp_path: Path, poor_champion: Path) -> None:
+    serve_episodes(tmp_path / "logs", poor_champion, episodes=80, seed=0)
+    crashing = Canary(fail=True)
+    with pytest.raises(RuntimeError, match="the canary process died"):
+        make_loop(tmp_path, poor_champion, config(), crashing).run_once()
+    state = loop.LoopState.read(tmp_path / "state" / POLICY / loop.STATE_FILE, POLICY)
+    assert state.current is not None
+    assert state.current["stage"] == loop.PUBLISHED
+    assert state.consumed == []
+    versions = Registry(poor_champion).versions(POLICY)
+    canary = Canary(state="rolled_back")
+    it = make_loop(tmp_path, poor_champion, config(), canary).run_once()
+    assert it["id"] == state.current["id"]
+    assert it["outcome"] == loop.ROLLED_BACK
+    assert canary.versions == [it["version"]]
+    assert Registry(poor_champion).versions(POLICY) == versions, "published once, not again"
