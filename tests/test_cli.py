@@ -11,6 +11,8 @@ from rlops_cli.main import build_app
 from typer.testing import CliRunner
 
 runner = CliRunner()
+# Built once: every package's commands are imported at build time, which takes a while.
+APP = build_app()
 
 
 def _command_paths(app: typer.Typer) -> list[list[str]]:
@@ -27,15 +29,15 @@ def _command_paths(app: typer.Typer) -> list[list[str]]:
 
 
 def test_top_level_lists_trainer_commands() -> None:
-    result = runner.invoke(build_app(), ["--help"])
+    result = runner.invoke(APP, ["--help"])
     assert result.exit_code == 0, result.output
     for name in ("data", "train", "evaluate", "registry", "demo"):
         assert name in result.output
 
 
-@pytest.mark.parametrize("path", _command_paths(build_app()), ids=lambda p: " ".join(p) or "rlops")
+@pytest.mark.parametrize("path", _command_paths(APP), ids=lambda p: " ".join(p) or "rlops")
 def test_every_command_has_help(path: list[str]) -> None:
-    result = runner.invoke(build_app(), [*path, "--help"])
+    result = runner.invoke(APP, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
     # Every command says what it does, not just its usage line.

@@ -243,3 +243,17 @@ def test_rollout_accepts_a_probs_fn_and_rejects_bad_requests() -> None:
         rollout(always_left, Selection(), "CartPole-v1", 0)
     with pytest.raises(RolloutError, match=r"shape \(1, 3\)"):
         rollout(lambda o: np.full((len(o), 3), 1 / 3), Selection(), "CartPole-v1", 1)
+
+
+def test_plot_draws_an_interval_that_misses_its_point_estimate(tmp_path: Path) -> None:
+    from rlops_trainer import report
+
+    # A bootstrap interval need not contain the point estimate; the picture must still be drawn.
+    estimate = {"value": 10.0, "lower": 11.0, "upper": 14.0, "estimator": "fqe"}
+    doc = {
+        "settings": {"gamma": 0.99, "confidence": 0.95, "estimators": ["fqe"]},
+        "behavior": None,
+        "policies": [{"label": "p", "role": "candidate", "estimates": {"fqe": estimate}, "rollout": None}],
+    }
+    out = report.plot(doc, tmp_path / "r.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

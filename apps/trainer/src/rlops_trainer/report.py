@@ -165,23 +165,16 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         for i, (_, estimates, _) in enumerate(groups):
             e = estimates.get(name)
             if e and e.get("value") is not None:
-                x = i - 0.4 + width * (k + 0.5)
                 v = e["value"]
-                xs.append(x)
+                xs.append(i - 0.4 + width * (k + 0.5))
                 ys.append(v)
-                lo.append(v - e["lower"] if e.get("lower") is not None else 0.0)
-                hi.append(e["upper"] - v if e.get("upper") is not None else 0.0)
+                lo.append(e["lower"] if e.get("lower") is not None else v)
+                hi.append(e["upper"] if e.get("upper") is not None else v)
         if xs:
-            ax.errorbar(
-                xs,
-                ys,
-                yerr=[lo, hi],
-                fmt="o",
-                ms=5,
-                capsize=3,
-                color=colors(k),
-                label=_TITLES.get(name, name),
-            )
+            # Interval and point are drawn apart: a bootstrap interval need not contain the point
+            # estimate (a skewed or multi-modal resampling distribution), and the picture must not hide it.
+            ax.vlines(xs, lo, hi, color=colors(k), linewidth=1.2)
+            ax.plot(xs, ys, "o", ms=5, color=colors(k), label=_TITLES.get(name, name))
     truth_label = "truth (rollouts; behaviour: logged)"
     for i, (_, _, truth) in enumerate(groups):
         if truth and truth.get("value") is not None:
