@@ -1,0 +1,315 @@
+"""The actions webhook: Alertmanager's receiver for the alerts that act by themselves.
+
+``POST /alerts`` takes Alertmanager's webhook payload (version 4). Every firing alert whose ``action``
+label is ``rollback`` or ``scale_up`` is acted on for its ``policy`` and ``version`` labels
+(:mod:`rlops_stack.actions`); other alerts and resolved ones are ignored. The same action for the same
+policy version is not repeated within the cooldown, which makes the repeats Alertmanager sends while an
+alert keeps firing harmless; rollback is idempotent on its own (it only moves a champion that is the
+named version), scale-up is bounded by its maximum.
+
+``GET /metrics`` (Prometheus) counts the actions by outcome and reports, read from TorchServe's
+management API at scrape time, the workers and ready workers of every served version. ``GET /healthz``
+answers once the app runs.
+
+A bad payload is answered 400 with what was wrong and where; a missing or wrong bearer token 401.
+Actions run one at a time, off the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from rlops_contracts.metrics import ACTIONS_TAKEN, SERVING_READY_WORKERS, SERVING_WORKERS
+from rlops_server import process
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rlops_stack import actions
+from rlops_stack.local import WebhookSettings
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 << 20
+PAYLOAD_VERSION = "4"
+
+
+class PayloadError(ValueError):
+    """The body is not an Alertmanager webhook payload; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    status: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    starts_at: str
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.labels["alertname"]
+
+
+def _strings(obj: Any, where: str) -> dict[str, str]:
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in obj.items()
+    ):
+        raise PayloadError(f"{where} must be an object of strings")
+    return dict(obj)
+
+
+def parse_payload(body: bytes) -> list[Alert]:
+    """The alerts of an Alertmanager webhook payload (version 4), validated."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PayloadError(f"the body is not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise PayloadError(
+            f"the body must be a JSON object (Alertmanager's webhook payload), got {type(data).__name__}"
+        )
+    if data.get("version") != PAYLOAD_VERSION:
+        raise PayloadError(
+            f"'version' must be {PAYLOAD_VERSION!r} (Alertmanager's webhook payload), "
+            f"got {data.get('version')!r}"
+        )
+    items = data.get("alerts")
+    if not isinstance(items, list):
+        raise PayloadError("'alerts' must be a list")
+    alerts = []
+    for i, item in enumerate(items):
+        where = f"alerts[{i}]"
+        if not isinstance(item, dict):
+            raise PayloadError(f"{where} must be an object")
+        status = item.get("status")
+        if status not in ("firing", "resolved"):
+            raise PayloadError(f"{where}.status must be 'firing' or 'resolved', got {status!r}")
+        labels = _strings(item.get("labels"), f"{where}.labels")
+        if not labels.get("alertname"):
+            raise PayloadError(f"{where}.labels has no alertname")
+        annotations = _strings(item.get("annotations", {}), f"{where}.annotations")
+        starts_at = item.get("startsAt", "")
+        fingerprint = item.get("fingerprint", "")
+        if not isinstance(starts_at, str) or not isinstance(fingerprint, str):
+            raise PayloadError(f"{where}.startsAt and {where}.fingerprint must be strings")
+        alerts.append(Alert(status, labels, annotations, starts_at, fingerprint))
+    return alerts
+
+
+def serving_of(settings: WebhookSettings) -> actions.Serving:
+    """The TorchServe the webhook acts on: by management URL (cluster) or local run directory."""
+    if settings.management_url:
+        return actions.Serving.at(settings.management_url, settings.management_token_file)
+    return actions.Serving.find(Path(settings.serve_run_dir))
+
+
+class WorkersCollector(Collector):
+    """Workers and ready workers per served version, asked of TorchServe at scrape time."""
+
+    def __init__(self, settings: WebhookSettings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        labels = ["policy", "version"]
+        workers = GaugeMetricFamily(SERVING_WORKERS, "TorchServe workers per policy version", labels=labels)
+        ready = GaugeMetricFamily(
+            SERVING_READY_WORKERS, "TorchServe workers in state READY per policy version", labels=labels
+        )
+        try:
+            serving = serving_of(self.settings)
+            described = [(name, entry) for name in serving.models() for entry in serving.versions(name)]
+        except (actions.ActionError, process.ServeError, OSError):
+            described = []  # no server: no samples (the torchserve target is down instead)
+        for name, entry in described:
+            values = [name, str(entry.get("modelVersion"))]
+            states = [w.get("status") for w in entry.get("workers") or []]
+            workers.add_metric(values, len(states))
+            ready.add_metric(values, states.count("READY"))
+        yield workers
+        yield ready
+
+
+class Dispatcher:
+    """Runs the action an alert asks for, once per cooldown per (action, policy, version)."""
+
+    def __init__(self, settings: WebhookSettings, record_to: Path | None, counter: Counter) -> None:
+        self.settings = settings
+        self.record_to = record_to
+        self.counter = counter
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str, str], float] = {}
+
+    def handle(self, alert: Alert, received_at: float) -> actions.ActionResult | None:
+        action = alert.labels.get("action")
+        if alert.status != "firing" or action is None:
+            return None
+        policy, version = alert.labels.get("policy", ""), alert.labels.get("version", "")
+        reason = (
+            f"alert {alert.name} (started {alert.starts_at}): {alert.annotations.get('summary', '')}".strip()
+        )
+        extra = {
+            "alert": alert.name,
+            "labels": alert.labels,
+            "starts_at": alert.starts_at,
+            "received_at": received_at,
+        }
+        with self._lock:
+            if action not in actions.ACTIONS or not policy or not version:
+                result = actions.ActionResult(
+                    str(action),
+                    policy,
+                    version or None,
+                    actions.FAILED,
+                    f"alert {alert.name}: action {action!r} needs labels policy and version and one of "
+                    f"{', '.join(actions.ACTIONS)}",
+                )
+            else:
+                key = (action, policy, version)
+                since = time.monotonic() - self._last.get(key, -float("inf"))
+                if since < self.settings.cooldown_s:
+                    result = actions.ActionResult(
+                        action,
+                        policy,
+                        version,
+                        actions.SKIPPED,
+                        f"{action} of {policy} version {version} ran "
+                        f"{since:.0f} s ago (cooldown {self.settings.cooldown_s:g} s)",
+                    )
+                elif action == actions.ROLLBACK:
+                    result = self._rollback(policy, version, reason)
+                else:
+                    result = self._scale_up(policy, version, reason)
+                if result.outcome == actions.DONE:
+                    self._last[key] = time.monotonic()
+            actions.record(self.record_to, result, reason=reason, **extra)
+        self.counter.labels(
+            result.action if result.action in actions.ACTIONS else "unknown", result.outcome
+        ).inc()
+        return result
+
+    def _serving(self) -> actions.Serving | None:
+        """The server to act on by its management URL (cluster); None: the local run directory's."""
+        if not self.settings.management_url:
+            return None
+        return actions.Serving.at(self.settings.management_url, self.settings.management_token_file)
+
+    def _scale_up(self, policy: str, version: str, reason: str) -> actions.ActionResult:
+        return actions.scale_up(
+            self.settings.serve_run_dir,
+            policy,
+            version,
+            step=self.settings.scale_step,
+            max_workers=self.settings.max_workers,
+            reason=reason,
+            serving=self._serving(),
+        )
+
+    def _rollback(self, policy: str, version: str, reason: str) -> actions.ActionResult:
+        if not version.isdigit():
+            return actions.ActionResult(
+                actions.ROLLBACK,
+                policy,
+                version,
+                actions.FAILED,
+                f"version label {version!r} is not a version number",
+            )
+        return actions.rollback(
+            self.settings.registry,
+            policy,
+            reason=reason,
+            from_version=int(version),
+            serve_run_dir=self.settings.serve_run_dir,
+            serving=self._serving(),
+            who="alertmanager",
+        )
+
+
+def create_app(settings: WebhookSettings, *, token: str | None, record_to: Path | None) -> Starlette:
+    """The webhook app; ``token``: the bearer token Alertmanager must send (None: no check)."""
+    registry = CollectorRegistry()
+    counter = Counter(
+        ACTIONS_TAKEN.removesuffix("_total"),
+        "Actions run for alerts",
+        ["action", "outcome"],
+        registry=registry,
+    )
+    for action in actions.ACTIONS:
+        for outcome in actions.OUTCOMES:
+            counter.labels(action, outcome)
+    registry.register(WorkersCollector(settings))
+    dispatcher = Dispatcher(settings, record_to, counter)
+
+    async def post_alerts(request: Request) -> Response:
+        received_at = time.time()
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return JSONResponse({"error": f"the body is larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
+        try:
+            alerts = parse_payload(body)
+        except PayloadError as e:
+            return JSONResponse(
+                {"error": str(e), "accepted": "Alertmanager's webhook payload, version 4"}, status_code=400
+            )
+        results = []
+        for alert in alerts:
+            result = await run_in_threadpool(dispatcher.handle, alert, received_at)
+            if result is not None:
+                results.append(result.to_json())
+        return JSONResponse({"results": results})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def get_metrics(request: Request) -> Response:
+        data = await run_in_threadpool(generate_latest, registry)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/alerts", post_alerts, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", get_metrics, methods=["GET"]),
+        ]
+    )
+
+
+def read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ValueError(f"--token-file {path}: cannot be read ({e.strerror})") from e
+    if not token:
+        raise ValueError(f"--token-file {path}: the file is empty")
+    return token
+
+
+def serve(
+    settings: WebhookSettings, *, host: str, port: int, token: str | None, record_to: Path | None
+) -> None:
+    """Run the webhook in the foreground until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, token=token, record_to=record_to)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
