@@ -100,6 +100,24 @@ def mount(name: str, path: str, read_only: bool = False) -> dict[str, Any]:
     return {"name": name, "mountPath": path, "readOnly": read_only}
 
 
+def cpu_cores(quantity: str) -> float:
+    """Cores in a CPU quantity ("2" → 2.0, "500m" → 0.5)."""
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def job_relabeling(job: str) -> list[dict[str, str]]:
+    """Monitor endpoint relabelings that name the scrape job: the alert rules and dashboards select on
+    these names (rlops_contracts.metrics.JOB_*), not on the operator's default of service or monitor name."""
+    return [{"action": "replace", "targetLabel": "job", "replacement": job}]
+
+
+def as_secret(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A Secret manifest whose values Pulumi keeps encrypted in the state; other manifests unchanged."""
+    if manifest["kind"] != "Secret":
+        return manifest
+    return {**manifest, "stringData": {k: pulumi.Output.secret(v) for k, v in manifest["stringData"].items()}}
+
+
 def quantity_milli(value: float) -> str:
     """A Kubernetes quantity for a small positive number (0.02 → "20m")."""
     milli = round(value * 1000)

@@ -19,13 +19,13 @@ from urllib.parse import urlparse
 
 import pulumi
 import yaml
-from rlops_contracts.metrics import TS_INFERENCE_REQUESTS, TS_QUEUE_LATENCY
+from rlops_contracts.metrics import PORT_ACTIONS_WEBHOOK, TS_INFERENCE_REQUESTS, TS_QUEUE_LATENCY
 from rlops_infra import charts
 from rlops_infra import config as cfg
 from rlops_infra.base import Component
 from rlops_infra.files import RepoFiles
-from rlops_infra.k8s import metadata
-from rlops_infra.serving import QUEUE_METRIC
+from rlops_infra.k8s import as_secret, metadata
+from rlops_infra.serving import ACTIONS_SERVICE, QUEUE_METRIC
 
 DASHBOARD_LABEL = "grafana_dashboard"
 DASHBOARD_LABEL_VALUE = "1"
@@ -44,6 +44,8 @@ class MonitoringArgs:
     files: RepoFiles = field(repr=False)
     adapter: bool = False
     """Install prometheus-adapter (the serving HPA scales on queue wait)."""
+    actions_namespace: str = cfg.Tenancy().namespace
+    """Namespace of the actions webhook's Service (the stack's own namespace)."""
 
 
 def selector_labels(m: cfg.Monitoring) -> dict[str, str]:
@@ -90,6 +92,61 @@ def _loopback(url: str) -> bool:
         return False
 
 
+ACTIONS_PATH = "/alerts"
+
+
+def actions_url(namespace: str) -> str:
+    return f"http://{ACTIONS_SERVICE}.{namespace}.svc.cluster.local:{PORT_ACTIONS_WEBHOOK}{ACTIONS_PATH}"
+
+
+def _actions_hooks(config: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(receiver name, webhook config) of every webhook that posts to the actions Service in the cluster."""
+    for rec in config.get("receivers") or []:
+        for hook in rec.get("webhook_configs") or []:
+            host = urlparse(str(hook.get("url", ""))).hostname or ""
+            labels = host.split(".")
+            if labels[0] == ACTIONS_SERVICE and "svc" in labels[2:]:
+                yield str(rec.get("name")), hook
+
+
+def _bearer_file(hook: dict[str, Any]) -> str | None:
+    auth = (hook.get("http_config") or {}).get("authorization") or {}
+    if auth.get("type", "Bearer").lower() != "bearer":
+        return None
+    value = auth.get("credentials_file")
+    return value if isinstance(value, str) else None
+
+
+def _point_at_actions(config: dict[str, Any], file_name: str, namespace: str) -> list[str]:
+    """Point the actions webhooks at the Service in ``namespace``; returns problems (wrong port, no token)."""
+    problems = []
+    for name, hook in _actions_hooks(config):
+        url = urlparse(str(hook["url"]))
+        if url.port != PORT_ACTIONS_WEBHOOK or url.path != ACTIONS_PATH:
+            problems.append(
+                f"{file_name}: receiver '{name}' posts to {hook['url']}; the actions webhook listens on "
+                f"port {PORT_ACTIONS_WEBHOOK}, path {ACTIONS_PATH}"
+            )
+        if _bearer_file(hook) is None:
+            problems.append(
+                f"{file_name}: receiver '{name}' posts to the actions webhook without a bearer token; it "
+                "takes only authenticated requests: set http_config.authorization.credentials_file to "
+                f"a file in {SECRETS_DIR}"
+            )
+        hook["url"] = actions_url(namespace)
+    return problems
+
+
+def actions_token_file(config: dict[str, Any]) -> str | None:
+    """The credentials file (its name in the credentials Secret) holding the token Alertmanager sends the
+    actions webhook; None when no receiver posts to the webhook (it is then not deployed)."""
+    for _, hook in _actions_hooks(config):
+        ref = _bearer_file(hook)
+        if ref is not None:
+            return ref.removeprefix(SECRETS_DIR)
+    return None
+
+
 SECRETS_NAME = "rlops-alertmanager"
 """The Secret the chart mounts at /etc/alertmanager/secrets/<name>/ (alertmanagerSpec.secrets)."""
 SECRETS_DIR = f"/etc/alertmanager/secrets/{SECRETS_NAME}/"
@@ -126,12 +183,15 @@ def alertmanager_config(
     file_name: str,
     alerting: cfg.Alerting,
     environment: str,
+    namespace: str = cfg.Tenancy().namespace,
 ) -> dict[str, Any]:
     """The cluster's Alertmanager config: ``alerts/``'s config with the stack's receiver overrides.
 
     A receiver the stack defines replaces the file's receiver of that name. Credential files the kept
     receivers read must be mapped to secret config keys (``alerting.secrets``); a kept webhook must not
-    point at this machine (the local profile's address). In prod, critical alerts must notify someone.
+    point at this machine (the local profile's address). Webhooks that post to the actions Service
+    (``rlops-actions.<namespace>.svc…``) are pointed at ``namespace``, where the stack runs it, and must
+    send its bearer token. In prod, critical alerts must notify someone.
     Raises :class:`config.ConfigError` listing every problem.
     """
     stack = {r.name: _receiver(r) for r in alerting.receivers}
@@ -172,6 +232,7 @@ def alertmanager_config(
         merged.append(rec)
     merged.extend(stack.values())
     config["receivers"] = merged
+    problems += _point_at_actions(config, file_name, namespace)
     by_name = {r.get("name"): r for r in merged}
     for route in _routes(config.get("route") or {}):
         name = route.get("receiver")
@@ -347,19 +408,15 @@ def adapter_values(m: cfg.Monitoring) -> dict[str, Any]:
 def objects(args: MonitoringArgs) -> list[dict[str, Any]]:
     m = args.monitoring
     file_name = str(args.files.alertmanager_path or "alerts/")
-    am = alertmanager_config(args.files.alertmanager, file_name, args.alerting, args.environment)
+    am = alertmanager_config(
+        args.files.alertmanager, file_name, args.alerting, args.environment, args.actions_namespace
+    )
     out = [
         grafana_secret(m.namespace, args.secrets[m.grafana_admin_password]),
         alertmanager_secret(m.namespace, am),
         credentials_secret(m.namespace, secret_files(args.alerting, args.secrets)),
     ]
     return out + prometheus_rules(args) + dashboards(args)
-
-
-def _as_secret(obj: dict[str, Any]) -> dict[str, Any]:
-    if obj["kind"] != "Secret":
-        return obj
-    return {**obj, "stringData": {k: pulumi.Output.secret(v) for k, v in obj["stringData"].items()}}
 
 
 class Monitoring(Component):
@@ -377,7 +434,7 @@ class Monitoring(Component):
         deps = depends_on or []
         objs = objects(args)
         secrets = [
-            self.add(f"secret-{o['metadata']['name']}", _as_secret(o), deps)
+            self.add(f"secret-{o['metadata']['name']}", as_secret(o), deps)
             for o in objs
             if o["kind"] == "Secret"
         ]

@@ -6,14 +6,18 @@ Each check returns findings, one line each, naming the object and the container;
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
+from rlops_contracts.metrics import JOB_ACTIONS, JOB_FEEDBACK, JOB_TORCHSERVE, JOB_TRAINER
+from rlops_infra import ray
 from rlops_infra.config import CHART_VERSION, check_image
 from rlops_infra.k8s import GPU_NODE_LABEL, GPU_RESOURCE
 from rlops_infra.render import Render
 
 MONITOR_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+SCRAPE_JOBS = (JOB_TORCHSERVE, JOB_FEEDBACK, JOB_TRAINER, JOB_ACTIONS, ray.JOB)
+"""The scrape job names the rules and dashboards select on (rlops_contracts.metrics), and Ray's own."""
 
 
 def _name(obj: dict[str, Any]) -> str:
@@ -176,6 +180,41 @@ def selector_labels(r: Render, labels: dict[str, str]) -> list[str]:
     return out
 
 
+def scrape_job(endpoint: dict[str, Any]) -> str | None:
+    """The job name a monitor endpoint's relabelings set (the last literal replacement of ``job``)."""
+    job = None
+    for rule in endpoint.get("relabelings") or []:
+        if (
+            rule.get("targetLabel") == "job"
+            and rule.get("action", "replace").lower() == "replace"
+            and not rule.get("sourceLabels")
+        ):
+            job = rule.get("replacement")
+    return job
+
+
+def monitor_endpoints(r: Render) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, endpoint) for every ServiceMonitor and PodMonitor endpoint."""
+    for obj in r.objects():
+        if obj["kind"] in ("ServiceMonitor", "PodMonitor"):
+            spec = obj.get("spec") or {}
+            for i, ep in enumerate(spec.get("endpoints") or spec.get("podMetricsEndpoints") or []):
+                yield f"{_name(obj)} endpoint {i} (port {ep.get('port')})", ep
+
+
+def monitor_jobs(r: Render, jobs: Collection[str] = SCRAPE_JOBS) -> list[str]:
+    """Every monitor endpoint names its scrape job, one of ``jobs``: without it the operator names the job
+    after the Service or the monitor, and no rule selecting ``job="torchserve"`` would ever match."""
+    out = []
+    for where, ep in monitor_endpoints(r):
+        job = scrape_job(ep)
+        if job is None:
+            out.append(f"{where}: no relabeling names the job (action replace, targetLabel job)")
+        elif job not in jobs:
+            out.append(f"{where}: job {job!r} is none of {', '.join(jobs)}")
+    return out
+
+
 def all_findings(r: Render, monitor_labels: dict[str, str] | None) -> dict[str, list[str]]:
     checks = {
         "resources": resources_everywhere(r),
@@ -184,6 +223,7 @@ def all_findings(r: Render, monitor_labels: dict[str, str] | None) -> dict[str, 
         "pinned images": pinned_images(r),
         "hardened": hardened(r),
         "serving probes": serving_probes(r),
+        "monitor jobs": monitor_jobs(r),
     }
     if monitor_labels is not None:
         checks["selector labels"] = selector_labels(r, monitor_labels)

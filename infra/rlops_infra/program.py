@@ -3,6 +3,7 @@ any resource exists), then build one component per concern."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,16 +13,17 @@ from rlops_infra import config as cfg
 from rlops_infra import delivery, monitoring, ray, serving, storage, tenancy, training
 from rlops_infra.cluster import Cluster, ClusterArgs
 from rlops_infra.files import FilesError, RepoFiles
+from rlops_infra.k8s import cpu_cores
 
 COMPONENT_SECTIONS: dict[str, tuple[str, ...]] = {
     "cluster": ("cluster",),
     "tenancy": ("tenancy", "monitoring", "ray", "delivery"),
     "storage": ("storage", "tenancy", "images", "serving"),
-    "monitoring": ("monitoring", "alerting", "serving"),
+    "monitoring": ("monitoring", "alerting", "serving", "tenancy"),
     "ray": ("ray", "tenancy", "images", "monitoring"),
-    "training": ("training", "ray", "tenancy", "images"),
+    "training": ("training", "ray", "tenancy", "images", "monitoring"),
     "delivery": ("delivery", "tenancy", "images", "monitoring"),
-    "serving": ("serving", "tenancy", "images", "monitoring", "delivery"),
+    "serving": ("serving", "tenancy", "images", "monitoring", "alerting", "delivery"),
 }
 """The config sections each component reads: a component whose sections are equal in two stacks renders
 the same objects in both (checked by the render tests)."""
@@ -34,6 +36,8 @@ class Plan:
     config: cfg.StackConfig
     secrets: dict[str, str]
     files: RepoFiles
+    alertmanager: dict[str, Any] | None = None
+    """The cluster's Alertmanager config (None: monitoring is off)."""
 
 
 def read_pulumi_config() -> tuple[dict[str, Any], set[str]]:
@@ -57,19 +61,34 @@ def plan(values: dict[str, Any], secret_keys: set[str], files: RepoFiles | None 
         problems.append(
             "rlops:delivery.enabled: alerts/canary/analysis.yaml is missing; the canary has no checks"
         )
+    alertmanager = None
     if config.monitoring.enabled:
         try:
-            monitoring.alertmanager_config(
+            alertmanager = monitoring.alertmanager_config(
                 repo.alertmanager,
                 str(repo.alertmanager_path or "alerts/"),
                 config.alerting,
                 config.environment,
+                config.tenancy.namespace,
             )
         except cfg.ConfigError as exc:
             problems += exc.problems
     if problems:
         raise cfg.ConfigError(problems)
-    return Plan(config=config, secrets=secrets, files=repo)
+    return Plan(config=config, secrets=secrets, files=repo, alertmanager=alertmanager)
+
+
+def actions_hook(p: Plan) -> serving.Actions | None:
+    """The actions webhook beside TorchServe, when Alertmanager posts to it, with the token it sends."""
+    token_file = monitoring.actions_token_file(p.alertmanager) if p.alertmanager else None
+    if token_file is None:
+        return None
+    s = p.config.serving
+    return serving.Actions(
+        token=monitoring.secret_files(p.config.alerting, p.secrets)[token_file],
+        # One torch thread per worker: workers beyond the pod's cores only queue for CPU.
+        max_workers=min(64, max(s.workers, math.floor(cpu_cores(s.resources.cpu)))),
+    )
 
 
 def build(p: Plan) -> dict[str, pulumi.Resource]:
@@ -114,6 +133,7 @@ def build(p: Plan) -> dict[str, pulumi.Resource]:
                 secrets=p.secrets,
                 files=p.files,
                 adapter=c.serving.autoscaling.enabled and c.serving.autoscaling.metric == "queue-latency",
+                actions_namespace=ns,
             ),
             opts,
             depends_on=namespaces,
@@ -133,19 +153,25 @@ def build(p: Plan) -> dict[str, pulumi.Resource]:
             built["training"] = training.Training(
                 "training",
                 training.TrainingArgs(
-                    c.training, c.ray, ns, c.images.trainer, store.data_claim, store.models_claim
+                    c.training,
+                    c.ray,
+                    ns,
+                    c.images.trainer,
+                    store.data_claim,
+                    store.models_claim,
+                    monitor_labels,
                 ),
                 opts,
-                depends_on=[r.operator, store, *namespaces],
+                depends_on=[r.operator, store, *after],
             )
     elif c.training.jobs:
         built["training"] = training.Training(
             "training",
             training.TrainingArgs(
-                c.training, c.ray, ns, c.images.trainer, store.data_claim, store.models_claim
+                c.training, c.ray, ns, c.images.trainer, store.data_claim, store.models_claim, monitor_labels
             ),
             opts,
-            depends_on=[store, *namespaces],
+            depends_on=[store, *after],
         )
     canary = None
     serving_deps: list[pulumi.Resource] = [*after, *store.archive_jobs]
@@ -189,6 +215,7 @@ def build(p: Plan) -> dict[str, pulumi.Resource]:
             monitoring_namespace=c.monitoring.namespace if c.monitoring.enabled else None,
             monitor_labels=monitor_labels,
             canary=canary,
+            actions=actions_hook(p),
         ),
         opts,
         depends_on=serving_deps,

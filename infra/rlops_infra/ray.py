@@ -19,6 +19,7 @@ from rlops_infra.k8s import (
     MODELS_MOUNT,
     container_security,
     gpu_placement,
+    job_relabeling,
     metadata,
     mount,
     pod_security,
@@ -31,6 +32,8 @@ OPERATOR_NAMESPACE = "kuberay-system"
 CLUSTER_NAME = "rlops"
 METRICS_PORT = 8080
 RAY_NODE_LABEL = "ray.io/is-ray-node"
+JOB = "ray"
+"""Scrape job of Ray's own metrics (``ray_*``)."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,9 @@ def pod_monitor(namespace: str, labels: dict[str, str]) -> dict[str, Any]:
         "spec": {
             # Every Ray pod in the namespace: the long-lived cluster and the clusters RayJobs create.
             "selector": {"matchLabels": {RAY_NODE_LABEL: "yes"}},
-            "podMetricsEndpoints": [{"port": "metrics", "interval": "15s"}],
+            "podMetricsEndpoints": [
+                {"port": "metrics", "interval": "15s", "relabelings": job_relabeling(JOB)}
+            ],
         },
     }
 

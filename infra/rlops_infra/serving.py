@@ -10,33 +10,34 @@ admits port 8081 from this namespace only, so nothing outside the namespace can 
 TorchServe generates its own API keys per process and cannot take a given token, and a Service spreads
 requests over pods with different keys, so in the cluster token authorization is off and the inference
 API is reachable only from the namespaces the stack lists (``serving.client_namespaces``).
+
+The actions webhook (``rlops stack webhook``, Alertmanager's receiver for rollback and scale-up) runs
+beside TorchServe in every serving pod, from the same image, and reaches that pod's management API on
+loopback, the only place it listens. It writes the registry's aliases (the model volume, which only it
+mounts writable in the pod) and its actions record (``actions/<pod>.jsonl`` in the data volume). The
+``rlops-actions`` Service (the address in ``alerts/alertmanager.yaml``) lists every serving pod, ready
+or not: an alert about a struggling server must still reach its webhook. An alert reaches one pod, so
+with several replicas an action changes that pod's TorchServe only, while a rollback moves the
+registry's champion for all. Its bearer token is a Secret here, filled from the same Pulumi secret as
+the file Alertmanager reads. Its ServiceMonitor reports workers and ready workers per pod and the
+actions taken, under job ``rlops-actions``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pulumi
 import yaml
-from rlops_contracts.metrics import PORT_TS_INFERENCE, PORT_TS_MANAGEMENT, PORT_TS_METRICS
-from rlops_infra import config as cfg
-from rlops_infra.base import Component
-from rlops_infra.k8s import (
-    DATA_MOUNT,
-    MODEL_STORE_DIR,
-    MODELS_MOUNT,
-    container_security,
-    gpu_placement,
-    metadata,
-    mount,
-    pod_security,
-    pvc_volume,
-    quantity_milli,
-    resources,
-    scratch_volume,
-    selector,
+from rlops_contracts.metrics import (
+    JOB_ACTIONS,
+    JOB_TORCHSERVE,
+    PORT_ACTIONS_WEBHOOK,
+    PORT_TS_INFERENCE,
+    PORT_TS_MANAGEMENT,
+    PORT_TS_METRICS,
 )
 from rlops_server.archive import archive_file_name
 from rlops_server.metrics import metrics_config
@@ -51,11 +52,51 @@ from rlops_server.tsconfig import (
     render_properties,
 )
 
+from rlops_infra import config as cfg
+from rlops_infra.base import Component
+from rlops_infra.k8s import (
+    DATA_MOUNT,
+    MODEL_STORE_DIR,
+    MODELS_MOUNT,
+    REGISTRY_DIR,
+    as_secret,
+    container_security,
+    gpu_placement,
+    job_relabeling,
+    metadata,
+    mount,
+    pod_security,
+    pvc_volume,
+    quantity_milli,
+    resources,
+    scratch_volume,
+    selector,
+)
+
 COMPONENT = "serving"
 CONFIG_DIR = "/etc/rlops"
 VERSION_LABEL = "rlops.dev/policy-version"
 QUEUE_METRIC = "torchserve_queue_wait_seconds"
 """Custom metric prometheus-adapter serves for the HPA: seconds a request waits in TorchServe's queue."""
+
+
+ACTIONS_SERVICE = JOB_ACTIONS
+"""Service, Secret and ServiceMonitor of the actions webhook; Alertmanager's receiver URL names it."""
+ACTIONS_COMPONENT = "actions"
+ACTIONS_TOKEN_DIR = "/etc/rlops-actions"
+ACTIONS_TOKEN_KEY = "token"
+ACTIONS_RECORDS = "actions"
+"""Folder of the actions records in the data volume, one file per pod."""
+
+
+@dataclass(frozen=True)
+class Actions:
+    """The actions webhook beside TorchServe."""
+
+    token: str = field(repr=False)
+    """The bearer token Alertmanager sends."""
+    max_workers: int
+    """Scale-up stops at this many workers per version in a pod."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +123,8 @@ class ServingArgs:
     monitoring_namespace: str | None
     monitor_labels: dict[str, str] | None
     canary: Canary | None = None
+    actions: Actions | None = None
+    """The actions webhook (None: Alertmanager posts no actions, or there is no Alertmanager)."""
 
 
 def base_name(args: ServingArgs) -> str:
@@ -128,9 +171,9 @@ def config_map(args: ServingArgs) -> dict[str, Any]:
     }
 
 
-def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+def _probe(path: str, period: int, failures: int, port: str = "http") -> dict[str, Any]:
     return {
-        "httpGet": {"path": path, "port": "http"},
+        "httpGet": {"path": path, "port": port},
         "periodSeconds": period,
         "timeoutSeconds": 2,
         "failureThreshold": failures,
@@ -180,17 +223,26 @@ def pod_template(args: ServingArgs) -> dict[str, Any]:
             mount("tmp", "/tmp"),
         ],
     }
+    volumes = [
+        {"name": "config", "configMap": {"name": config_name(args)}},
+        # Writable for the actions webhook (the registry's aliases); TorchServe mounts it read-only.
+        pvc_volume("models", args.models_claim, read_only=args.actions is None),
+        pvc_volume("data", args.data_claim),
+        scratch_volume("tmp", "4Gi"),
+    ]
+    containers = [container]
+    if args.actions is not None:
+        containers.append(actions_container(args.server_image, args.actions))
+        volumes += [
+            {"name": "actions-token", "secret": {"secretName": ACTIONS_SERVICE, "defaultMode": 0o440}},
+            scratch_volume("actions-tmp", "64Mi"),
+        ]
     spec: dict[str, Any] = {
         "securityContext": pod_security(),
         "terminationGracePeriodSeconds": 30,
         **gpu_placement(s.resources.gpus),
-        "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": config_name(args)}},
-            pvc_volume("models", args.models_claim, read_only=True),
-            pvc_volume("data", args.data_claim),
-            scratch_volume("tmp", "4Gi"),
-        ],
+        "containers": containers,
+        "volumes": volumes,
     }
     if s.min_pods > 1:
         spec["topologySpreadConstraints"] = [
@@ -204,6 +256,46 @@ def pod_template(args: ServingArgs) -> dict[str, Any]:
     return {
         "metadata": {"labels": {**selector(COMPONENT), VERSION_LABEL: str(s.version)}},
         "spec": spec,
+    }
+
+
+def actions_container(image: str, a: Actions) -> dict[str, Any]:
+    command = [
+        "rlops", "stack", "webhook",
+        "--host", "0.0.0.0",
+        "--port", str(PORT_ACTIONS_WEBHOOK),
+        "--token-file", f"{ACTIONS_TOKEN_DIR}/{ACTIONS_TOKEN_KEY}",
+        "--registry", REGISTRY_DIR,
+        # This pod's TorchServe; token authorization is off in the cluster, so no management key file.
+        "--management-url", f"http://127.0.0.1:{PORT_TS_MANAGEMENT}",
+        # One record per pod: appends from several clients to one file on a network volume may interleave.
+        "--record", f"{DATA_MOUNT}/{ACTIONS_RECORDS}/$(POD_NAME).jsonl",
+        "--max-workers", str(a.max_workers),
+    ]  # fmt: skip
+    return {
+        "name": "actions",
+        "image": image,
+        "command": command,
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "TMPDIR", "value": "/tmp"},
+        ],
+        "ports": [{"name": "actions", "containerPort": PORT_ACTIONS_WEBHOOK}],
+        "resources": resources("250m", "512Mi"),
+        # Its imports (torch among them) take a while on a quarter of a core.
+        "startupProbe": _probe("/healthz", 5, 36, port="actions"),
+        "readinessProbe": _probe("/healthz", 10, 3, port="actions"),
+        "livenessProbe": _probe("/healthz", 10, 6, port="actions"),
+        "securityContext": container_security(),
+        # Whole volumes, no subPath: a folder the kubelet creates for a subPath is owned by root and may not
+        # be writable for the trainers that later publish into the registry.
+        "volumeMounts": [
+            mount("models", MODELS_MOUNT),
+            mount("data", DATA_MOUNT),
+            mount("actions-token", ACTIONS_TOKEN_DIR, read_only=True),
+            mount("actions-tmp", "/tmp"),
+        ],
     }
 
 
@@ -272,6 +364,31 @@ def service(args: ServingArgs) -> dict[str, Any]:
                 {"name": "metrics", "port": PORT_TS_METRICS, "targetPort": "metrics"},
             ],
         },
+    }
+
+
+def actions_service(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(ACTIONS_SERVICE, namespace, ACTIONS_COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(COMPONENT),
+            # A pod whose TorchServe fails its readiness probe is the one an alert is about.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "actions", "port": PORT_ACTIONS_WEBHOOK, "targetPort": "actions"}],
+        },
+    }
+
+
+def actions_secret(namespace: str, a: Actions) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(ACTIONS_SERVICE, namespace, ACTIONS_COMPONENT),
+        "type": "Opaque",
+        "stringData": {ACTIONS_TOKEN_KEY: a.token},
     }
 
 
@@ -364,7 +481,8 @@ def network_policy(args: ServingArgs) -> dict[str, Any]:
                         }
                     }
                 ],
-                "ports": _ports(PORT_TS_METRICS),
+                # Prometheus scrapes; Alertmanager posts to the actions webhook.
+                "ports": _ports(PORT_TS_METRICS, *([PORT_ACTIONS_WEBHOOK] if args.actions else [])),
             }
         )
     return {
@@ -379,16 +497,21 @@ def network_policy(args: ServingArgs) -> dict[str, Any]:
     }
 
 
-def service_monitor(args: ServingArgs, labels: dict[str, str]) -> dict[str, Any]:
-    meta = metadata(base_name(args), args.namespace, COMPONENT)
+def service_monitor(
+    name: str, namespace: str, component: str, port: str, job: str, labels: dict[str, str]
+) -> dict[str, Any]:
+    """Scrapes ``port`` of the Services labelled for ``component``, as scrape job ``job``."""
+    meta = metadata(name, namespace, component)
     meta["labels"].update(labels)
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": meta,
         "spec": {
-            "selector": {"matchLabels": selector(COMPONENT)},
-            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+            "selector": {"matchLabels": selector(component)},
+            "endpoints": [
+                {"port": port, "path": "/metrics", "interval": "15s", "relabelings": job_relabeling(job)}
+            ],
         },
     }
 
@@ -400,9 +523,25 @@ def objects(args: ServingArgs) -> list[dict[str, Any]]:
         out.append(autoscaler(args, work["kind"], work["apiVersion"]))
     if args.serving.pdb_min_available:
         out.append(disruption_budget(args))
-    if args.monitor_labels is not None:
-        out.append(service_monitor(args, args.monitor_labels))
+    labels = args.monitor_labels
+    if labels is not None:
+        out.append(
+            service_monitor(base_name(args), args.namespace, COMPONENT, "metrics", JOB_TORCHSERVE, labels)
+        )
+    if args.actions is not None:
+        out += [actions_secret(args.namespace, args.actions), actions_service(args.namespace)]
+        if labels is not None:
+            out.append(
+                service_monitor(
+                    ACTIONS_SERVICE, args.namespace, ACTIONS_COMPONENT, "actions", JOB_ACTIONS, labels
+                )
+            )
     return out
+
+
+def _suffix(obj: dict[str, Any]) -> str:
+    kind = obj["kind"].lower()
+    return f"{ACTIONS_COMPONENT}-{kind}" if obj["metadata"]["name"] == ACTIONS_SERVICE else kind
 
 
 class Serving(Component):
@@ -417,16 +556,20 @@ class Serving(Component):
     ) -> None:
         super().__init__("Serving", name, opts)
         deps = depends_on or []
-        config: pulumi.Resource | None = None
-        for obj in objects(args):
-            kind = obj["kind"]
-            extra: dict[str, Any] = {}
-            if kind == "ConfigMap":
+        objs = objects(args)
+        # What the pods read at start (their ConfigMap, the webhook's token) exists before them.
+        read: list[pulumi.Resource] = []
+        for obj in objs:
+            if obj["kind"] == "ConfigMap":
                 # Kept after a version change: pods of the previous version may still restart and read it.
-                extra["retain_on_delete"] = args.canary is not None
-                config = self.add("config", obj, depends_on=deps, **extra)
-                continue
-            self.add(kind.lower(), obj, depends_on=[*deps, *([config] if config else [])])
+                read.append(
+                    self.add("config", obj, depends_on=deps, retain_on_delete=args.canary is not None)
+                )
+            elif obj["kind"] == "Secret":
+                read.append(self.add(_suffix(obj), as_secret(obj), depends_on=deps))
+        for obj in objs:
+            if obj["kind"] not in ("ConfigMap", "Secret"):
+                self.add(_suffix(obj), obj, depends_on=[*deps, *read])
         url = f"http://{base_name(args)}.{args.namespace}.svc:{PORT_TS_INFERENCE}"
         self.url = url
         self.register_outputs({"url": url})

@@ -1,5 +1,7 @@
 """Training workloads, both running the trainer image's ``rlops train``: a RayJob per distributed job (its
-own Ray cluster, shut down when the job ends) and a plain batch/v1 Job per single-node job."""
+own Ray cluster, shut down when the job ends) and a plain batch/v1 Job per single-node job; a PodMonitor
+for the training metrics the driver serves (on the Job's pod, on the RayJob's head, where KubeRay runs
+the entrypoint)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+from rlops_contracts.metrics import JOB_TRAINER, PORT_TRAINER_METRICS
 from rlops_infra import config as cfg
 from rlops_infra import ray as ray_mod
 from rlops_infra.base import Component
@@ -15,6 +18,7 @@ from rlops_infra.k8s import (
     MODELS_MOUNT,
     container_security,
     gpu_placement,
+    job_relabeling,
     metadata,
     mount,
     pod_security,
@@ -32,6 +36,18 @@ class TrainingArgs:
     trainer_image: str
     data_claim: str
     models_claim: str
+    monitor_labels: dict[str, str] | None = None
+    """Labels Prometheus selects monitors by; None when monitoring is off."""
+
+
+METRICS_LABEL = "rlops.dev/trainer-metrics"
+"""On the pods whose driver serves the training metrics (``rlops train`` listens on
+:data:`~rlops_contracts.metrics.PORT_TRAINER_METRICS` by default)."""
+METRICS_PORT_NAME = "train-metrics"
+
+
+def _metrics_port() -> dict[str, Any]:
+    return {"name": METRICS_PORT_NAME, "containerPort": PORT_TRAINER_METRICS}
 
 
 def job_metadata(job: cfg.TrainingJob, namespace: str) -> dict[str, Any]:
@@ -73,6 +89,13 @@ def rayjob(args: TrainingArgs, job: cfg.TrainingJob) -> dict[str, Any]:
         memory=job.resources.memory,
         gpus=job.resources.gpus,
     )
+    cluster = ray_mod.cluster_spec(
+        args.ray, args.trainer_image, workers, args.data_claim, args.models_claim, autoscale=False
+    )
+    # The entrypoint's driver runs on the head: its training metrics are served there.
+    head = cluster["headGroupSpec"]["template"]
+    head.setdefault("metadata", {}).setdefault("labels", {})[METRICS_LABEL] = "true"
+    head["spec"]["containers"][0]["ports"].append(_metrics_port())
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -84,9 +107,7 @@ def rayjob(args: TrainingArgs, job: cfg.TrainingJob) -> dict[str, Any]:
             "activeDeadlineSeconds": job.active_deadline_seconds,
             "backoffLimit": job.backoff_limit,
             "submissionMode": "K8sJobMode",
-            "rayClusterSpec": ray_mod.cluster_spec(
-                args.ray, args.trainer_image, workers, args.data_claim, args.models_claim, autoscale=False
-            ),
+            "rayClusterSpec": cluster,
             "submitterPodTemplate": {
                 "spec": {
                     "restartPolicy": "Never",
@@ -124,7 +145,11 @@ def batch_job(args: TrainingArgs, job: cfg.TrainingJob) -> dict[str, Any]:
         "activeDeadlineSeconds": job.active_deadline_seconds,
         "template": {
             "metadata": {
-                "labels": {"app.kubernetes.io/name": "training", "app.kubernetes.io/part-of": "rlops"}
+                "labels": {
+                    "app.kubernetes.io/name": "training",
+                    "app.kubernetes.io/part-of": "rlops",
+                    METRICS_LABEL: "true",
+                }
             },
             "spec": {
                 "restartPolicy": "OnFailure",
@@ -136,6 +161,7 @@ def batch_job(args: TrainingArgs, job: cfg.TrainingJob) -> dict[str, Any]:
                         "image": args.trainer_image,
                         "command": train_command(job, out),
                         "env": env,
+                        "ports": [_metrics_port()],
                         "resources": resources(job.resources.cpu, job.resources.memory, job.resources.gpus),
                         "securityContext": container_security(),
                         "volumeMounts": [
@@ -163,8 +189,27 @@ def batch_job(args: TrainingArgs, job: cfg.TrainingJob) -> dict[str, Any]:
     }
 
 
+def pod_monitor(namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+    meta = metadata(JOB_TRAINER, namespace, "training")
+    meta["labels"].update(labels)
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": {METRICS_LABEL: "true"}},
+            "podMetricsEndpoints": [
+                {"port": METRICS_PORT_NAME, "interval": "15s", "relabelings": job_relabeling(JOB_TRAINER)}
+            ],
+        },
+    }
+
+
 def objects(args: TrainingArgs) -> list[dict[str, Any]]:
-    return [rayjob(args, j) if j.runner == "ray" else batch_job(args, j) for j in args.training.jobs]
+    out = [rayjob(args, j) if j.runner == "ray" else batch_job(args, j) for j in args.training.jobs]
+    if args.monitor_labels is not None and out:
+        out.append(pod_monitor(args.namespace, args.monitor_labels))
+    return out
 
 
 class Training(Component):

@@ -138,9 +138,20 @@ def test_training_rayjob_and_batch_job() -> None:
             ),
         ]
     )
-    args = training.TrainingArgs(jobs, RAY, "rlops", IMAGE, "rlops-data", "rlops-models")
+    args = training.TrainingArgs(jobs, RAY, "rlops", IMAGE, "rlops-data", "rlops-models", {"release": "kps"})
     objs = kinds(mocked(lambda: training.Training("training", args)))
+    (pm,) = objs["PodMonitor"]
+    assert pm["metadata"]["labels"]["release"] == "kps"
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["relabelings"] == [
+        {"action": "replace", "targetLabel": "job", "replacement": "rlops-trainer"}
+    ]
     (rj,) = objs["RayJob"]
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= head["metadata"]["labels"].items()
+    assert {"name": endpoint["port"], "containerPort": 9108} in head["spec"]["containers"][0]["ports"]
+    workers = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]
+    assert "metadata" not in workers, "the driver runs on the head only"
     assert rj["spec"]["shutdownAfterJobFinishes"] is True
     assert rj["spec"]["ttlSecondsAfterFinished"] == 3600
     assert rj["spec"]["entrypoint"].startswith(
@@ -162,6 +173,12 @@ def test_training_rayjob_and_batch_job() -> None:
     }
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "/$(JOB_COMPLETION_INDEX)" in " ".join(pod["containers"][0]["command"])
+    assert (
+        pm["spec"]["selector"]["matchLabels"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert pod["containers"][0]["ports"] == [{"name": endpoint["port"], "containerPort": 9108}]
+    without = training.TrainingArgs(jobs, RAY, "rlops", IMAGE, "rlops-data", "rlops-models")
+    assert "PodMonitor" not in kinds(mocked(lambda: training.Training("training", without)))
 
 
 def _serving_args(**over) -> serving.ServingArgs:
@@ -211,6 +228,119 @@ def test_serving_deployment_objects() -> None:
     assert management == [rules[0]]
     assert rules[0]["from"] == [{"podSelector": {}}]
     assert objs["ServiceMonitor"][0]["metadata"]["labels"]["release"] == "kps"
+
+
+def test_serving_without_actions_webhook() -> None:
+    objs = kinds(mocked(lambda: serving.Serving("serving", _serving_args())))
+    (dep,) = objs["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["torchserve"]
+    (models,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert models["persistentVolumeClaim"]["readOnly"] is True
+    assert "Secret" not in objs
+    assert [s["metadata"]["name"] for s in objs["Service"]] == ["torchserve-cartpole"]
+    (np,) = objs["NetworkPolicy"]
+    assert not [r for r in np["spec"]["ingress"] for p in r["ports"] if p["port"] == 9095]
+    (sm,) = objs["ServiceMonitor"]
+    assert sm["spec"]["endpoints"][0]["relabelings"] == [
+        {"action": "replace", "targetLabel": "job", "replacement": "torchserve"}
+    ]
+
+
+def test_serving_with_actions_webhook() -> None:
+    actions = serving.Actions(token="t0ken", max_workers=3)
+    rec = mocked(lambda: serving.Serving("serving", _serving_args(actions=actions)))
+    objs = kinds(rec)
+    (dep,) = objs["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    hook = {c["name"]: c for c in pod["containers"]}["actions"]
+    assert hook["image"] == SERVER
+    assert hook["command"][hook["command"].index("--max-workers") + 1] == "3"
+    assert hook["command"][hook["command"].index("--record") + 1] == "/mnt/data/actions/$(POD_NAME).jsonl"
+    assert "t0ken" not in repr(actions)
+    (secret,) = [r for r in rec if r.inputs.get("kind") == "Secret"]
+    assert secret.secret, "the token is a Pulumi secret"
+    assert secret.name == "serving-actions-secret"
+    assert secret.inputs["stringData"] == {"token": "t0ken"}
+    services = {s["metadata"]["name"]: s for s in objs["Service"]}
+    assert services["rlops-actions"]["spec"]["publishNotReadyAddresses"] is True
+    assert services["rlops-actions"]["spec"]["ports"] == [
+        {"name": "actions", "port": 9095, "targetPort": "actions"}
+    ]
+    monitors = {m["metadata"]["name"]: m for m in objs["ServiceMonitor"]}
+    assert (
+        monitors["rlops-actions"]["spec"]["endpoints"][0]["relabelings"][0]["replacement"] == "rlops-actions"
+    )
+    assert monitors["rlops-actions"]["metadata"]["labels"]["release"] == "kps"
+    # Each monitor selects its own Service only.
+    for monitor in monitors.values():
+        matched = [
+            name
+            for name, svc in services.items()
+            if monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        ]
+        assert matched == [monitor["metadata"]["name"]]
+    (np,) = objs["NetworkPolicy"]
+    (rule,) = [r for r in np["spec"]["ingress"] if any(p["port"] == 9095 for p in r["ports"])]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    names = [r.name for r in rec if r.type.startswith("kubernetes:")]
+    assert len(names) == len(set(names))
+
+
+ACTIONS_TOKEN_FILE = "/etc/alertmanager/secrets/rlops-alertmanager/actions-token"
+
+
+def _actions_file(**hook) -> dict:
+    return {
+        "route": {"receiver": "rlops-actions"},
+        "receivers": [
+            {
+                "name": "rlops-actions",
+                "webhook_configs": [
+                    {
+                        "url": "http://rlops-actions.rlops.svc.cluster.local:9095/alerts",
+                        "http_config": {
+                            "authorization": {
+                                "type": "Bearer",
+                                "credentials_file": ACTIONS_TOKEN_FILE,
+                            }
+                        },
+                        **hook,
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def test_alertmanager_posts_actions_to_the_stack_namespace() -> None:
+    alerting = cfg.Alerting(secrets={"actions-token": "tok"})
+    config = monitoring.alertmanager_config(_actions_file(), "am.yaml", alerting, "dev", "ml")
+    (hook,) = config["receivers"][0]["webhook_configs"]
+    assert hook["url"] == "http://rlops-actions.ml.svc.cluster.local:9095/alerts"
+    assert monitoring.actions_token_file(config) == "actions-token"
+    with pytest.raises(cfg.ConfigError) as err:
+        monitoring.alertmanager_config(
+            _actions_file(url="http://rlops-actions.rlops.svc:8080/hook", http_config={}),
+            "am.yaml",
+            alerting,
+            "dev",
+        )
+    assert err.value.problems == [
+        "am.yaml: receiver 'rlops-actions' posts to http://rlops-actions.rlops.svc:8080/hook; the actions "
+        "webhook listens on port 9095, path /alerts",
+        "am.yaml: receiver 'rlops-actions' posts to the actions webhook without a bearer token; it takes "
+        "only authenticated requests: set http_config.authorization.credentials_file to a file in "
+        "/etc/alertmanager/secrets/rlops-alertmanager/",
+    ]
+    # A stack that drops the actions receiver deploys no webhook.
+    dropped = cfg.Alerting(receivers=[cfg.Receiver(name="rlops-actions", type="none")])
+    assert (
+        monitoring.actions_token_file(monitoring.alertmanager_config(_actions_file(), "a", dropped, "dev"))
+        is None
+    )
 
 
 def test_serving_rollout_when_delivery_is_on() -> None:

@@ -195,6 +195,25 @@ BAD: list[tuple[str, str, Callable[[Values], None], list[str]]] = [
 ]
 
 
+def test_actions_webhook_follows_the_stack_namespace_and_pod_size(stack_values) -> None:
+    values, keys = stack_values("staging")
+    values["rlops:tenancy"] = {**values["rlops:tenancy"], "namespace": "ml"}
+    p = program.plan(values, keys)
+    assert p.alertmanager is not None
+    (receiver,) = [r for r in p.alertmanager["receivers"] if r["name"] == "rlops-actions"]
+    assert receiver["webhook_configs"][0]["url"] == "http://rlops-actions.ml.svc.cluster.local:9095/alerts"
+    actions = program.actions_hook(p)
+    assert actions is not None
+    # staging: one worker on two cores, so scale-up may start a second.
+    assert (p.config.serving.workers, p.config.serving.resources.cpu, actions.max_workers) == (1, "2", 2)
+    assert actions.token == values[f"rlops:{p.config.alerting.secrets['actions-token']}"]
+    # Without Alertmanager nothing posts actions: no webhook.
+    values["rlops:monitoring"] = {**values["rlops:monitoring"], "enabled": False}
+    values["rlops:delivery"] = {**values["rlops:delivery"], "enabled": False}
+    values["rlops:serving"] = {**values["rlops:serving"], "autoscaling": {"enabled": False}}
+    assert program.actions_hook(program.plan(values, keys)) is None
+
+
 @pytest.mark.parametrize(("stack", "what", "mutate", "expected"), BAD, ids=[b[1] for b in BAD])
 def test_bad_config_names_key_and_accepted(stack_values, stack, what, mutate, expected) -> None:
     values, keys = stack_values(stack)

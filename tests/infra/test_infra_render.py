@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
+import socket
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
-from rlops_infra import policy, validate
+from rlops_contracts.metrics import JOB_ACTIONS, JOB_TRAINER, PORT_TS_MANAGEMENT
+from rlops_infra import monitoring, policy, serving, validate
 from rlops_infra.files import ROOT, RepoFiles
+from rlops_infra.k8s import MODELS_MOUNT, REGISTRY_DIR
 from rlops_infra.monitoring import ALERTMANAGER_KEY, ALERTMANAGER_SECRET, DASHBOARD_LABEL
 from rlops_infra.program import COMPONENT_SECTIONS
-from rlops_infra.render import read_stack_file, render, stack_file, with_placeholders
+from rlops_infra.render import Render, read_stack_file, render, stack_file, with_placeholders
 
 STACKS = ("dev", "staging", "prod")
 
@@ -89,9 +99,10 @@ def test_policies_can_fail(renders) -> None:
             del obj["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
         if obj.get("kind") == "ServiceMonitor":
             obj["metadata"]["labels"].pop("release")
+            obj["spec"]["endpoints"][0].pop("relabelings")
     found = policy.all_findings(r, {"release": "kube-prometheus-stack"})
     expected = {"resources", "gpu placement", "ray head", "pinned images", "hardened", "serving probes"}
-    assert set(found) == {*expected, "selector labels"}
+    assert set(found) == {*expected, "selector labels", "monitor jobs"}
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -202,3 +213,233 @@ def test_placeholder_secrets_are_marked_secret(stack_values) -> None:
     added = set(filled) - set(values)
     assert added
     assert added <= filled_keys
+
+
+def _serving_pod(r: Render) -> dict:
+    (work,) = [
+        o
+        for o in r.objects()
+        if o["kind"] in ("Deployment", "Rollout") and o["metadata"]["name"].startswith("torchserve-")
+    ]
+    return work["spec"]["template"]
+
+
+def _alertmanager_config(r: Render) -> dict:
+    return yaml.safe_load(r.find("Secret", ALERTMANAGER_SECRET)["stringData"][ALERTMANAGER_KEY])
+
+
+def _actions_hook(config: dict) -> dict:
+    (receiver,) = [rec for rec in config["receivers"] if rec["name"] == JOB_ACTIONS]
+    (hook,) = receiver["webhook_configs"]
+    return hook
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_actions_webhook_runs_beside_torchserve(renders, stack) -> None:
+    r = renders[stack]
+    values, _ = read_stack_file(stack_file(stack))
+    pod = _serving_pod(r)["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    hook = containers["actions"]
+    assert hook["image"] == values["rlops:images"]["server"]
+    assert hook["command"][:3] == ["rlops", "stack", "webhook"]
+    flags = dict(zip(hook["command"][3::2], hook["command"][4::2], strict=True))
+    # TorchServe listens for management on loopback only, with token authorization off in the cluster.
+    (config,) = [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v]
+    text = r.find("ConfigMap", config)["data"]["config.properties"]
+    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    assert (
+        props["management_address"] == flags["--management-url"] == f"http://127.0.0.1:{PORT_TS_MANAGEMENT}"
+    )
+    assert props["disable_token_authorization"] == "true"
+    assert "--management-token-file" not in flags
+    assert flags["--host"] == "0.0.0.0"
+    assert flags["--registry"] == REGISTRY_DIR
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert hook[probe]["httpGet"] == {"path": "/healthz", "port": "actions"}
+    # Rollback rewrites the registry's aliases: the model volume is writable for the webhook only.
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert volume["persistentVolumeClaim"]["readOnly"] is False
+    models = {c: [m for m in containers[c]["volumeMounts"] if m["name"] == "models"] for c in containers}
+    assert models["torchserve"] == [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}]
+    assert models["actions"] == [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": False}]
+    assert REGISTRY_DIR.startswith(MODELS_MOUNT + "/")
+    (record,) = [m for m in hook["volumeMounts"] if flags["--record"].startswith(m["mountPath"] + "/")]
+    assert record["readOnly"] is False
+    # The token Alertmanager sends, from the same Pulumi secret as the file Alertmanager reads.
+    token_path = flags["--token-file"]
+    (token_mount,) = [m for m in hook["volumeMounts"] if token_path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == token_mount["name"]]
+    secret = r.find("Secret", volume["secret"]["secretName"])
+    key = token_path.removeprefix(token_mount["mountPath"] + "/")
+    token_file = monitoring.actions_token_file(_alertmanager_config(r))
+    assert token_file is not None
+    credentials = r.find("Secret", monitoring.SECRETS_NAME)["stringData"]
+    assert secret["stringData"][key] == credentials[token_file]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_alertmanager_posts_actions_to_the_webhook_service(renders, stack) -> None:
+    r = renders[stack]
+    hook = _actions_hook(_alertmanager_config(r))
+    # The URL alerts/alertmanager.yaml names is the one deployed: every stack runs in namespace rlops.
+    assert hook["url"] == _actions_hook(FILES.alertmanager)["url"]
+    url = urlparse(hook["url"])
+    name, namespace = url.hostname.split(".")[:2]
+    service = r.find("Service", name)
+    assert service["metadata"]["namespace"] == namespace
+    assert url.hostname == f"{name}.{namespace}.svc.cluster.local"
+    assert url.path == "/alerts"
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+    template = _serving_pod(r)
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    (actions,) = [c for c in template["spec"]["containers"] if c["name"] == "actions"]
+    assert port["targetPort"] in {p["name"] for p in actions["ports"]}
+    assert (
+        str(url.port) == dict(zip(actions["command"][3::2], actions["command"][4::2], strict=True))["--port"]
+    )
+    # Alertmanager reads the token from the Secret the chart mounts, and the policy lets it through.
+    credentials = hook["http_config"]["authorization"]["credentials_file"]
+    assert credentials.startswith(monitoring.SECRETS_DIR)
+    assert (
+        credentials.removeprefix(monitoring.SECRETS_DIR)
+        in r.find("Secret", monitoring.SECRETS_NAME)["stringData"]
+    )
+    values = r.release("kube-prometheus-stack").inputs["values"]
+    assert monitoring.SECRETS_NAME in values["alertmanager"]["alertmanagerSpec"]["secrets"]
+    admitted = [
+        rule
+        for o in r.objects()
+        if o["kind"] == "NetworkPolicy" and o["metadata"]["namespace"] == namespace
+        for rule in o["spec"]["ingress"]
+        if any(p["port"] == url.port for p in rule["ports"])
+    ]
+    assert [rule["from"] for rule in admitted] == [
+        [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    ]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_monitors_scrape_the_jobs_the_rules_select(renders, stack) -> None:
+    r = renders[stack]
+    jobs = {policy.scrape_job(ep) for _, ep in policy.monitor_endpoints(r)}
+    exprs = " ".join(
+        str(rule.get("expr", "")) for f in FILES.rule_files for group in f.groups for rule in group["rules"]
+    )
+    selected = set(re.findall(r'\bjob\s*=\s*"([^"]+)"', exprs))
+    assert selected
+    assert selected <= jobs
+    monitor = r.find("ServiceMonitor", serving.ACTIONS_SERVICE)
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert policy.scrape_job(endpoint) == JOB_ACTIONS
+    service = r.find("Service", serving.ACTIONS_SERVICE)
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    trainer = r.find("PodMonitor", JOB_TRAINER)
+    (endpoint,) = trainer["spec"]["podMetricsEndpoints"]
+    assert policy.scrape_job(endpoint) == JOB_TRAINER
+    selector = trainer["spec"]["selector"]["matchLabels"]
+    pods = [spec for _, spec in _trainer_pods(r)]
+    assert len(pods) == len(read_stack_file(stack_file(stack))[0]["rlops:training"]["jobs"])
+    for labels, spec in _trainer_pods(r):
+        assert selector.items() <= labels.items()
+        ports = {p["name"] for p in spec["containers"][0].get("ports", [])}
+        assert endpoint["port"] in ports
+
+
+def _trainer_pods(r: Render) -> list[tuple[dict, dict]]:
+    """(labels, spec) of the pods whose driver serves training metrics: a Job's pod, a RayJob's head."""
+    out = []
+    for o in r.objects():
+        if o["kind"] == "Job" and o["metadata"]["labels"].get("app.kubernetes.io/name") == "training":
+            template = o["spec"]["template"]
+        elif o["kind"] == "RayJob":
+            template = o["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+        else:
+            continue
+        out.append((template.get("metadata", {}).get("labels", {}), template["spec"]))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _post(url: str, body: dict, token: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_rendered_webhook_command_runs(renders, tmp_path: Path) -> None:
+    """The sidecar's command line, as rendered, is one ``rlops stack webhook`` takes and acts on; only its
+    addresses and paths move to this machine (nothing answers on the management port here)."""
+    (hook,) = [c for c in _serving_pod(renders["dev"])["spec"]["containers"] if c["name"] == "actions"]
+    command = list(hook["command"])
+    flags = dict(zip(command[3::2], command[4::2], strict=True))
+    port = _free_port()
+    token = "s3cret"
+    (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
+    record = flags["--record"].replace("$(POD_NAME)", "torchserve-cartpole-0")
+    local = {
+        "--host": "127.0.0.1",
+        "--port": str(port),
+        "--token-file": str(tmp_path / "token"),
+        "--registry": str(tmp_path / flags["--registry"].lstrip("/")),
+        "--management-url": f"http://127.0.0.1:{_free_port()}",
+        "--record": str(tmp_path / record.lstrip("/")),
+    }
+    assert set(local) <= set(flags)
+    args = [a for flag, value in flags.items() for a in (flag, local.get(flag, value))]
+    rlops = Path(sys.executable).with_name("rlops")
+    proc = subprocess.Popen(
+        [str(rlops), *command[1:3], *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the webhook did not answer /healthz"
+            time.sleep(0.5)
+        alert = {
+            "status": "firing",
+            "labels": {"alertname": "RlopsServingLatencyHigh", "action": "scale_up", "policy": "cartpole",
+                       "version": "2"},
+            "annotations": {"summary": "p99 above 100 ms"},
+            "startsAt": "2025-01-01T00:00:00Z",
+            "fingerprint": "f",
+        }  # fmt: skip
+        payload = {"version": "4", "status": "firing", "alerts": [alert]}
+        assert _post(f"{base}/alerts", payload, None)[0] == 401
+        status, answer = _post(f"{base}/alerts", payload, token)
+        assert status == 200
+        (result,) = answer["results"]
+        assert (result["action"], result["outcome"]) == ("scale_up", "failed")
+        assert "cannot be reached" in result["message"]
+        lines = Path(local["--record"]).read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line)["outcome"] for line in lines] == ["failed"]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
+        assert 'rlops_alert_actions_total{action="scale_up",outcome="failed"} 1.0' in metrics
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,1 @@
+"""The rlops Pulumi program (see infra/README.md)."""
