@@ -165,7 +165,9 @@ class Serving:
 
     def record_aliases(self, name: str, aliases: dict[str, int]) -> None:
         """Write the registry's aliases into the server's state.json (what ``rlops serve status`` shows)."""
-        state = process.ServerState.read(self.run_dir) if self.run_dir is not None else None
+        if self.run_dir is None:
+            return
+        state = process.ServerState.read(self.run_dir)
         if state is None:
             return
         by_version = {str(v): a for a, v in aliases.items() if a in (CHAMPION, CANDIDATE)}
