@@ -159,17 +159,17 @@ def parse_config(raw: Any, source: str) -> LoopConfig:
         c = _section(top.get("canary"), f"{source}: canary", "canary")
         canary = CanaryConfig(
             steps=parse_steps(_text(c["steps"])) if "steps" in c else DEFAULT_STEPS,
-            interval_s=analysis.parse_duration(c["interval"], f"{source}: canary.interval")
+            interval_s=analysis.parse_duration(c["interval"], "canary.interval")
             if "interval" in c
             else None,
             step_min_s=analysis.parse_duration(
-                c.get("step_duration", "1m"), f"{source}: canary.step_duration"
+                c.get("step_duration", "1m"), "canary.step_duration"
             ),
             step_timeout_s=analysis.parse_duration(
-                c.get("step_timeout", "10m"), f"{source}: canary.step_timeout"
+                c.get("step_timeout", "10m"), "canary.step_timeout"
             ),
         )
-        reward_wait = analysis.parse_duration(top.get("reward_wait", "1m"), f"{source}: reward_wait")
+        reward_wait = analysis.parse_duration(top.get("reward_wait", "1m"), "reward_wait")
     except (opegate.OPEGateError, analysis.AnalysisError, TypeError, ValueError) as e:
         raise LoopError(f"{source}: {e}") from None
     return LoopConfig(
