@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pulumi
+
 from rlops_infra.k8s import apply
 
 

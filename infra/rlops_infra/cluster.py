@@ -11,6 +11,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_eks as eks
 import pulumi_kubernetes as k8s
+
 from rlops_infra import charts
 from rlops_infra import config as cfg
 from rlops_infra.base import Component

@@ -23,6 +23,8 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 CHART_VERSION = r"^v?[0-9]+\.[0-9]+\.[0-9]+$"
 SECRET_KEY = r"^[a-z][a-zA-Z0-9]*$"
+RELATIVE_PATH = r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$"
+DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"
 
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=50)]
 Quantity = Annotated[str, Field(pattern=QUANTITY)]
@@ -191,6 +193,13 @@ class Tenancy(Section):
         return self
 
 
+def inside(value: str) -> str:
+    """A relative path that stays inside its folder."""
+    if ".." in value.split("/"):
+        raise ValueError(f"{value!r} leaves its folder ('..' is not allowed)")
+    return value
+
+
 class Volume(Section):
     size: Quantity
     storage_class: Name
@@ -209,10 +218,18 @@ class StorageClassSpec(Section):
 
 class Storage(Section):
     data: Volume
-    """Datasets and decision logs."""
+    """Datasets, the decision and reward logs, the loop's state."""
     models: Volume
     """The registry and the TorchServe model store: read by every serving pod at once."""
     classes: list[StorageClassSpec] = []
+    logs: str = Field(default="logs", pattern=RELATIVE_PATH)
+    """Log root inside the data volume, laid out as locally: serving writes ``decisions/``, the feedback
+    service ``rewards/``; the OPE gate, the reward join and the loop read both."""
+
+    @field_validator("logs")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        return inside(value)
 
 
 # --- workloads ---------------------------------------------------------------------------------------
@@ -255,7 +272,6 @@ class Ray(Section):
 
 TRAINER_CONFIGS = "/opt/rlops-configs"
 """Where the trainer image holds the repository's configs/ (apps/trainer/Dockerfile)."""
-RELATIVE_PATH = r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$"
 
 
 class TrainingJob(Section):
@@ -281,9 +297,7 @@ class TrainingJob(Section):
     @field_validator("data", "out", "config")
     @classmethod
     def _inside(cls, value: str | None) -> str | None:
-        if value is not None and ".." in value.split("/"):
-            raise ValueError(f"{value!r} leaves its folder ('..' is not allowed)")
-        return value
+        return None if value is None else inside(value)
 
     @model_validator(mode="after")
     def _inputs(self) -> TrainingJob:
@@ -427,9 +441,7 @@ class Delivery(Section):
     pause_seconds: int = Field(default=300, ge=0, le=86_400)
     """Time at each weight below 100 while the analysis runs."""
     ope_gate: bool = True
-    """Run OPE of the candidate on recent decision logs before any traffic moves."""
-    decision_logs: str = Field(default="decisions", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
-    """Decision-log folder inside the data volume (for the OPE gate)."""
+    """Run OPE of the candidate on the served logs (``storage.logs``) before any traffic moves."""
     inconclusive_limit: int = Field(default=10, ge=0, le=1000)
     """Measurements without enough samples tolerated before the rollout pauses for a human."""
 
@@ -441,6 +453,146 @@ class Delivery(Section):
         if any(not 0 < s <= 100 for s in steps) or any(a >= b for a, b in itertools.pairwise(steps)):
             raise ValueError(f"steps must be increasing weights in 1..100, got {steps}")
         return steps
+
+
+class Feedback(Section):
+    """The reward feedback service (``rlops feedback serve``): producers post rewards by decision_id, it
+    appends them to the log root's ``rewards/`` beside serving's ``decisions/``."""
+
+    enabled: bool = True
+    replicas: int = Field(default=1, ge=1, le=100)
+    """Pods behind the Service; from 2 on a PodDisruptionBudget keeps all but one through drains."""
+    resources: Resources = Resources(cpu="500m", memory="1Gi")
+    token: SecretKey = "feedbackToken"
+    """Config key of the bearer token ``POST /rewards`` must present (set with ``pulumi config set
+    --secret``)."""
+
+    @field_validator("resources")
+    @classmethod
+    def _cpu_only(cls, value: Resources) -> Resources:
+        if value.gpus:
+            raise ValueError(
+                f"the feedback service validates and appends rewards: it takes no GPU, got {value.gpus}"
+            )
+        return value
+
+
+CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+_CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 6, _DAYS),
+)
+_CRON_ITEM = re.compile(r"^(\*|\?|([A-Za-z0-9]+)(?:-([A-Za-z0-9]+))?)(?:/([0-9]+))?$")
+
+
+def _cron_number(text: str, name: str, low: int, high: int, names: tuple[str, ...]) -> int:
+    upper = text.upper()
+    if upper in names:
+        return low + names.index(upper)
+    if not text.isdigit() or not low <= int(text) <= high:
+        named = f" or {names[0]}-{names[-1]}" if names else ""
+        raise ValueError(f"{name} {text!r} is outside {low}-{high}{named}")
+    return int(text)
+
+
+def check_cron(schedule: str) -> str:
+    """A Kubernetes CronJob schedule: five fields (minute hour day-of-month month day-of-week) of ``*``,
+    numbers, ranges, lists and steps, or one of the macros."""
+    if schedule in CRON_MACROS:
+        return schedule
+    fields = schedule.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"{schedule!r} is not a schedule: five fields (minute hour day-of-month month day-of-week, "
+            f"e.g. '0 */6 * * *') or one of {', '.join(CRON_MACROS)}"
+        )
+    for text, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+        for item in text.split(","):
+            match = _CRON_ITEM.match(item)
+            if match is None or (item.startswith("?") and name not in ("day of month", "day of week")):
+                raise ValueError(
+                    f"{name} {item!r} in {schedule!r}: accepted are *, N, N-M, */S, N-M/S and lists"
+                )
+            if match.group(2) is not None:
+                first = _cron_number(match.group(2), name, low, high, names)
+                last = _cron_number(match.group(3), name, low, high, names) if match.group(3) else first
+                if first > last:
+                    raise ValueError(f"{name} range {item!r} in {schedule!r} runs backwards")
+            if match.group(4) is not None and int(match.group(4)) < 1:
+                raise ValueError(f"{name} step {item!r} in {schedule!r} must be at least 1")
+    return schedule
+
+
+class LoopGate(Section):
+    """The loop's OPE gate of its candidate against the champion (``gate:`` of the loop config); unset
+    keys keep the loop's defaults."""
+
+    estimator: str | None = None
+    """Estimator the gate decides on (default: dr with propensities, else fqe)."""
+    margin: float | None = Field(default=None, ge=0)
+    relative: bool | None = None
+    against: Literal["value", "upper"] | None = None
+    gamma: float | None = Field(default=None, gt=0, le=1)
+    confidence: float | None = Field(default=None, gt=0, lt=1)
+    bootstrap: int | None = Field(default=None, ge=1)
+    fqe_steps: int | None = Field(default=None, ge=1)
+    fqe_models: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0)
+
+
+TrainValue = bool | int | float | str | list[int] | list[float]
+
+
+class Loop(Section):
+    """The continuous-learning loop on a schedule: a CronJob running ``rlops loop run-once`` in the trainer
+    image. The keys between ``algorithm`` and ``gate`` are those of the loop config (its ``policy`` is
+    ``serving.policy``); unset ones keep the loop's defaults."""
+
+    enabled: bool = False
+    schedule: str = "0 */6 * * *"
+    """Cron schedule of the iterations (at most one runs at a time)."""
+    time_zone: str = Field(default="Etc/UTC", pattern=r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$")
+    """IANA time zone the schedule is read in."""
+    algorithm: Literal["bc", "cql", "iql"] | None = None
+    """Offline algorithm that retrains the policy (default: cql)."""
+    train: dict[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$")], TrainValue] = {}
+    """Fields of the algorithm's config, as ``rlops train ALGO --set``: e.g. ``steps: 20000``."""
+    min_new_transitions: int | None = Field(default=None, ge=1)
+    """Rewarded transitions in new decision files needed to retrain (default: 1000)."""
+    reward_wait: str | None = Field(default=None, pattern=DURATION)
+    """Age a decision file must reach before its rewards count as arrived (default: 1m)."""
+    max_decision_files: int | None = Field(default=None, ge=0)
+    """Train on at most this many of the latest decision files (default 0: all consumed so far)."""
+    gate: LoopGate = LoopGate()
+    resources: Resources = Resources(cpu="4", memory="16Gi")
+    """The loop's pod: it joins, trains and evaluates in one process."""
+    starting_deadline_seconds: int = Field(default=600, ge=10, le=86_400)
+    """A run that could not start within this long after its time is skipped, not started late."""
+    active_deadline_seconds: int = Field(default=21_600, ge=60, le=604_800)
+    backoff_limit: int = Field(default=1, ge=0, le=10)
+    """Retries of a failed run (an interrupted iteration resumes where it stopped)."""
+    successful_jobs_history_limit: int = Field(default=3, ge=0, le=100)
+    failed_jobs_history_limit: int = Field(default=3, ge=0, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_local_canary(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "canary" in data:
+            raise ValueError(
+                "'canary' is the local canary's steps and timing; in the cluster Argo Rollouts runs the "
+                "canary, configured by rlops:delivery (steps, pause_seconds)"
+            )
+        return data
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return check_cron(value)
 
 
 ENVIRONMENTS = ("dev", "staging", "prod")
@@ -458,6 +610,8 @@ class StackConfig(Section):
     monitoring: Monitoring = Monitoring()
     alerting: Alerting = Alerting()
     delivery: Delivery = Delivery()
+    feedback: Feedback = Feedback()
+    loop: Loop = Loop()
 
     def gpu_requests(self) -> dict[str, int]:
         """Per-pod GPU requests by where they come from (``rlops:<key>``), for the GPU node rule."""
@@ -466,6 +620,8 @@ class StackConfig(Section):
             asks["ray.gpu_workers.gpus"] = self.ray.gpu_workers.gpus
         for i, job in enumerate(self.training.jobs):
             asks[f"training.jobs[{i}].resources.gpus"] = job.resources.gpus
+        if self.loop.enabled:
+            asks["loop.resources.gpus"] = self.loop.resources.gpus
         return {k: v for k, v in asks.items() if v > 0}
 
     def secret_keys(self) -> dict[str, str]:
@@ -476,6 +632,8 @@ class StackConfig(Section):
                 keys[r.secret] = f"alerting.receivers[{i}].secret"
         for file, key in self.alerting.secrets.items():
             keys[key] = f"alerting.secrets.{file}"
+        if self.feedback.enabled:
+            keys[self.feedback.token] = "feedback.token"
         return keys
 
 
@@ -533,6 +691,11 @@ def _cross_field(cfg: StackConfig) -> list[str]:
             )
     if any(j.runner == "ray" for j in cfg.training.jobs) and not cfg.ray.enabled:
         problems.append("rlops:training.jobs: jobs with runner 'ray' need ray.enabled: true")
+    if cfg.loop.enabled and not cfg.feedback.enabled:
+        problems.append(
+            "rlops:loop.enabled: the loop trains on the rewards the feedback service writes; "
+            "set rlops:feedback.enabled: true"
+        )
     return problems
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+
 from rlops_infra import charts
 from rlops_infra import config as cfg
 from rlops_infra.base import Component
@@ -47,6 +48,8 @@ class DeliveryArgs:
     trainer_image: str
     data_claim: str
     models_claim: str
+    logs: str
+    """Log root inside the data volume (``storage.logs``), with serving's decisions and the rewards."""
 
 
 def _number(value: float) -> str:
@@ -148,7 +151,7 @@ def ope_template(args: DeliveryArgs) -> dict[str, Any]:
         "kind": "AnalysisTemplate",
         "metadata": metadata(OPE_TEMPLATE, args.namespace, "delivery"),
         "spec": {
-            "args": [*({"name": n} for n in ARGS), {"name": "logs", "value": args.delivery.decision_logs}],
+            "args": [*({"name": n} for n in ARGS), {"name": "logs", "value": args.logs}],
             "metrics": [{"name": "ope-gate", "failureLimit": 0, "provider": {"job": {"spec": job_spec}}}],
         },
     }

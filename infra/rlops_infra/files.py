@@ -62,6 +62,8 @@ class Analysis:
     interval: str
     failure_limit: int
     checks: tuple[Check, ...]
+    text: str
+    """The file's exact content (what ``rlops loop run-once --analysis`` reads in the cluster)."""
 
 
 @dataclass(frozen=True)
@@ -220,4 +222,9 @@ def load_analysis(path: Path, root: Path = ROOT) -> Analysis:
                 min_samples=float(item["min_samples"]),
             )
         )
-    return Analysis(interval=interval, failure_limit=limit, checks=tuple(checks))
+    return Analysis(
+        interval=interval,
+        failure_limit=limit,
+        checks=tuple(checks),
+        text=path.read_text(encoding="utf-8"),
+    )

@@ -105,10 +105,58 @@ def cpu_cores(quantity: str) -> float:
     return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
+def http_probe(path: str, period: int, failures: int, port: str = "http") -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def tcp_ports(*ports: int) -> list[dict[str, Any]]:
+    """NetworkPolicy ports."""
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def from_namespace(name: str) -> dict[str, Any]:
+    """A NetworkPolicy peer: every pod of one namespace."""
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+
+def from_namespaces(names: list[str]) -> dict[str, Any]:
+    """A NetworkPolicy peer: every pod of the listed namespaces."""
+    return {
+        "namespaceSelector": {
+            "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": names}]
+        }
+    }
+
+
 def job_relabeling(job: str) -> list[dict[str, str]]:
     """Monitor endpoint relabelings that name the scrape job: the alert rules and dashboards select on
     these names (rlops_contracts.metrics.JOB_*), not on the operator's default of service or monitor name."""
     return [{"action": "replace", "targetLabel": "job", "replacement": job}]
+
+
+def service_monitor(
+    name: str, namespace: str, component: str, port: str, job: str, labels: dict[str, str]
+) -> dict[str, Any]:
+    """Scrapes ``port`` of the Services labelled for ``component``, as scrape job ``job``; ``labels`` are
+    those Prometheus selects monitors by."""
+    meta = metadata(name, namespace, component)
+    meta["labels"].update(labels)
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": selector(component)},
+            "endpoints": [
+                {"port": port, "path": "/metrics", "interval": "15s", "relabelings": job_relabeling(job)}
+            ],
+        },
+    }
 
 
 def as_secret(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +185,7 @@ _KINDS: dict[tuple[str, str], Any] = {
     ("v1", "LimitRange"): k8s.core.v1.LimitRange,
     ("apps/v1", "Deployment"): k8s.apps.v1.Deployment,
     ("batch/v1", "Job"): k8s.batch.v1.Job,
+    ("batch/v1", "CronJob"): k8s.batch.v1.CronJob,
     ("policy/v1", "PodDisruptionBudget"): k8s.policy.v1.PodDisruptionBudget,
     ("autoscaling/v2", "HorizontalPodAutoscaler"): k8s.autoscaling.v2.HorizontalPodAutoscaler,
     ("networking.k8s.io/v1", "NetworkPolicy"): k8s.networking.v1.NetworkPolicy,

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import pulumi
 import yaml
 from rlops_contracts.metrics import PORT_ACTIONS_WEBHOOK, TS_INFERENCE_REQUESTS, TS_QUEUE_LATENCY
+
 from rlops_infra import charts
 from rlops_infra import config as cfg
 from rlops_infra.base import Component

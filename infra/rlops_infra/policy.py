@@ -10,6 +10,7 @@ from collections.abc import Collection, Iterator
 from typing import Any
 
 from rlops_contracts.metrics import JOB_ACTIONS, JOB_FEEDBACK, JOB_TORCHSERVE, JOB_TRAINER
+
 from rlops_infra import ray
 from rlops_infra.config import CHART_VERSION, check_image
 from rlops_infra.k8s import GPU_NODE_LABEL, GPU_RESOURCE
@@ -30,6 +31,8 @@ def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     name, kind, spec = _name(obj), obj["kind"], obj.get("spec") or {}
     if kind in ("Deployment", "Job", "Rollout", "StatefulSet", "DaemonSet"):
         yield name, spec["template"]["spec"]
+    elif kind == "CronJob":
+        yield name, spec["jobTemplate"]["spec"]["template"]["spec"]
     elif kind in ("RayCluster", "RayJob"):
         cluster = spec if kind == "RayCluster" else spec.get("rayClusterSpec", {})
         yield f"{name} head", cluster["headGroupSpec"]["template"]["spec"]

@@ -9,8 +9,9 @@ from typing import Any
 
 import pulumi
 from pulumi.runtime import config as runtime_config
+
 from rlops_infra import config as cfg
-from rlops_infra import delivery, monitoring, ray, serving, storage, tenancy, training
+from rlops_infra import delivery, feedback, loop, monitoring, ray, serving, storage, tenancy, training
 from rlops_infra.cluster import Cluster, ClusterArgs
 from rlops_infra.files import FilesError, RepoFiles
 from rlops_infra.k8s import cpu_cores
@@ -22,8 +23,10 @@ COMPONENT_SECTIONS: dict[str, tuple[str, ...]] = {
     "monitoring": ("monitoring", "alerting", "serving", "tenancy"),
     "ray": ("ray", "tenancy", "images", "monitoring"),
     "training": ("training", "ray", "tenancy", "images", "monitoring"),
-    "delivery": ("delivery", "tenancy", "images", "monitoring"),
-    "serving": ("serving", "tenancy", "images", "monitoring", "alerting", "delivery"),
+    "delivery": ("delivery", "tenancy", "images", "monitoring", "storage"),
+    "serving": ("serving", "tenancy", "images", "monitoring", "alerting", "delivery", "storage"),
+    "feedback": ("feedback", "serving", "tenancy", "images", "monitoring", "storage"),
+    "loop": ("loop", "serving", "tenancy", "images", "monitoring", "storage"),
 }
 """The config sections each component reads: a component whose sections are equal in two stacks renders
 the same objects in both (checked by the render tests)."""
@@ -61,6 +64,12 @@ def plan(values: dict[str, Any], secret_keys: set[str], files: RepoFiles | None 
         problems.append(
             "rlops:delivery.enabled: alerts/canary/analysis.yaml is missing; the canary has no checks"
         )
+    if config.loop.enabled:
+        if repo.analysis is None:
+            problems.append(
+                "rlops:loop.enabled: alerts/canary/analysis.yaml is missing; rlops loop run-once reads it"
+            )
+        problems += loop.check(config)
     alertmanager = None
     if config.monitoring.enabled:
         try:
@@ -186,6 +195,7 @@ def build(p: Plan) -> dict[str, pulumi.Resource]:
                 trainer_image=c.images.trainer,
                 data_claim=store.data_claim,
                 models_claim=store.models_claim,
+                logs=c.storage.logs,
             ),
             opts,
             depends_on=after,
@@ -211,7 +221,7 @@ def build(p: Plan) -> dict[str, pulumi.Resource]:
             server_image=c.images.server,
             data_claim=store.data_claim,
             models_claim=store.models_claim,
-            decision_logs=c.delivery.decision_logs,
+            logs=c.storage.logs,
             monitoring_namespace=c.monitoring.namespace if c.monitoring.enabled else None,
             monitor_labels=monitor_labels,
             canary=canary,
@@ -220,6 +230,42 @@ def build(p: Plan) -> dict[str, pulumi.Resource]:
         opts,
         depends_on=serving_deps,
     )
+    if c.feedback.enabled:
+        fb = feedback.Feedback(
+            "feedback",
+            feedback.FeedbackArgs(
+                feedback=c.feedback,
+                namespace=ns,
+                server_image=c.images.server,
+                data_claim=store.data_claim,
+                logs=c.storage.logs,
+                token=p.secrets[c.feedback.token],
+                client_namespaces=tuple(c.serving.client_namespaces),
+                monitoring_namespace=c.monitoring.namespace if c.monitoring.enabled else None,
+                monitor_labels=monitor_labels,
+            ),
+            opts,
+            depends_on=[*after, store],
+        )
+        built["feedback"] = fb
+        pulumi.export("feedback_url", fb.url)
+    if c.loop.enabled and p.files.analysis is not None:
+        built["loop"] = loop.Loop(
+            "loop",
+            loop.LoopArgs(
+                loop=c.loop,
+                policy=c.serving.policy,
+                namespace=ns,
+                trainer_image=c.images.trainer,
+                data_claim=store.data_claim,
+                models_claim=store.models_claim,
+                logs=c.storage.logs,
+                analysis=p.files.analysis.text,
+                prometheus_url=monitoring.prometheus_url(c.monitoring) if c.monitoring.enabled else None,
+            ),
+            opts,
+            depends_on=[*after, store],
+        )
     pulumi.export("environment", c.environment)
     pulumi.export("namespace", ns)
     pulumi.export("inference_url", built["serving"].url)  # type: ignore[attr-defined]

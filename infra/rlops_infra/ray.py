@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+
 from rlops_infra import charts
 from rlops_infra import config as cfg
 from rlops_infra.base import Component

@@ -19,6 +19,7 @@ from typing import Any
 
 import pulumi
 import yaml
+
 from rlops_infra import config as cfg
 from rlops_infra.files import ROOT, RepoFiles
 from rlops_infra.program import build, plan
@@ -213,6 +214,9 @@ def with_placeholders(values: dict[str, Any], secret_keys: set[str]) -> tuple[di
     wanted += [r.get("secret") for r in receivers if isinstance(r, dict)]
     files = alerting.get("secrets", {}) if isinstance(alerting, dict) else {}
     wanted += list(files.values()) if isinstance(files, dict) else []
+    feedback = values.get(f"{cfg.NAMESPACE}:feedback") or {}
+    if isinstance(feedback, dict) and feedback.get("enabled", cfg.Feedback().enabled):
+        wanted.append(feedback.get("token", cfg.Feedback().token))
     for name in wanted:
         if not isinstance(name, str):
             continue

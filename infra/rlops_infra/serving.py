@@ -61,8 +61,10 @@ from rlops_infra.k8s import (
     REGISTRY_DIR,
     as_secret,
     container_security,
+    from_namespace,
+    from_namespaces,
     gpu_placement,
-    job_relabeling,
+    http_probe,
     metadata,
     mount,
     pod_security,
@@ -71,6 +73,8 @@ from rlops_infra.k8s import (
     resources,
     scratch_volume,
     selector,
+    service_monitor,
+    tcp_ports,
 )
 
 COMPONENT = "serving"
@@ -118,8 +122,8 @@ class ServingArgs:
     server_image: str
     data_claim: str
     models_claim: str
-    decision_logs: str
-    """Decision-log folder inside the data volume."""
+    logs: str
+    """Log root inside the data volume (``storage.logs``): decisions go to its ``decisions/``."""
     monitoring_namespace: str | None
     monitor_labels: dict[str, str] | None
     canary: Canary | None = None
@@ -171,15 +175,6 @@ def config_map(args: ServingArgs) -> dict[str, Any]:
     }
 
 
-def _probe(path: str, period: int, failures: int, port: str = "http") -> dict[str, Any]:
-    return {
-        "httpGet": {"path": path, "port": port},
-        "periodSeconds": period,
-        "timeoutSeconds": 2,
-        "failureThreshold": failures,
-    }
-
-
 def pod_template(args: ServingArgs) -> dict[str, Any]:
     s = args.serving
     command = [
@@ -189,15 +184,15 @@ def pod_template(args: ServingArgs) -> dict[str, Any]:
         "--ts-config", f"{CONFIG_DIR}/{PROPERTIES_FILE}",
     ]  # fmt: skip
     env = [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "LOG_LOCATION", "value": "/tmp/logs"},
         {"name": "METRICS_LOCATION", "value": "/tmp/logs"},
         # One torch thread per worker: TorchServe already runs a worker per core asked for.
         {"name": "OMP_NUM_THREADS", "value": "1"},
-        # Each pod writes its own decision-log folder; the reward join reads them all.
-        {"name": "RLOPS_DECISION_LOG_DIR", "value": f"{DATA_MOUNT}/{args.decision_logs}/$(POD_NAME)"},
+        # Every pod logs into the one log root, laid out as locally (decisions/ here, rewards/ from the
+        # feedback service): file names carry the pod's host name, so pods never write the same file.
+        {"name": "RLOPS_DECISION_LOG_DIR", "value": f"{DATA_MOUNT}/{args.logs}"},
     ]
     container = {
         "name": "torchserve",
@@ -212,9 +207,9 @@ def pod_template(args: ServingArgs) -> dict[str, Any]:
         ],
         "resources": resources(s.resources.cpu, s.resources.memory, s.resources.gpus),
         # Java and the model load take a while: liveness starts counting once startup succeeded.
-        "startupProbe": _probe("/ping", 5, 60),
-        "readinessProbe": _probe("/ping", 5, 3),
-        "livenessProbe": _probe("/ping", 10, 6),
+        "startupProbe": http_probe("/ping", 5, 60),
+        "readinessProbe": http_probe("/ping", 5, 3),
+        "livenessProbe": http_probe("/ping", 10, 6),
         "securityContext": container_security(),
         "volumeMounts": [
             mount("config", CONFIG_DIR, read_only=True),
@@ -284,9 +279,9 @@ def actions_container(image: str, a: Actions) -> dict[str, Any]:
         "ports": [{"name": "actions", "containerPort": PORT_ACTIONS_WEBHOOK}],
         "resources": resources("250m", "512Mi"),
         # Its imports (torch among them) take a while on a quarter of a core.
-        "startupProbe": _probe("/healthz", 5, 36, port="actions"),
-        "readinessProbe": _probe("/healthz", 10, 3, port="actions"),
-        "livenessProbe": _probe("/healthz", 10, 6, port="actions"),
+        "startupProbe": http_probe("/healthz", 5, 36, port="actions"),
+        "readinessProbe": http_probe("/healthz", 10, 3, port="actions"),
+        "livenessProbe": http_probe("/healthz", 10, 6, port="actions"),
         "securityContext": container_security(),
         # Whole volumes, no subPath: a folder the kubelet creates for a subPath is owned by root and may not
         # be writable for the trainers that later publish into the registry.
@@ -440,49 +435,27 @@ def disruption_budget(args: ServingArgs) -> dict[str, Any]:
     }
 
 
-def _ports(*ports: int) -> list[dict[str, Any]]:
-    return [{"protocol": "TCP", "port": p} for p in ports]
-
-
 def network_policy(args: ServingArgs) -> dict[str, Any]:
     ingress: list[dict[str, Any]] = [
         # Same namespace: inference, management and metrics.
         {
             "from": [{"podSelector": {}}],
-            "ports": _ports(PORT_TS_INFERENCE, PORT_TS_MANAGEMENT, PORT_TS_METRICS),
+            "ports": tcp_ports(PORT_TS_INFERENCE, PORT_TS_MANAGEMENT, PORT_TS_METRICS),
         }
     ]
     if args.serving.client_namespaces:
         ingress.append(
             {
-                "from": [
-                    {
-                        "namespaceSelector": {
-                            "matchExpressions": [
-                                {
-                                    "key": "kubernetes.io/metadata.name",
-                                    "operator": "In",
-                                    "values": list(args.serving.client_namespaces),
-                                }
-                            ]
-                        }
-                    }
-                ],
-                "ports": _ports(PORT_TS_INFERENCE),
+                "from": [from_namespaces(list(args.serving.client_namespaces))],
+                "ports": tcp_ports(PORT_TS_INFERENCE),
             }
         )
     if args.monitoring_namespace:
         ingress.append(
             {
-                "from": [
-                    {
-                        "namespaceSelector": {
-                            "matchLabels": {"kubernetes.io/metadata.name": args.monitoring_namespace}
-                        }
-                    }
-                ],
+                "from": [from_namespace(args.monitoring_namespace)],
                 # Prometheus scrapes; Alertmanager posts to the actions webhook.
-                "ports": _ports(PORT_TS_METRICS, *([PORT_ACTIONS_WEBHOOK] if args.actions else [])),
+                "ports": tcp_ports(PORT_TS_METRICS, *([PORT_ACTIONS_WEBHOOK] if args.actions else [])),
             }
         )
     return {
@@ -493,25 +466,6 @@ def network_policy(args: ServingArgs) -> dict[str, Any]:
             "podSelector": {"matchLabels": selector(COMPONENT)},
             "policyTypes": ["Ingress"],
             "ingress": ingress,
-        },
-    }
-
-
-def service_monitor(
-    name: str, namespace: str, component: str, port: str, job: str, labels: dict[str, str]
-) -> dict[str, Any]:
-    """Scrapes ``port`` of the Services labelled for ``component``, as scrape job ``job``."""
-    meta = metadata(name, namespace, component)
-    meta["labels"].update(labels)
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": meta,
-        "spec": {
-            "selector": {"matchLabels": selector(component)},
-            "endpoints": [
-                {"port": port, "path": "/metrics", "interval": "15s", "relabelings": job_relabeling(job)}
-            ],
         },
     }
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+
 from rlops_infra import config as cfg
 from rlops_infra.base import Component
 from rlops_infra.k8s import GPU_RESOURCE, metadata

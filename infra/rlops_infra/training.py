@@ -10,6 +10,7 @@ from typing import Any
 
 import pulumi
 from rlops_contracts.metrics import JOB_TRAINER, PORT_TRAINER_METRICS
+
 from rlops_infra import config as cfg
 from rlops_infra import ray as ray_mod
 from rlops_infra.base import Component

@@ -26,6 +26,7 @@ from typing import Any
 import jsonschema
 import yaml
 from referencing import Registry, Resource
+
 from rlops_infra.files import ROOT
 
 KUBERNETES_VERSION = "1.33.0"

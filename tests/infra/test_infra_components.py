@@ -197,7 +197,7 @@ def _serving_args(**over) -> serving.ServingArgs:
         server_image=SERVER,
         data_claim="rlops-data",
         models_claim="rlops-models",
-        decision_logs="decisions",
+        logs="logs",
         monitoring_namespace="monitoring",
         monitor_labels={"release": "kps"},
     )
@@ -441,6 +441,7 @@ def _delivery_args() -> delivery.DeliveryArgs:
         IMAGE,
         "rlops-data",
         "rlops-models",
+        "logs",
     )
 
 

@@ -7,15 +7,11 @@ import copy
 import json
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+import localrun
 import pytest
 import yaml
 from rlops_contracts.metrics import JOB_ACTIONS, JOB_TRAINER, PORT_TS_MANAGEMENT
@@ -361,61 +357,25 @@ def _trainer_pods(r: Render) -> list[tuple[dict, dict]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _post(url: str, body: dict, token: str | None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_the_rendered_webhook_command_runs(renders, tmp_path: Path) -> None:
     """The sidecar's command line, as rendered, is one ``rlops stack webhook`` takes and acts on; only its
     addresses and paths move to this machine (nothing answers on the management port here)."""
     (hook,) = [c for c in _serving_pod(renders["dev"])["spec"]["containers"] if c["name"] == "actions"]
-    command = list(hook["command"])
-    flags = dict(zip(command[3::2], command[4::2], strict=True))
-    port = _free_port()
+    _, flags = localrun.split(hook["command"])
+    port = localrun.free_port()
     token = "s3cret"
     (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
-    record = flags["--record"].replace("$(POD_NAME)", "torchserve-cartpole-0")
-    local = {
+    record = str(flags["--record"]).replace("$(POD_NAME)", "torchserve-cartpole-0")
+    moved = {
         "--host": "127.0.0.1",
         "--port": str(port),
         "--token-file": str(tmp_path / "token"),
-        "--registry": str(tmp_path / flags["--registry"].lstrip("/")),
-        "--management-url": f"http://127.0.0.1:{_free_port()}",
-        "--record": str(tmp_path / record.lstrip("/")),
+        "--registry": localrun.local_path(tmp_path, str(flags["--registry"])),
+        "--management-url": f"http://127.0.0.1:{localrun.free_port()}",
+        "--record": localrun.local_path(tmp_path, record),
     }
-    assert set(local) <= set(flags)
-    args = [a for flag, value in flags.items() for a in (flag, local.get(flag, value))]
-    rlops = Path(sys.executable).with_name("rlops")
-    proc = subprocess.Popen(
-        [str(rlops), *command[1:3], *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the webhook did not answer /healthz"
-            time.sleep(0.5)
+    with localrun.serving(localrun.here(hook["command"], moved), f"{base}/healthz"):
         alert = {
             "status": "firing",
             "labels": {"alertname": "RlopsServingLatencyHigh", "action": "scale_up", "policy": "cartpole",
@@ -425,21 +385,13 @@ def test_the_rendered_webhook_command_runs(renders, tmp_path: Path) -> None:
             "fingerprint": "f",
         }  # fmt: skip
         payload = {"version": "4", "status": "firing", "alerts": [alert]}
-        assert _post(f"{base}/alerts", payload, None)[0] == 401
-        status, answer = _post(f"{base}/alerts", payload, token)
+        assert localrun.post_json(f"{base}/alerts", payload, None)[0] == 401
+        status, answer = localrun.post_json(f"{base}/alerts", payload, token)
         assert status == 200
         (result,) = answer["results"]
         assert (result["action"], result["outcome"]) == ("scale_up", "failed")
         assert "cannot be reached" in result["message"]
-        lines = Path(local["--record"]).read_text(encoding="utf-8").splitlines()
+        lines = Path(moved["--record"]).read_text(encoding="utf-8").splitlines()
         assert [json.loads(line)["outcome"] for line in lines] == ["failed"]
-        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
-            metrics = answer.read().decode()
+        metrics = localrun.get_text(f"{base}/metrics")
         assert 'rlops_alert_actions_total{action="scale_up",outcome="failed"} 1.0' in metrics
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

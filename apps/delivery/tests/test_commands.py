@@ -63,3 +63,13 @@ def test_loop_config_errors_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(loop_app, ["run-once", "--config", str(config), "--analysis", str(ANALYSIS)])
     assert result.exit_code == 2
     assert "algorithm: 'ppo'" in result.output
+
+
+def test_loop_names_the_accepted_canary_modes(tmp_path: Path) -> None:
+    config = tmp_path / "loop.yaml"
+    config.write_text("policy: cartpole\n")
+    result = runner.invoke(
+        loop_app, ["run-once", "--config", str(config), "--analysis", str(ANALYSIS), "--canary", "bogus"]
+    )
+    assert result.exit_code == 2
+    assert "--canary 'bogus': accepted: local, none" in result.output

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from conftest import POLICY, publish, serve_episodes, train_policy_dir
 from rlops_delivery import loop
+from rlops_delivery.commands.loop import app as loop_app
 from rlops_delivery.drills import write_constant_policy_dir
 from rlops_server.decision_log import DECISIONS_STREAM, complete_files
 from rlops_trainer.registry import Registry
+from typer.testing import CliRunner
 
 
 def config(**overrides: Any) -> loop.LoopConfig:
@@ -182,3 +184,47 @@ def test_an_interrupted_iteration_resumes_where_it_stopped(tmp_path: Path, poor_
     assert it["outcome"] == loop.ROLLED_BACK
     assert canary.versions == [it["version"]]
     assert Registry(poor_champion).versions(POLICY) == versions, "published once, not again"
+
+
+def test_without_a_canary_the_iteration_hands_the_candidate_off(tmp_path: Path, poor_champion: Path) -> None:
+    """``canary=None`` (the cluster's loop): the iteration ends at the candidate alias, nothing is served."""
+    serve_episodes(tmp_path / "logs", poor_champion, episodes=40, seed=4)
+    cfg = config(
+        train={"steps": 300, "alpha": 0.1, "hidden": [32, 32], "seed": 0},
+        min_new_transitions=100,
+        gate={"estimator": "fqe", "fqe_steps": 300, "fqe_models": 1, "bootstrap": 50},
+    )
+    paths = loop.Paths(tmp_path / "logs", poor_champion, tmp_path / "state", tmp_path / "serve")
+
+    def no_serving(version: int) -> str:
+        raise AssertionError(f"version {version} was loaded into a TorchServe the cluster loop has not got")
+
+    it = loop.Loop(cfg, paths, canary=None, load_candidate=no_serving, report=print).run_once()
+    assert it["stage"] == loop.DONE, it
+    assert it["gate"]["promote"] is True, it["gate"]["reason"]
+    assert it["outcome"] == loop.HANDED_OFF
+    assert f"version {it['version']} is the registry's candidate" in it["reason"]
+    assert "rollout" not in it
+    reg = Registry(poor_champion)
+    assert reg.versions(POLICY) == [1, it["version"]]
+    assert reg.aliases(POLICY) == {"champion": 1, "candidate": it["version"]}
+    state = loop.LoopState.read(tmp_path / "state" / POLICY / loop.STATE_FILE, POLICY)
+    assert state.current is None
+    assert state.consumed == it["new_files"] != []
+    assert state.iterations == [it]
+    # Nothing new: the next run waits and changes nothing.
+    state_before = (tmp_path / "state" / POLICY / loop.STATE_FILE).read_text()
+    again = loop.Loop(cfg, paths, canary=None, load_candidate=no_serving).run_once()
+    assert again["outcome"] == "waiting"
+    assert (tmp_path / "state" / POLICY / loop.STATE_FILE).read_text() == state_before
+    assert Registry(poor_champion).aliases(POLICY) == {"champion": 1, "candidate": it["version"]}
+    (tmp_path / "loop.yaml").write_text(f"policy: {POLICY}\n")
+    shown = CliRunner().invoke(
+        loop_app,
+        ["status", "--config", str(tmp_path / "loop.yaml"), "--state-dir", str(tmp_path / "state")],
+        env={"COLUMNS": "200"},
+    )
+    assert shown.exit_code == 0, shown.output
+    row = next(line for line in shown.output.splitlines() if it["id"] in line)
+    for shown_value in (loop.DONE, str(it["version"]), loop.HANDED_OFF, "left to the platform"):
+        assert shown_value in row, shown.output

@@ -13,7 +13,8 @@
    (:mod:`rlops_delivery.opegate`); a candidate the gate rejects ends the iteration unpublished.
 5. **publish**: into the registry, with the evaluation and the gate decision in its model card.
 6. **canary**: TorchServe is restarted with champion and candidate if it does not serve the candidate,
-   then :class:`rlops_delivery.rollout.Rollout` promotes or rolls it back.
+   then :class:`rlops_delivery.rollout.Rollout` promotes or rolls it back. Without a canary (Kubernetes,
+   where Argo Rollouts runs it) the iteration ends here, ``handed_off`` with the candidate alias set.
 
 Every iteration is a folder (data, training run, policy, gate result) and an entry in the state file,
 which says which stage it reached: a run that died resumes at the stage it was in. Files are marked
@@ -159,15 +160,9 @@ def parse_config(raw: Any, source: str) -> LoopConfig:
         c = _section(top.get("canary"), f"{source}: canary", "canary")
         canary = CanaryConfig(
             steps=parse_steps(_text(c["steps"])) if "steps" in c else DEFAULT_STEPS,
-            interval_s=analysis.parse_duration(c["interval"], "canary.interval")
-            if "interval" in c
-            else None,
-            step_min_s=analysis.parse_duration(
-                c.get("step_duration", "1m"), "canary.step_duration"
-            ),
-            step_timeout_s=analysis.parse_duration(
-                c.get("step_timeout", "10m"), "canary.step_timeout"
-            ),
+            interval_s=analysis.parse_duration(c["interval"], "canary.interval") if "interval" in c else None,
+            step_min_s=analysis.parse_duration(c.get("step_duration", "1m"), "canary.step_duration"),
+            step_timeout_s=analysis.parse_duration(c.get("step_timeout", "10m"), "canary.step_timeout"),
         )
         reward_wait = analysis.parse_duration(top.get("reward_wait", "1m"), "reward_wait")
     except (opegate.OPEGateError, analysis.AnalysisError, TypeError, ValueError) as e:
@@ -251,6 +246,9 @@ class Paths:
 Canary = Callable[[int], dict[str, Any]]
 """Run the canary of a published version; returns the rollout record as JSON."""
 
+HANDED_OFF = "handed_off"
+"""Outcome of an iteration whose canary is left to the platform (Argo Rollouts on Kubernetes)."""
+
 
 class Loop:
     def __init__(
@@ -258,7 +256,7 @@ class Loop:
         config: LoopConfig,
         paths: Paths,
         *,
-        canary: Canary,
+        canary: Canary | None,
         load_candidate: Callable[[int], str],
         report: Callable[[str], None] = lambda line: None,
         clock: Callable[[], float] = time.time,
@@ -453,6 +451,14 @@ class Loop:
 
     def _canary(self, it: dict[str, Any]) -> None:
         version = int(it["version"])
+        if self.canary is None:
+            # On Kubernetes the canary belongs to Argo Rollouts: the iteration ends with the candidate alias.
+            self._finish(
+                it,
+                HANDED_OFF,
+                f"version {version} is the registry's candidate; its canary is left to the platform",
+            )
+            return
         self.report(self.load_candidate(version))
         record = self.canary(version)
         it["rollout"] = {k: record.get(k) for k in ("id", "state", "traffic")} | {

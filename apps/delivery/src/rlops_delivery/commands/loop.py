@@ -1,7 +1,8 @@
 """``rlops loop``: the continuous-learning loop on this machine, one iteration per run (cron it).
 
-Exit codes of ``run-once``: 0 when the iteration ended (promoted, rolled back, rejected by a gate) or
-there was not enough new data; 1 when it stopped on an error and can be resumed; 2 for bad input.
+Exit codes of ``run-once``: 0 when the iteration ended (promoted, rolled back, rejected by a gate, or,
+with ``--canary none``, handed off at the candidate alias) or there was not enough new data; 1 when it
+stopped on an error and can be resumed; 2 for bad input.
 """
 
 from __future__ import annotations
@@ -65,9 +66,19 @@ def run_once(
             "--analysis", help="Canary analysis file (default: alerts/canary/analysis.yaml).", dir_okay=False
         ),
     ] = None,
+    canary_mode: Annotated[
+        str,
+        typer.Option(
+            "--canary",
+            help="local: canary on the local TorchServe (restarted with the candidate); none: end the "
+            "iteration at the candidate alias and leave the canary to the platform (Argo Rollouts).",
+        ),
+    ] = "local",
     as_json: Annotated[bool, typer.Option("--json", help="Print the iteration as JSON.")] = False,
 ) -> None:
     """One iteration of the loop; resumes an interrupted one; does nothing without enough new data."""
+    if canary_mode not in ("local", "none"):
+        fail(f"--canary {canary_mode!r}: accepted: local, none")
     try:
         cfg = loop.load_config(config)
         spec = analysis.load(analysis_path(analysis_file))
@@ -102,7 +113,7 @@ def run_once(
     the_loop = loop.Loop(
         cfg,
         loop.Paths(logs=logs, registry=registry, state_dir=state_dir, serve_run_dir=run_dir),
-        canary=canary,
+        canary=canary if canary_mode == "local" else None,
         load_candidate=lambda version: restart_with_candidate(registry, cfg.policy, version, run_dir),
         report=_say,
     )
