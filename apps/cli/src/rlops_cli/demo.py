@@ -72,8 +72,10 @@ class Demo:
         return step
 
     @contextmanager
-    def background(self, title: str, *args: str | Path, ready_url: str) -> Iterator[None]:
-        """A long-running command (a service) for the duration of the block, stopped with SIGTERM."""
+    def background(self, title: str, *args: str | Path, ready_url: str | None) -> Iterator[None]:
+        """A long-running command (a service) for the duration of the block, stopped with SIGTERM.
+
+        Ready when ``ready_url`` answers; without one, when the process is still alive after a second."""
         step = Step(title, [str(a) for a in args])
         console.rule(f"[bold]{step.title}")
         console.print(f"[dim]$ rlops {shlex.join(step.args)} &")
@@ -81,7 +83,13 @@ class Demo:
         proc = subprocess.Popen(_rlops(step.args), env=self.env)
         try:
             deadline = time.monotonic() + 60
-            while True:
+            while ready_url is None:
+                time.sleep(1.0)
+                if proc.poll() is not None:
+                    console.print(f"[red]'{step.title}' exited with code {proc.returncode}")
+                    raise typer.Exit(1)
+                break
+            while ready_url is not None:
                 try:
                     with urllib.request.urlopen(ready_url, timeout=1):
                         break
@@ -120,6 +128,22 @@ def _best_passing(report_path: Path) -> dict[str, object] | None:
     return max(passing, key=lambda p: float(p["gate"]["candidate_lower"]), default=None)
 
 
+def _loop_config(steps: int, fqe_steps: int, seed: int) -> str:
+    """The loop's settings for the demo: retrain on what the served traffic logged, with a short canary."""
+    return "\n".join(
+        [
+            f"policy: {POLICY_NAME}",
+            "algorithm: cql",
+            f"train: {{steps: {steps}, alpha: 0.1, seed: {seed}}}",
+            "min_new_transitions: 200",
+            "reward_wait: 1s",
+            f"gate: {{bootstrap: 300, fqe_steps: {fqe_steps}}}",
+            "canary: {steps: '10,100', interval: 3s, step_duration: 15s, step_timeout: 3m}",
+            "",
+        ]
+    )
+
+
 def demo(
     directory: Annotated[
         Path, typer.Option("--dir", help="Folder for data, runs, reports, registry, logs and the server.")
@@ -132,9 +156,19 @@ def demo(
     traffic_episodes: Annotated[
         int, typer.Option(help="CartPole episodes driven by the served policy.", min=1)
     ] = 20,
+    fqe_steps: Annotated[
+        int,
+        typer.Option(
+            help="Gradient steps of each fitted Q evaluation model (evaluation and the loop's gate).", min=100
+        ),
+    ] = 12000,
+    loop_steps: Annotated[
+        int, typer.Option(help="Gradient steps of the loop's retraining on served logs.", min=100)
+    ] = 3000,
     seed: Annotated[int, typer.Option(help="Seed for collection and training.")] = 0,
 ) -> None:
-    """Run the loop on this machine: collect → train → OPE → gate → registry → serve → traffic → join."""
+    """Run the loop on this machine: collect → train → OPE → gate → registry → serve (watched by
+    Prometheus) → traffic → join → retrain → gate → canary → decision → report."""
     from rlops_trainer.collect import CARTPOLE_MIXED
 
     d = directory.resolve()
@@ -154,6 +188,10 @@ def demo(
     logs = d / "logs"
     serve_dir = d / "serve"
     joined = d / "data" / "served-joined.parquet"
+    stack_dir = d / "stack"
+    loop_dir = d / "loop"
+    loop_config = d / "loop" / "config.yaml"
+    report_page = d / "reports" / "live" / "index.html"
     # Reports are wide tables: give them room when the output is a log rather than a terminal.
     columns = str(max(shutil.get_terminal_size((140, 40)).columns, 140))
     env = {**os.environ, "RLOPS_REGISTRY": str(registry), "OMP_NUM_THREADS": "1", "COLUMNS": columns}
@@ -181,6 +219,7 @@ def demo(
         *("evaluate", "--data", data),
         *("--policy", runs / "bc" / "policy", "--policy", runs / "cql" / "policy"),
         *("--registry", registry, "--champion", POLICY_NAME, "--env-episodes", str(env_episodes)),
+        *("--fqe-steps", str(fqe_steps)),
         *("--out", report),
         outputs=(report / "report.json", report / "report.png"),
     )
@@ -198,8 +237,10 @@ def demo(
     version = max(int(v.name) for v in (registry / POLICY_NAME).iterdir() if v.name.isdigit())
     demo.run("promote it through the gate", "registry", "promote", POLICY_NAME, str(version))
 
-    # Online: archive → TorchServe → traffic from a real environment → decision log + rewards → dataset.
-    ports = {k: _free_port() for k in ("inference", "management", "metrics", "grpc", "feedback")}
+    # Online: archive → TorchServe (watched by the local Prometheus) → traffic from a real environment →
+    # decision log + rewards → dataset.
+    serving = ["inference", "management", "metrics", "grpc", "feedback"]
+    ports = {k: _free_port() for k in [*serving, "prometheus", "alertmanager", "webhook"]}
     demo.run(
         "archive the champion for TorchServe",
         *("serve", "archive", POLICY_NAME, "champion", "--store", serve_dir / "model-store"),
@@ -208,34 +249,76 @@ def demo(
     inference_url = f"http://127.0.0.1:{ports['inference']}"
     feedback_url = f"http://127.0.0.1:{ports['feedback']}"
     summary_path = d / "reports" / "traffic.json"
-    with demo.background(
-        "reward feedback service",
-        *("feedback", "serve", "--dir", logs, "--port", str(ports["feedback"])),
-        ready_url=f"{feedback_url}/healthz",
-    ):
-        demo.run(
-            "start TorchServe with the champion",
-            *("serve", "start", "--name", POLICY_NAME, "--run-dir", serve_dir, "--decision-log-dir", logs),
-            *("--port", str(ports["inference"]), "--management-port", str(ports["management"])),
-            *("--metrics-port", str(ports["metrics"]), "--grpc-port", str(ports["grpc"])),
-            outputs=(serve_dir,),
-        )
-        try:
-            demo.run(
-                f"drive {ENV_ID} with the served policy",
-                *("serve", "traffic", "--url", inference_url, "--model", POLICY_NAME, "--env", ENV_ID),
-                *("--episodes", str(traffic_episodes), "--feedback-url", feedback_url),
-                *("--run-dir", serve_dir, "--summary", summary_path, "--seed", str(seed + 1000)),
-                outputs=(summary_path,),
-            )
-        finally:
-            demo.run("stop TorchServe (flushes the decision log)", "serve", "stop", "--run-dir", serve_dir)
-    demo.run(
-        "join decisions with rewards into a training dataset",
-        *("feedback", "join", "--decisions", logs, "--rewards", logs, "--out", joined),
-        *("--policy", POLICY_NAME, "--registry", registry),
-        outputs=(joined,),
+    serve_start = (
+        *("serve", "start", "--name", POLICY_NAME, "--run-dir", serve_dir, "--decision-log-dir", logs),
+        *("--port", str(ports["inference"]), "--management-port", str(ports["management"])),
+        *("--metrics-port", str(ports["metrics"]), "--grpc-port", str(ports["grpc"])),
     )
-    demo.run("inspect the joined dataset", "data", "inspect", joined)
+    stop_serving = ("serve", "stop", "--run-dir", serve_dir)
+    feedback = ("feedback", "serve", "--dir", logs, "--port", str(ports["feedback"]))
+    demo.run(
+        "Prometheus, Alertmanager and the actions webhook, from alerts/",
+        *("stack", "up", "--root", stack_dir, "--scrape-interval", "5", "--evaluation-interval", "5"),
+        *("--prometheus-port", str(ports["prometheus"])),
+        *("--alertmanager-port", str(ports["alertmanager"])),
+        *("--webhook-port", str(ports["webhook"]), "--registry", registry, "--serve-run-dir", serve_dir),
+        *("--target", f"torchserve=127.0.0.1:{ports['metrics']}"),
+        *("--target", f"rlops-feedback=127.0.0.1:{ports['feedback']}"),
+        *("--target", f"rlops-actions=127.0.0.1:{ports['webhook']}"),
+        outputs=(stack_dir,),
+    )
+    try:
+        # Stopping the server and the reward service seals their open log files for the join.
+        with demo.background("reward feedback service", *feedback, ready_url=f"{feedback_url}/healthz"):
+            demo.run("start TorchServe with the champion", *serve_start, outputs=(serve_dir,))
+            try:
+                demo.run(
+                    f"drive {ENV_ID} with the served policy",
+                    *("serve", "traffic", "--url", inference_url, "--model", POLICY_NAME, "--env", ENV_ID),
+                    *("--episodes", str(traffic_episodes), "--feedback-url", feedback_url),
+                    *("--run-dir", serve_dir, "--summary", summary_path, "--seed", str(seed + 1000)),
+                    outputs=(summary_path,),
+                )
+            finally:
+                demo.run("stop TorchServe (flushes the decision log)", *stop_serving)
+        demo.run(
+            "join decisions with rewards into a training dataset",
+            *("feedback", "join", "--decisions", logs, "--rewards", logs, "--out", joined),
+            *("--policy", POLICY_NAME, "--registry", registry),
+            outputs=(joined,),
+        )
+        demo.run("inspect the joined dataset", "data", "inspect", joined)
+
+        # The loop closes: served logs → join → retrain → OPE gate → canary → promote or roll back, with
+        # traffic flowing all along.
+        loop_config.parent.mkdir(parents=True, exist_ok=True)
+        loop_config.write_text(_loop_config(loop_steps, fqe_steps, seed), encoding="utf-8")
+        with demo.background("reward feedback service", *feedback, ready_url=f"{feedback_url}/healthz"):
+            demo.run("serve the champion again for the loop", *serve_start, outputs=(serve_dir,))
+            try:
+                with demo.background(
+                    f"keep {ENV_ID} traffic flowing (split between champion and candidate)",
+                    *("rollout", "traffic", "--url", inference_url, "--model", POLICY_NAME, "--env", ENV_ID),
+                    *("--episodes", "1000000", "--feedback-url", feedback_url, "--concurrency", "2"),
+                    *("--serve-run-dir", serve_dir, "--seed", str(seed + 5000)),
+                    ready_url=None,
+                ):
+                    demo.run(
+                        "one iteration of the continuous-learning loop",
+                        *("loop", "run-once", "--config", loop_config, "--logs", logs),
+                        *("--registry", registry, "--state-dir", loop_dir, "--serve-run-dir", serve_dir),
+                        *("--prometheus-url", f"http://127.0.0.1:{ports['prometheus']}"),
+                        outputs=(loop_dir,),
+                    )
+            finally:
+                demo.run("stop TorchServe", *stop_serving)
+        demo.run(
+            "report: every dashboard panel from the real Prometheus, and the alerts",
+            *("report", "--out", report_page, "--stack-root", stack_dir, "--window", "30m"),
+            outputs=(report_page,),
+        )
+        demo.run("alerts pending or firing now", "stack", "status", "--root", stack_dir)
+    finally:
+        demo.run("stop the monitoring stack", "stack", "down", "--root", stack_dir)
     demo.run("the registry now", "registry", "list")
     console.print(demo.summary())
