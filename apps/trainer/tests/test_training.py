@@ -301,9 +301,9 @@ def test_cli_config_lists_fields_with_docs() -> None:
     assert result.exit_code == 0
     assert "expectile" in result.output
     assert "Expectile of Q that V estimates" in result.output
-    unknown = CliRunner().invoke(app, ["config", "ppo"])
+    unknown = CliRunner().invoke(app, ["config", "a3c"])
     assert unknown.exit_code == 2
-    assert "accepted: bc, cql, iql" in unknown.output
+    assert "accepted: bc, cql, iql, ppo, appo, dqn" in unknown.output
 
 
 def test_cli_trains_and_writes_a_policy_directory(data: Transitions, tmp_path: Path) -> None:

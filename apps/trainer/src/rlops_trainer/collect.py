@@ -162,10 +162,21 @@ class EnvHandle:
     observation_space: gym.spaces.Box
 
 
-def make_env(env_id: str, max_episode_steps: int | None = None) -> EnvHandle:
-    """``gym.make`` with errors that say what is accepted: Box observations, Discrete actions."""
+def make_env(
+    env_id: str, max_episode_steps: int | None = None, kwargs: dict[str, Any] | None = None
+) -> EnvHandle:
+    """``gym.make`` with errors that say what is accepted: Box observations, Discrete actions.
+
+    ``kwargs`` go to the environment's constructor.
+    """
     try:
-        env = gym.make(env_id, max_episode_steps=max_episode_steps)
+        env = gym.make(env_id, max_episode_steps=max_episode_steps, **(kwargs or {}))
+    except TypeError as e:
+        if not kwargs:
+            raise
+        raise CollectError(
+            f"Gymnasium environment {env_id!r} does not accept the arguments {kwargs}: {e}"
+        ) from None
     except gym.error.Error as e:
         close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

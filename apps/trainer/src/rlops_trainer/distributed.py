@@ -286,7 +286,8 @@ def train_distributed(
         "algorithm": algorithm,
         "cfg": cfg,
         "config": config,
-        "run": dataclasses.replace(run, out_dir=out_dir, progress=False),
+        # The record hook stays in the driver: it may hold a server socket, which cannot be pickled.
+        "run": dataclasses.replace(run, out_dir=out_dir, progress=False, on_record=None),
         "meta": data.meta,
         "n_actions": data.meta.n_actions,
         "obs_mean": obs_mean,

@@ -90,6 +90,9 @@ class RunOptions:
     """Gradient steps between metric records (and host syncs)."""
     progress: bool = True
     """Show a progress bar."""
+    on_record: Callable[[dict[str, float]], None] | None = None
+    """Called with every metrics record before it is checked and written (e.g. the Prometheus
+    exporter of :mod:`rlops_trainer.telemetry`)."""
 
 
 @dataclass
@@ -599,14 +602,17 @@ def resume_checkpoint(run: RunOptions) -> Path | None:
 # Metrics file and progress bar
 
 
-def start_metrics(path: Path, step: int) -> None:
-    """A fresh run starts an empty file; a resumed one drops the records written after ``step``."""
+def start_metrics(path: Path, step: int, key: str = "step") -> None:
+    """A fresh run starts an empty file; a resumed one drops the records written after ``step``.
+
+    ``key`` is the record field that counts progress (``iteration`` in the online trainer).
+    """
     if not path.exists():
         return
     if step == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)[key] <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -695,6 +701,8 @@ def fit(
                 window.reset()
                 last_time, last_step = now, step
                 final = {k: float(v) for k, v in record.items() if k not in ("step", "time_s")}
+                if run.on_record is not None:
+                    run.on_record(record)
                 check_finite(algorithm, final, step)
                 if metrics_path is not None:
                     with open(metrics_path, "a") as f:

@@ -1,4 +1,4 @@
-"""``rlops train``: learn a policy offline from a dataset and write it as a policy directory."""
+"""``rlops train``: learn a policy offline from a dataset or online on Ray; write it as a policy directory."""
 
 from __future__ import annotations
 
@@ -8,23 +8,29 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rlops_contracts.metrics import PORT_TRAINER_METRICS
 
 from rlops_trainer.algos import ALGORITHMS
 from rlops_trainer.commands import err_console, group
 from rlops_trainer.commands import fail as _fail
 from rlops_trainer.training import RunOptions, TrainResult, config_fields, resolve_device
 
+if TYPE_CHECKING:
+    from rlops_trainer.online.run import OnlineResult
+    from rlops_trainer.telemetry import TrainingTelemetry
+
 console = Console()
 
 app = group(
     "train",
-    "Learn a policy offline from a dataset (BC, CQL, IQL) and write it as a policy directory.",
+    "Learn a policy offline from a dataset (BC, CQL, IQL) or online on Ray (PPO, APPO, DQN) and write it "
+    "as a policy directory.",
 )
 
 
@@ -137,6 +143,10 @@ _HELP = {
     "checkpoint_every": "Gradient steps between checkpoints; 0 writes one only at the end.",
     "log_every": "Gradient steps between metric records.",
     "progress": "Show a progress bar.",
+    "metrics_port": (
+        f"Serve training metrics for Prometheus on this port (0: off; default {PORT_TRAINER_METRICS}, "
+        "skipped with a warning when taken)."
+    ),
 }
 
 
@@ -158,6 +168,9 @@ def _train_command(algorithm: str) -> Callable[..., None]:
         ] = 5000,
         log_every: Annotated[int, typer.Option("--log-every", help=_HELP["log_every"])] = 100,
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help=_HELP["progress"])] = True,
+        metrics_port: Annotated[
+            int | None, typer.Option("--metrics-port", help=_HELP["metrics_port"], show_default=False)
+        ] = None,
     ) -> None:
         from rlops_trainer.card import NAME_RE
         from rlops_trainer.datasets import load
@@ -191,6 +204,9 @@ def _train_command(algorithm: str) -> Callable[..., None]:
         except ValueError as exc:
             # DatasetError names the file, the column and the row itself.
             _fail(str(exc))
+        tel = _offline_telemetry(
+            metrics_port, run=out.resolve().name, algorithm=algorithm, policy=policy_name
+        )
         run = RunOptions(
             out_dir=out,
             device=device,
@@ -198,6 +214,7 @@ def _train_command(algorithm: str) -> Callable[..., None]:
             checkpoint_every=checkpoint_every,
             log_every=log_every,
             progress=progress,
+            on_record=tel.record if tel is not None else None,
         )
         start_step = _checkpoint_step(out) if resume else 0
         try:
@@ -214,6 +231,9 @@ def _train_command(algorithm: str) -> Callable[..., None]:
             # A failed Ray Train run: the message carries the workers' error.
             err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from exc
+        finally:
+            if tel is not None:
+                tel.close()
 
         from rlops_trainer.export import ExportError, write_policy_dir
 
@@ -232,6 +252,23 @@ def _train_command(algorithm: str) -> Callable[..., None]:
     return command
 
 
+def _offline_telemetry(
+    port: int | None, *, run: str, algorithm: str, policy: str
+) -> TrainingTelemetry | None:
+    """The metrics endpoint of an offline run: a taken default port warns, a chosen one is an error."""
+    from rlops_trainer.telemetry import TelemetryError, start
+
+    try:
+        return start(
+            run=run, algorithm=algorithm, policy=policy, port=PORT_TRAINER_METRICS if port is None else port
+        )
+    except TelemetryError as exc:
+        if port is not None:
+            _fail(f"--metrics-port: {exc}")
+        err_console.print(f"[yellow]warning:[/yellow] training metrics are not served: {escape(str(exc))}")
+        return None
+
+
 def _checkpoint_step(out: Path) -> int:
     from rlops_trainer.training import latest_checkpoint
 
@@ -243,13 +280,49 @@ for _algorithm in ALGORITHMS:
     app.command(name=_algorithm)(_train_command(_algorithm))
 
 
+_ONLINE_ALGORITHMS = ("ppo", "appo", "dqn")
+
+
+def _show_online_config(algorithm: str) -> None:
+    from rlops_trainer.online import config as online_config
+
+    sections: list[tuple[str, Any]] = [("training", online_config.TRAINING[algorithm.upper()])]
+    sections += [
+        (name, f.annotation)
+        for name, f in online_config.OnlineConfig.model_fields.items()
+        if name != "training"
+        and isinstance(f.annotation, type)
+        and issubclass(f.annotation, online_config.Section)
+    ]
+    top = online_config.fields(online_config.OnlineConfig)
+    tables = [("(top level)", top), *((name, online_config.fields(cls)) for name, cls in sections)]
+    for name, rows in tables:
+        table = Table(title=f"{algorithm} online config: {name}", title_justify="left")
+        for column in ("key", "type", "default", "meaning"):
+            table.add_column(column, style="bold" if column == "key" else None)
+        for key, type_name, default, doc in rows:
+            table.add_row(key, type_name, _fmt(default), doc)
+        console.print(table)
+
+
 @app.command("config")
 def show_config(
-    algorithm: Annotated[str, typer.Argument(help=f"One of: {', '.join(ALGORITHMS)}.")],
+    algorithm: Annotated[
+        str,
+        typer.Argument(
+            help=f"One of: {', '.join(ALGORITHMS)} (offline), {', '.join(_ONLINE_ALGORITHMS)} (online)."
+        ),
+    ],
 ) -> None:
-    """Print an algorithm's hyperparameters with their defaults and meaning (set them with --set)."""
+    """Print an algorithm's hyperparameters with their defaults and meaning.
+
+    Offline algorithms take them with --set key=value; online ones (ppo, appo, dqn) in the config file.
+    """
+    if algorithm.lower() in _ONLINE_ALGORITHMS:
+        _show_online_config(algorithm.lower())
+        return
     if algorithm not in ALGORITHMS:
-        _fail(f"unknown algorithm '{algorithm}'; accepted: {', '.join(ALGORITHMS)}")
+        _fail(f"unknown algorithm '{algorithm}'; accepted: {', '.join((*ALGORITHMS, *_ONLINE_ALGORITHMS))}")
     table = Table(title=f"{algorithm} config", title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("type")
@@ -258,3 +331,102 @@ def show_config(
     for field in config_fields(ALGORITHMS[algorithm][0]):
         table.add_row(field.name, _type_name(field.type), _fmt(field.default), field.doc)
     console.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# Online training (Ray, RLlib)
+
+
+_ONLINE_HELP = {
+    "config": "Config file (YAML): algorithm, env, resources, training, stop, … (docs/online-training.md).",
+    "out": "Run directory: config.yaml, metrics.jsonl, checkpoints/, reference.parquet and policy/.",
+    "address": "Join this Ray cluster (auto, HOST:6379 or ray://HOST:10001) instead of starting a local Ray.",
+    "resume": "Continue from the newest checkpoint in --out.",
+    "set": "Override a config key, key.path=value (repeatable), e.g. --set training.lr=3e-4.",
+    "registry": "Also publish the policy directory into this registry (as `rlops registry publish` does).",
+    "export": "Write the policy directory at the end.",
+}
+
+
+def _online_summary(result: OnlineResult) -> Table:
+    cfg = result.config
+    table = Table(title=f"{cfg.algorithm} on {cfg.env}", title_justify="left", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    m = result.train_result.final_metrics if result.train_result else result.final_metrics
+    rows: list[tuple[str, str]] = [
+        ("stopped by", result.stopped_by),
+        (
+            "iterations",
+            f"{result.iterations:,}"
+            + (f" (resumed at {result.start_iteration})" if result.start_iteration else ""),
+        ),
+        ("env steps", f"{result.env_steps:,}"),
+        ("training time", f"{result.train_time_s:.1f} s (start-up {result.setup_time_s:.1f} s)"),
+        ("env steps/s", f"{result.env_steps / max(result.train_time_s, 1e-9):,.0f}"),
+    ]
+    for key in ("episode_return_mean", "episode_length_mean", "reference_return_mean", "entropy", "loss"):
+        if key in m:
+            rows.append((key, _fmt(m[key])))
+    rows += [("metrics", str(result.metrics_path)), ("checkpoint", str(result.checkpoint))]
+    if result.metrics_port is not None:
+        rows.append(("metrics endpoint", f"port {result.metrics_port} (closed)"))
+    if result.policy_dir is not None:
+        rows.append(("policy", str(result.policy_dir)))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command("online")
+def online(
+    config: Annotated[Path, typer.Option("--config", help=_ONLINE_HELP["config"], dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help=_ONLINE_HELP["out"], file_okay=False)],
+    address: Annotated[str | None, typer.Option("--address", help=_ONLINE_HELP["address"])] = None,
+    resume: Annotated[bool, typer.Option("--resume", help=_ONLINE_HELP["resume"])] = False,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help=_ONLINE_HELP["set"])] = None,
+    registry: Annotated[
+        Path | None, typer.Option("--registry", help=_ONLINE_HELP["registry"], file_okay=False)
+    ] = None,
+    export: Annotated[bool, typer.Option("--export/--no-export", help=_ONLINE_HELP["export"])] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help=_HELP["progress"])] = True,
+) -> None:
+    """Train online with RLlib on Ray (PPO, APPO or DQN), locally or on a cluster (--address).
+
+    Checkpoints every checkpoint.every iterations (--resume continues from the newest), serves training
+    metrics for Prometheus, and writes the policy as policy.pt and model-card.json under --out/policy,
+    exactly as the offline trainer does. `rlops train config ppo` lists the keys.
+    """
+    from rlops_trainer.online.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not export and registry is not None:
+        _fail("--registry publishes the exported policy: it cannot be combined with --no-export")
+
+    from rlops_trainer.export import ExportError
+    from rlops_trainer.online.run import OnlineRun, OnlineTrainingError, train_online
+
+    run = OnlineRun(out_dir=out, resume=resume, address=address, progress=progress, export=export)
+    try:
+        result = train_online(cfg, run)
+    except ConfigError as exc:
+        _fail(f"{config}: {exc}")
+    except (OnlineTrainingError, ExportError) as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from exc
+    console.print(_online_summary(result))
+    if registry is not None and result.policy_dir is not None:
+        from rlops_trainer.registry import Registry, RegistryError
+
+        try:
+            reg = Registry(registry)
+            version = reg.publish(result.policy_dir, cfg.policy_name)
+        except RegistryError as exc:
+            _fail(str(exc))
+        console.print(
+            f"published [bold]{escape(cfg.policy_name)}[/bold] version {version} → "
+            f"{escape(str(reg.resolve(cfg.policy_name, version)))} (candidate)"
+        )
