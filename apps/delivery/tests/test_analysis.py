@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ANALYSIS
+from delivery_testkit import ANALYSIS
 from rlops_delivery import analysis as a
 
 

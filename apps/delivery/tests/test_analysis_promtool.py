@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ANALYSIS, ANALYSIS_TEST
+from delivery_testkit import ANALYSIS, ANALYSIS_TEST
 from rlops_delivery import analysis as a
 
 ARGS = {"policy": "cartpole", "candidate": "2", "champion": "1"}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from delivery_testkit import REPO
 from rlops_delivery import records
 from rlops_server import process
 from rlops_trainer.registry import Registry

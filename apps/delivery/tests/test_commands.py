@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import ANALYSIS, POLICY, serve_episodes
+from delivery_testkit import ANALYSIS, POLICY, serve_episodes
 from rlops_delivery.commands.loop import app as loop_app
 from rlops_delivery.commands.rollout import app
 from typer.testing import CliRunner

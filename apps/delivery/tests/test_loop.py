@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import POLICY, publish, serve_episodes, train_policy_dir
+from delivery_testkit import POLICY, publish, serve_episodes, train_policy_dir
 from rlops_delivery import loop
 from rlops_delivery.commands.loop import app as loop_app
 from rlops_delivery.drills import write_constant_policy_dir

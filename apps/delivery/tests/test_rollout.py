@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ANALYSIS, POLICY, publish, train_policy_dir
+from delivery_testkit import ANALYSIS, POLICY, publish, train_policy_dir
 from rlops_delivery import analysis as a
 from rlops_delivery import records
 from rlops_delivery.rollout import Rollout, RolloutError, RolloutSettings, parse_steps

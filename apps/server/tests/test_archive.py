@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_registry
 from rlops_server.archive import (
     VERSION_KEY,
     ArchiveError,
@@ -23,6 +22,7 @@ from rlops_server.archive import (
 from rlops_server.commands.serve import app
 from rlops_server.runtime import ServingSettings
 from rlops_server.tsconfig import ModelSettings
+from server_testkit import write_registry
 from typer.testing import CliRunner
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import POISON, write_policy_dir
 from rlops_server import metrics as m
 from rlops_server.archive import VERSION_KEY
 from rlops_server.decision_log import DECISION_FIELDS, complete_files
 from rlops_server.handler import PolicyHandler
 from rlops_server.runtime import PolicyLoadError
+from server_testkit import POISON, write_policy_dir
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ACTION_PROPORTIONS, EDGES, N_ACTIONS, OBS_DIM, POISON, write_policy_dir
 from rlops_server.runtime import (
     PolicyLoadError,
     PolicyRuntime,
@@ -18,6 +17,7 @@ from rlops_server.runtime import (
     sha256_file,
     uuid4_batch,
 )
+from server_testkit import ACTION_PROPORTIONS, EDGES, N_ACTIONS, OBS_DIM, POISON, write_policy_dir
 
 OBS = [0.5, 2.0, -1.0, 0.3]
 """Scores +obs[:3] = [0.5, 2.0, -1.0]: the greedy action of a sign=+1 policy is 1."""

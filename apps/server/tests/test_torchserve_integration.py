@@ -21,10 +21,10 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import POISON, write_registry
 from rlops_server import process
 from rlops_server.commands.serve import app
 from rlops_server.decision_log import complete_files
+from server_testkit import POISON, write_registry
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow

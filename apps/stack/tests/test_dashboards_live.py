@@ -67,7 +67,7 @@ OFFLINE_TRAINING = {
 
 def _server_fixtures() -> ModuleType:
     """The server tests' policy builders (TinyPolicy, write_registry), imported from their file."""
-    path = REPO / "apps" / "server" / "tests" / "conftest.py"
+    path = REPO / "apps" / "server" / "tests" / "server_testkit.py"
     spec = importlib.util.spec_from_file_location("rlops_server_test_fixtures", path)
     assert spec is not None
     assert spec.loader is not None
