@@ -262,7 +262,8 @@ def run_canary(
     start = time.monotonic()
     record = rollout.run()
     seconds = time.monotonic() - start
-    after = bed.traffic.counts()
+    # Requests routed to the candidate just before the split closed may still be in flight.
+    after = bed.traffic.counts(settle_s=10.0)
     if not bed.traffic.running:
         raise RuntimeError("the traffic stopped during the canary")
 

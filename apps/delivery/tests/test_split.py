@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,11 +18,15 @@ class _Server(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
+    hold = threading.Event()
+    """Version 9 answers only once this is set."""
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         parts = self.path.strip("/").split("/")
         version = int(parts[2]) if len(parts) > 2 else 1
+        if version == 9:
+            self.hold.wait(30)
         if "observations" in body:
             answer: object = {
                 "decisions": [
@@ -123,3 +128,24 @@ def test_batches_are_split_per_episode_and_keep_their_order(url: str, tmp_path: 
 def test_a_split_client_does_not_take_a_version(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="asks the default version"):
         SplitClient("http://127.0.0.1:1", "p", run_dir=tmp_path, version=2)
+
+
+def test_settle_waits_for_requests_in_flight(url: str, tmp_path: Path) -> None:
+    write_split(tmp_path, Split("p", 1, 9, 1.0, "r"))
+    _Server.hold.clear()
+    with SplitClient(url, "p", run_dir=tmp_path, refresh_s=0.0, timeout=30.0) as client:
+        asking = threading.Thread(target=lambda: client.act([0.0], episode_id="e0", step=0))
+        asking.start()
+        try:
+            deadline = time.monotonic() + 10
+            while client.stats()["routed"].get("9", 0) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # Routed and not yet answered: the counts do not compare until it comes back.
+            assert client.stats()["routed"] == {"9": 1}
+            assert client.stats()["answered"] == {}
+            assert client.settle(0.1) is False
+        finally:
+            _Server.hold.set()
+        assert client.settle(10.0) is True
+        asking.join(10)
+        assert client.stats()["answered"] == {"9": 1}

@@ -127,6 +127,10 @@ class SplitClient(PolicyClient):
         self._candidates: dict[int, PolicyClient] = {}
         self.routed: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
+        self.returned: Counter[str] = Counter()
+        """Requests that came back (answered or not), keyed as :attr:`routed`; fewer while some are in
+        flight."""
+        self._returned_cv = threading.Condition(self._split_lock)
 
     def current_split(self) -> Split | None:
         """The split in force for this model (the file is rechecked at most every ``refresh_s``)."""
@@ -156,19 +160,35 @@ class SplitClient(PolicyClient):
             log.warning("%s; sending every request to the default version", e)
             self._split = None
 
-    def _target(self, key: str) -> PolicyClient:
+    def _target(self, key: str) -> tuple[PolicyClient, str]:
+        """The client for the episode (or decision) ``key``, and the :attr:`routed` key it counted under."""
         split = self.current_split()
         if split is None or not split.to_candidate(key):
             with self._split_lock:
                 self.routed[DEFAULT] += 1
-            return self
+            return self, DEFAULT
         with self._split_lock:
             client = self._candidates.get(split.candidate)
             if client is None:
                 client = PolicyClient(self._base_url, self.model, version=split.candidate, **self._kwargs)
                 self._candidates[split.candidate] = client
             self.routed[str(split.candidate)] += 1
-        return client
+        return client, str(split.candidate)
+
+    def _returned(self, where: str, n: int) -> None:
+        with self._returned_cv:
+            self.returned[where] += n
+            self._returned_cv.notify_all()
+
+    def settle(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every request routed so far has come back, so that :attr:`routed` and
+        :attr:`answered` compare (traffic may go on meanwhile); False if some are still in flight after
+        ``timeout_s``."""
+        with self._returned_cv:
+            routed = dict(self.routed)
+            return self._returned_cv.wait_for(
+                lambda: all(self.returned[k] >= n for k, n in routed.items()), timeout_s
+            )
 
     def act(
         self,
@@ -181,17 +201,20 @@ class SplitClient(PolicyClient):
         action_mask: Sequence[bool | int] | None = None,
     ) -> Decision:
         decision_id = decision_id or uuid.uuid4().hex
-        target = self._target(episode_id if episode_id is not None else decision_id)
+        target, where = self._target(episode_id if episode_id is not None else decision_id)
         act = super().act if target is self else target.act
-        decision = act(
-            observation,
-            decision_id=decision_id,
-            episode_id=episode_id,
-            step=step,
-            deterministic=deterministic,
-            action_mask=action_mask,
-        )
-        self._tally([decision])
+        try:
+            decision = act(
+                observation,
+                decision_id=decision_id,
+                episode_id=episode_id,
+                step=step,
+                deterministic=deterministic,
+                action_mask=action_mask,
+            )
+            self._tally([decision])
+        finally:
+            self._returned(where, 1)
         return decision
 
     def _tally(self, decisions: list[Decision]) -> None:
@@ -215,24 +238,32 @@ class SplitClient(PolicyClient):
         step_list = list(steps) if steps is not None else [None] * n
         if not len(ids) == len(episodes) == len(step_list) == n:
             raise ValueError(f"decision_ids, episode_ids and steps need one entry per observation ({n})")
-        groups: dict[int, tuple[PolicyClient, list[int]]] = {}
+        groups: dict[str, tuple[PolicyClient, list[int]]] = {}
         for i in range(n):
             episode = episodes[i]
-            target = self._target(episode if episode is not None else ids[i])
-            groups.setdefault(id(target), (target, []))[1].append(i)
+            target, where = self._target(episode if episode is not None else ids[i])
+            groups.setdefault(where, (target, []))[1].append(i)
         out: list[Decision | None] = [None] * n
-        for target, rows in groups.values():
-            act_batch = super().act_batch if target is self else target.act_batch
-            answers = act_batch(
-                [obs[i] for i in rows],
-                decision_ids=[ids[i] for i in rows],
-                episode_ids=[episodes[i] for i in rows] if episode_ids is not None else None,
-                steps=[step_list[i] for i in rows] if steps is not None else None,
-                deterministic=deterministic,
-            )
-            for i, answer in zip(rows, answers, strict=True):
-                out[i] = answer
-            self._tally(answers)
+        pending = {where: len(rows) for where, (_, rows) in groups.items()}
+        try:
+            for where, (target, rows) in groups.items():
+                act_batch = super().act_batch if target is self else target.act_batch
+                try:
+                    answers = act_batch(
+                        [obs[i] for i in rows],
+                        decision_ids=[ids[i] for i in rows],
+                        episode_ids=[episodes[i] for i in rows] if episode_ids is not None else None,
+                        steps=[step_list[i] for i in rows] if steps is not None else None,
+                        deterministic=deterministic,
+                    )
+                    for i, answer in zip(rows, answers, strict=True):
+                        out[i] = answer
+                    self._tally(answers)
+                finally:
+                    self._returned(where, pending.pop(where))
+        finally:
+            for where, left in pending.items():  # groups never asked because an earlier one raised
+                self._returned(where, left)
         return [d for d in out if d is not None]
 
     def stats(self) -> dict[str, Any]:

@@ -86,9 +86,12 @@ class BackgroundTraffic:
             t.rewards_failed += summary.rewards_failed
             t.returns.append(summary.mean_return)
 
-    def counts(self) -> dict[str, dict[str, int]]:
+    def counts(self, settle_s: float = 0.0) -> dict[str, dict[str, int]]:
         """So far: ``routed``, requests by where they were sent (``default`` or the candidate's version),
-        and ``answered``, decisions by the version that answered them in time."""
+        and ``answered``, decisions by the version that answered them in time. With ``settle_s``, first
+        wait (that long at most) for the requests in flight to come back, so the two compare."""
+        if settle_s > 0:
+            self.client.settle(settle_s)
         stats = self.client.stats()
         return {"routed": dict(stats["routed"]), "answered": dict(stats["answered"])}
 
