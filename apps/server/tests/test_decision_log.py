@@ -52,7 +52,7 @@ class StalledLog(DecisionLog):
         self.entered = threading.Event()
         super().__init__(*args, **kwargs)
 
-    def _write_batch(self, batch: list[dict[str, Any]]) -> None:
+    def _write_batch(self, batch: list[dict[str, Any] | bytes]) -> None:
         self.entered.set()
         self.release.wait(30)
         super()._write_batch(batch)
@@ -111,6 +111,25 @@ def test_write_does_not_serialise_on_the_callers_thread(tmp_path: Path) -> None:
     assert log.close()
     assert per_write < 20e-6, f"write() took {per_write * 1e6:.1f} µs per record"
     assert log.written == 1001
+
+
+def test_encode_and_write_queues_lines_counts_failures_and_drops(tmp_path: Path) -> None:
+    log = StalledLog(tmp_path, max_queue=5)
+    assert log.encode_and_write([record(0)]) == 1
+    assert log.entered.wait(5), "the writer never picked up the first record"
+    # Two unserialisable records are counted at once, on this thread; of six good ones, five fit
+    # (the writer holds the first record, so the queue is empty).
+    batch = [record(1), record(2, propensity=math.inf), record(3), record(4, observation=object())]
+    batch += [record(i) for i in range(5, 9)]
+    assert log.encode_and_write(batch) == 5
+    assert (log.failed, log.dropped, log.pending) == (2, 1, 5)
+    # Lines and records share the queue and keep their order.
+    assert log.write(record(9)) is False  # full
+    log.release.set()
+    assert log.close()
+    assert log.encode_and_write([record(10)]) == 0
+    assert read_back(tmp_path / "decisions") == [record(i) for i in (0, 1, 3, 5, 6, 7)]
+    assert (log.written, log.failed, log.dropped) == (6, 2, 3)
 
 
 def test_rotation_by_size_gives_complete_files_in_order(tmp_path: Path) -> None:
