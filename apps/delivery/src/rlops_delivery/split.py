@@ -244,26 +244,22 @@ class SplitClient(PolicyClient):
             target, where = self._target(episode if episode is not None else ids[i])
             groups.setdefault(where, (target, []))[1].append(i)
         out: list[Decision | None] = [None] * n
-        pending = {where: len(rows) for where, (_, rows) in groups.items()}
         try:
-            for where, (target, rows) in groups.items():
+            for target, rows in groups.values():
                 act_batch = super().act_batch if target is self else target.act_batch
-                try:
-                    answers = act_batch(
-                        [obs[i] for i in rows],
-                        decision_ids=[ids[i] for i in rows],
-                        episode_ids=[episodes[i] for i in rows] if episode_ids is not None else None,
-                        steps=[step_list[i] for i in rows] if steps is not None else None,
-                        deterministic=deterministic,
-                    )
-                    for i, answer in zip(rows, answers, strict=True):
-                        out[i] = answer
-                    self._tally(answers)
-                finally:
-                    self._returned(where, pending.pop(where))
+                answers = act_batch(
+                    [obs[i] for i in rows],
+                    decision_ids=[ids[i] for i in rows],
+                    episode_ids=[episodes[i] for i in rows] if episode_ids is not None else None,
+                    steps=[step_list[i] for i in rows] if steps is not None else None,
+                    deterministic=deterministic,
+                )
+                for i, answer in zip(rows, answers, strict=True):
+                    out[i] = answer
+                self._tally(answers)
         finally:
-            for where, left in pending.items():  # groups never asked because an earlier one raised
-                self._returned(where, left)
+            for where, (_, rows) in groups.items():
+                self._returned(where, len(rows))
         return [d for d in out if d is not None]
 
     def stats(self) -> dict[str, Any]:
