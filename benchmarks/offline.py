@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import machine_info
 import numpy as np
 import torch
 import typer
@@ -626,22 +626,7 @@ def progress_bar(total: int) -> Iterator[Callable[[str], None]]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_end": list(os.getloadavg()),
-    }
+    return machine_info.machine() | {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def prepare_dataset(s: Settings) -> tuple[Transitions, Path, dict[str, Any]]:

@@ -28,7 +28,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from machine_info import machine
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,23 +355,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def scaling(s: Settings, log_dir: Path) -> list[dict[str, Any]]:
