@@ -366,9 +366,10 @@ def test_client_decision_ids_are_kept(runtime: PolicyRuntime) -> None:
     assert uuid.UUID(ids[1]).version == 4
 
 
-def test_uuid4_batch() -> None:
-    ids = uuid4_batch(500)
-    assert len(set(ids)) == 500
+@pytest.mark.parametrize("k", [0, 1, 7, 8, 500])
+def test_uuid4_batch(k: int) -> None:
+    ids = uuid4_batch(k)
+    assert len(set(ids)) == k
     for i in ids:
         u = uuid.UUID(i)
         assert (u.version, u.variant, str(u)) == (4, uuid.RFC_4122, i)
