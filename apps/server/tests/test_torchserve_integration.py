@@ -24,6 +24,7 @@ import pytest
 from rlops_server import process
 from rlops_server.commands.serve import app
 from rlops_server.decision_log import complete_files
+from rlops_server.metrics import LATENCY_LE
 from server_testkit import POISON, write_registry
 from typer.testing import CliRunner
 
@@ -196,10 +197,21 @@ def test_metrics_port_serves_the_rlops_metrics(server: Server) -> None:
         assert time.monotonic() < deadline, text
         time.sleep(0.5)
     assert metric_value(text, "rlops_inference_latency_seconds_count", policy="toy", version="1") >= 10
-    assert (
-        metric_value(text, "rlops_inference_latency_seconds_bucket", policy="toy", version="1", le="+Inf")
-        >= 10
-    )
+    latency = "rlops_inference_latency_seconds"
+    answered = metric_value(text, f"{latency}_count", policy="toy", version="1")
+    assert metric_value(text, f"{latency}_bucket", policy="toy", version="1", le="+Inf") == answered
+    # Every bucket is exported, sub-millisecond ones included, and the counts are cumulative.
+    bounds = {
+        found[1]
+        for line in text.splitlines()
+        if line.startswith(f"{latency}_bucket{{") and 'policy="toy"' in line and 'version="1"' in line
+        for found in [re.search(r'le="([^"]+)"', line)]
+        if found
+    }
+    assert bounds == set(LATENCY_LE)
+    counts = [metric_value(text, f"{latency}_bucket", policy="toy", version="1", le=le) for le in LATENCY_LE]
+    assert counts == sorted(counts)
+    assert 0 < metric_value(text, f"{latency}_sum", policy="toy", version="1") < answered
     assert metric_value(text, "rlops_actions_total", policy="toy", version="1", action="1") >= 5
     assert metric_value(text, "rlops_rejected_requests_total", version="1", reason="malformed_json") == 1
     assert metric_value(text, "rlops_rejected_requests_total", version="1", reason="bad_observation") == 2

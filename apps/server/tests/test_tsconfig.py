@@ -133,5 +133,8 @@ def test_metrics_config_keeps_torchserve_metrics_and_adds_ours(tmp_path: Path) -
         assert kind == spec.kind
         assert entry["dimensions"][:2] == ["policy", "version"]
         assert spec.name.startswith("rlops_")
-    assert declared[m.INFERENCE_LATENCY][0] == "histogram"
+    # The latency histogram as its three series, each a counter (see rlops_server.metrics).
+    assert m.INFERENCE_LATENCY not in declared
+    assert declared[m.LATENCY_BUCKET][1]["dimensions"] == ["policy", "version", "le"]
+    assert declared[m.LATENCY_SUM][0] == declared[m.LATENCY_COUNT][0] == "counter"
     assert declared[m.OBSERVATION_DRIFT_BIN][1]["dimensions"] == ["policy", "version", "feature", "bin"]

@@ -9,6 +9,28 @@ from __future__ import annotations
 POLICY_LABELS: tuple[str, str] = ("policy", "version")
 
 INFERENCE_LATENCY = "rlops_inference_latency_seconds"
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+"""Upper bounds (seconds) of the latency histogram's buckets, ``+Inf`` not included. The ``le`` label
+of ``rlops_inference_latency_seconds_bucket`` is ``str(bound)`` (``"0.1"``, ``"1.0"``) or ``"+Inf"``.
+Sub-millisecond bounds first; from 5 ms on they are the Prometheus clients' defaults."""
 ACTIONS = "rlops_actions_total"
 REJECTED_REQUESTS = "rlops_rejected_requests_total"
 NONFINITE_OUTPUTS = "rlops_nonfinite_outputs_total"

@@ -2,13 +2,20 @@
 
 Names start with ``rlops_`` and carry their unit; every metric has the labels ``policy`` and
 ``version`` first. TorchServe 0.12 exports them on its metrics port in prometheus mode once they are
-declared under ``model_metrics`` in the metrics config; its histograms have the Prometheus client's
-default buckets (5 ms … 10 s) and no way to change them.
+declared under ``model_metrics`` in the metrics config.
+
+The latency histogram is exported as its three series (``_bucket`` with ``le``, ``_sum``, ``_count``),
+each a TorchServe counter, rather than as a TorchServe histogram: a TorchServe histogram observes one
+value per log line, so it would cost a line per request in the worker and in the frontend, and its
+buckets are fixed (5 ms … 10 s). The recorder counts requests per bucket in memory and sends a few
+lines a second; the buckets (:data:`rlops_contracts.metrics.LATENCY_BUCKETS`) resolve sub-millisecond
+latencies. PromQL reads the series as any Prometheus histogram (``histogram_quantile`` over
+``rate(rlops_inference_latency_seconds_bucket[5m])``); only the exposition's ``# TYPE`` says counter.
 
 ================================== ========= ==================== ============================================
 name                               type      extra labels         meaning
 ================================== ========= ==================== ============================================
-rlops_inference_latency_seconds    histogram                      handler time of the server batch that
+rlops_inference_latency_seconds    histogram le (bucket)          handler time of the server batch that
                                                                   answered the request, one per request
 rlops_actions_total                counter   action               actions answered
 rlops_rejected_requests_total      counter   reason               requests answered 4xx (reasons below)
@@ -35,8 +42,10 @@ per-decision updates on the request path would cost more than the policy itself.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import importlib.util
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -56,6 +65,7 @@ from rlops_contracts.metrics import (  # noqa: F401  (re-exported)
     FALLBACK,
     FALLBACK_REASONS,
     INFERENCE_LATENCY,
+    LATENCY_BUCKETS,
     NONFINITE_OUTPUTS,
     OBSERVATION_DRIFT_BIN,
     OBSERVATION_REFERENCE,
@@ -79,11 +89,18 @@ from rlops_contracts.metrics import (  # noqa: F401  (re-exported)
 log = logging.getLogger(__name__)
 
 
+LATENCY_BUCKET = f"{INFERENCE_LATENCY}_bucket"
+LATENCY_SUM = f"{INFERENCE_LATENCY}_sum"
+LATENCY_COUNT = f"{INFERENCE_LATENCY}_count"
+LATENCY_LE = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+"""``le`` label values of :data:`LATENCY_BUCKET`, in bucket order."""
+
+
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
     kind: str
-    """counter, gauge or histogram (TorchServe's metric types)."""
+    """counter or gauge (TorchServe's metric types; see the module docstring for the histogram)."""
     unit: str
     labels: tuple[str, ...]
     """Labels after ``policy`` and ``version``."""
@@ -94,7 +111,9 @@ class MetricSpec:
 
 
 SPECS: tuple[MetricSpec, ...] = (
-    MetricSpec(INFERENCE_LATENCY, "histogram", "s", ()),
+    MetricSpec(LATENCY_BUCKET, "counter", "count", ("le",)),
+    MetricSpec(LATENCY_SUM, "counter", "s", ()),
+    MetricSpec(LATENCY_COUNT, "counter", "count", ()),
     MetricSpec(ACTIONS, "counter", "count", ("action",)),
     MetricSpec(REJECTED_REQUESTS, "counter", "count", ("reason",)),
     MetricSpec(NONFINITE_OUTPUTS, "counter", "count", ()),
@@ -164,7 +183,7 @@ def write_metrics_config(path: Path, default: Path | None = None) -> Path:
 
 Emit = Callable[[str, float, list[str]], None]
 """``emit(name, value, label_values)``: hand one update to the metrics backend; label values follow
-:attr:`MetricSpec.dimensions`. Counters add ``value``, gauges are set to it, histograms observe it."""
+:attr:`MetricSpec.dimensions`. Counters add ``value``, gauges are set to it."""
 
 
 class BatchOutcome(Protocol):
@@ -201,9 +220,6 @@ class MetricsRecorder:
 
     MAX_PENDING_ROWS = 65_536
     """Observations held between flushes before the flusher is woken early."""
-    MAX_PENDING_LATENCIES = 200_000
-    """Latency observations held between flushes; beyond it the oldest are dropped (only if the flusher
-    stalls)."""
 
     def __init__(
         self,
@@ -231,7 +247,9 @@ class MetricsRecorder:
         self._lock = threading.Lock()
         self._batches: list[BatchOutcome] = []
         self._pending_rows = 0
-        self._latencies: list[float] = []
+        # Requests per latency bucket (not cumulative; the last one is +Inf), their total seconds.
+        self._latency_counts = [0] * len(LATENCY_LE)
+        self._latency_sum = 0.0
         self._rejected: dict[str, int] = {}
         self._fallback: dict[str, int] = {}
         self._nonfinite = 0
@@ -270,11 +288,10 @@ class MetricsRecorder:
 
     def record_latency(self, seconds: float, requests: int) -> None:
         """``requests`` requests were answered ``seconds`` after their server batch started."""
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)  # the first bound >= seconds (le)
         with self._lock:
-            excess = len(self._latencies) + requests - self.MAX_PENDING_LATENCIES
-            if excess > 0:
-                del self._latencies[:excess]
-            self._latencies.extend([seconds] * requests)
+            self._latency_counts[bucket] += requests
+            self._latency_sum += seconds * requests
 
     # --- flushing ------------------------------------------------------------------------------------
 
@@ -292,12 +309,17 @@ class MetricsRecorder:
             with self._lock:
                 batches, self._batches = self._batches, []
                 self._pending_rows = 0
-                latencies, self._latencies = self._latencies, []
+                latency_counts, self._latency_counts = self._latency_counts, [0] * len(LATENCY_LE)
+                latency_sum, self._latency_sum = self._latency_sum, 0.0
                 rejected, self._rejected = self._rejected, {}
                 fallback, self._fallback = self._fallback, {}
                 nonfinite, self._nonfinite = self._nonfinite, 0
-            for seconds in latencies:
-                self._send(INFERENCE_LATENCY, seconds)
+            answered = sum(latency_counts)
+            if answered:
+                for le, cumulative in zip(LATENCY_LE, itertools.accumulate(latency_counts), strict=True):
+                    self._send(LATENCY_BUCKET, cumulative, [le])
+                self._send(LATENCY_SUM, latency_sum)
+                self._send(LATENCY_COUNT, answered)
             for reason, count in rejected.items():
                 self._send(REJECTED_REQUESTS, count, [reason])
             if nonfinite:
