@@ -221,12 +221,15 @@ def test_metrics_carry_policy_and_version(
     # Two server batches of one request each: two requests in the latency histogram.
     assert metric_lines.parsed(m.LATENCY_COUNT) == [({"policy": "toy", "version": "1"}, 2.0)]
     [(dims, seconds)] = metric_lines.parsed(m.LATENCY_SUM)
-    assert dims == {"policy": "toy", "version": "1"} and 0 < seconds < 2
+    assert dims == {"policy": "toy", "version": "1"}
+    assert 0 < seconds < 2
     buckets = metric_lines.parsed(m.LATENCY_BUCKET)
     assert [d["le"] for d, _ in buckets] == m.LATENCY_LE
-    assert all({k: v for k, v in d.items() if k != "le"} == {"policy": "toy", "version": "1"} for d, _ in buckets)
+    for d, _ in buckets:
+        assert {k: v for k, v in d.items() if k != "le"} == {"policy": "toy", "version": "1"}
     counts = [v for _, v in buckets]
-    assert counts == sorted(counts) and counts[-1] == 2  # cumulative, +Inf holds every request
+    assert counts == sorted(counts)
+    assert counts[-1] == 2
     assert metric_lines.total(m.ACTIONS, action="1") == 2
     assert metric_lines.total(m.ACTIONS, action="0") == 1
     # OBS[0] = 0.5 lies in bin [0, 1) (bin 2) of feature 0; 3.0 lies beyond the last edge (bin 3).
@@ -274,7 +277,9 @@ def test_unknown_handler_setting_refuses(policy_dir: Path, metrics_yaml: Path) -
 def test_undeclared_metrics_refuse(policy_dir: Path, tmp_path: Path) -> None:
     plain = tmp_path / "default-metrics.yaml"
     plain.write_text(m.torchserve_default_metrics_config().read_text())
-    with pytest.raises(PolicyLoadError, match=r"rlops_inference_latency_seconds_bucket \(counter\) is not declared"):
+    with pytest.raises(
+        PolicyLoadError, match=r"rlops_inference_latency_seconds_bucket \(counter\) is not declared"
+    ):
         PolicyHandler().initialize(make_context(policy_dir, plain))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from rlops_server import metrics as m
 
 
@@ -55,13 +54,16 @@ def test_latency_counts_restart_after_a_flush_and_idle_flushes_send_nothing() ->
     rec.record_latency(0.2, 1)
     rec.flush()
     got = buckets(sent)
-    assert got["0.005"] == 0 and got["0.25"] == 1 and got["+Inf"] == 1  # only what came after
+    assert got["0.005"] == 0
+    assert got["0.25"] == 1
+    assert got["+Inf"] == 1
     assert [v for name, v, _ in sent if name == m.LATENCY_COUNT] == [1]
 
 
 def test_le_labels_match_the_bucket_bounds_promql_queries_use() -> None:
     # The SLO rules and dashboards select le="0.1"; the Prometheus clients' own bounds are all kept.
-    assert "0.1" in m.LATENCY_LE and m.LATENCY_LE[-1] == "+Inf"
+    assert "0.1" in m.LATENCY_LE
+    assert m.LATENCY_LE[-1] == "+Inf"
     for bound in (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0):
         assert str(bound) in m.LATENCY_LE
     assert list(m.LATENCY_BUCKETS) == sorted(set(m.LATENCY_BUCKETS))
