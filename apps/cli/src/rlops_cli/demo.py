@@ -128,7 +128,7 @@ def _best_passing(report_path: Path) -> dict[str, object] | None:
     return max(passing, key=lambda p: float(p["gate"]["candidate_lower"]), default=None)
 
 
-def _loop_config(steps: int, fqe_steps: int, seed: int) -> str:
+def _loop_config(steps: int, fqe_steps: int | None, seed: int) -> str:
     """The loop's settings for the demo: retrain on what the served traffic logged, with a short canary."""
     return "\n".join(
         [
@@ -137,7 +137,7 @@ def _loop_config(steps: int, fqe_steps: int, seed: int) -> str:
             f"train: {{steps: {steps}, alpha: 0.1, seed: {seed}}}",
             "min_new_transitions: 200",
             "reward_wait: 1s",
-            f"gate: {{bootstrap: 300, fqe_steps: {fqe_steps}}}",
+            "gate: {bootstrap: 300" + ("" if fqe_steps is None else f", fqe_steps: {fqe_steps}") + "}",
             "canary: {steps: '10,100', interval: 3s, step_duration: 15s, step_timeout: 3m}",
             "",
         ]
@@ -157,11 +157,13 @@ def demo(
         int, typer.Option(help="CartPole episodes driven by the served policy.", min=1)
     ] = 20,
     fqe_steps: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Gradient steps of each fitted Q evaluation model (evaluation and the loop's gate).", min=100
+            help="Gradient steps of each fitted Q evaluation model (evaluation and the loop's gate); "
+            "default: FQEConfig's.",
+            min=100,
         ),
-    ] = 12000,
+    ] = None,
     loop_steps: Annotated[
         int, typer.Option(help="Gradient steps of the loop's retraining on served logs.", min=100)
     ] = 3000,
@@ -219,7 +221,7 @@ def demo(
         *("evaluate", "--data", data),
         *("--policy", runs / "bc" / "policy", "--policy", runs / "cql" / "policy"),
         *("--registry", registry, "--champion", POLICY_NAME, "--env-episodes", str(env_episodes)),
-        *("--fqe-steps", str(fqe_steps)),
+        *(() if fqe_steps is None else ("--fqe-steps", str(fqe_steps))),
         *("--out", report),
         outputs=(report / "report.json", report / "report.png"),
     )

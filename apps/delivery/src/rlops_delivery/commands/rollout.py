@@ -185,7 +185,9 @@ def start(
     ] = None,
     margin: Annotated[float, typer.Option("--margin", help="OPE gate margin (with --logs).")] = 0.0,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="OPE bootstrap resamples.")] = 500,
-    fqe_steps: Annotated[int, typer.Option("--fqe-steps", min=1, help="OPE: FQE gradient steps.")] = 12000,
+    fqe_steps: Annotated[
+        int, typer.Option("--fqe-steps", min=1, help="OPE: FQE gradient steps.")
+    ] = OPESettings.fqe_steps,
     as_json: JsonOption = False,
 ) -> None:
     """Move a share of the traffic to a candidate, judge it against the champion, promote or roll back."""
@@ -389,7 +391,9 @@ def ope_gate(
     bootstrap: Annotated[
         int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples per interval.")
     ] = 500,
-    fqe_steps: Annotated[int, typer.Option("--fqe-steps", min=1, help="FQE gradient steps.")] = 12000,
+    fqe_steps: Annotated[
+        int, typer.Option("--fqe-steps", min=1, help="FQE gradient steps.")
+    ] = OPESettings.fqe_steps,
     fqe_models: Annotated[
         int, typer.Option("--fqe-models", min=1, help="Q networks in the FQE ensemble.")
     ] = 3,
