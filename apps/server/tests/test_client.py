@@ -77,6 +77,8 @@ class Handler(BaseHTTPRequestHandler):
             payload = json.dumps({**answer(body), "fallback": True, "reason": "non_finite"}).encode()
         elif behaviour == "garbage":
             payload = b"<html>oops"
+        elif behaviour == "bad-token":  # TorchServe 0.12's answer to a wrong or stale inference key
+            status, payload = 400, json.dumps(TORCHSERVE_BAD_TOKEN).encode()
         else:
             status, payload = int(behaviour), json.dumps({"code": int(behaviour), "message": "nope"}).encode()
         self.send_response(status)
@@ -84,6 +86,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+
+TORCHSERVE_BAD_TOKEN = {
+    "code": 400,
+    "type": "InvalidKeyException",
+    "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
+}
 
 
 def answer(body: dict[str, Any]) -> Any:
@@ -265,9 +274,10 @@ def test_bad_settings_are_refused() -> None:
         PolicyClient("http://localhost:8080", "m", timeout=0)
 
 
-def test_a_token_source_follows_a_restart_with_new_keys(server: FakeServer) -> None:
+@pytest.mark.parametrize("refusal", ["bad-token", "401"])
+def test_a_token_source_follows_a_restart_with_new_keys(server: FakeServer, refusal: str) -> None:
     keys = ["old"]
-    server.script = ["401", "ok"]
+    server.script = [refusal, "ok"]
     client = PolicyClient(server.url, "cartpole", token=lambda: keys[-1], timeout=2.0)
     keys.append("new")  # the server restarted and wrote new keys
     d = client.act([0.5, 0.0])
@@ -276,8 +286,9 @@ def test_a_token_source_follows_a_restart_with_new_keys(server: FakeServer) -> N
     assert client.retried == 1
 
 
-def test_a_401_without_new_keys_falls_back_without_retry(server: FakeServer) -> None:
-    server.script = ["401"]
+@pytest.mark.parametrize("refusal", ["bad-token", "401"])
+def test_a_refused_token_without_new_keys_falls_back_without_retry(server: FakeServer, refusal: str) -> None:
+    server.script = [refusal]
     fixed = PolicyClient(server.url, "cartpole", token="old", timeout=2.0)
     assert fixed.act([0.5]).fallback
     unchanged = PolicyClient(server.url, "cartpole", token=lambda: "old", timeout=2.0)

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 from rlops_server import process
+from rlops_server.client import PolicyClient
 from rlops_server.commands.serve import app
 from rlops_server.decision_log import complete_files
 from rlops_server.metrics import LATENCY_LE
@@ -224,6 +225,23 @@ def test_metrics_port_serves_the_rlops_metrics(server: Server) -> None:
     assert "rlops_value_estimate{" in text
     # TorchServe's own metrics keep working with the custom metrics config.
     assert metric_value(text, "ts_inference_requests_total", model_name="toy") >= 10
+
+
+def test_the_client_takes_new_keys_when_torchserve_refuses_its_token(server: Server) -> None:
+    # TorchServe writes new keys whenever it starts; a client still holding the old ones is refused
+    # (0.12 answers 400 InvalidKeyException) and must read the new key from its token source and retry.
+    handed: list[str] = []
+
+    def token() -> str:
+        handed.append("stale-key-from-before-a-restart" if not handed else server.token())
+        return handed[-1]
+
+    client = PolicyClient(server.url, "toy", token=token, timeout=10.0)
+    decision = client.act(OBS)
+    assert not decision.fallback, client.fallbacks
+    assert client.retried == 1
+    assert handed[1] == server.token()
+    server.answered.append(decision.decision_id)
 
 
 def test_stop_is_clean_and_every_decision_is_logged(server: Server) -> None:

@@ -10,8 +10,9 @@ Retries happen only where the request cannot have been processed:
 
 - the connection could not be made (refused, unreachable, connect timeout): nothing was sent;
 - TorchServe answered 503: its job queue was full and the request was refused before any worker saw it;
-- TorchServe answered 401 and the token source now gives a different token: the server restarted with new
-  keys and refused the request before any worker saw it.
+- TorchServe refused the token (0.12 answers 400 with ``"type": "InvalidKeyException"``; 401 is
+  accepted too) and the token source now gives a different token: the server restarted with new keys
+  and refused the request before any worker saw it.
 
 Nothing else is retried. After a read timeout, a reset connection or another 5xx, the server may
 already have chosen an action and written it to the decision log under this ``decision_id``;
@@ -89,6 +90,11 @@ class _Failure(Exception):
 def _floats(observation: Any) -> list[float]:
     values = observation.tolist() if hasattr(observation, "tolist") else list(observation)
     return [float(v) for v in values]
+
+
+def _token_refused(status: int, body: bytes) -> bool:
+    """Whether TorchServe refused the request's token: 400 with its ``InvalidKeyException`` (0.12), or 401."""
+    return status == 401 or (status == 400 and b"InvalidKeyException" in body[:500])
 
 
 class PolicyClient:
@@ -292,8 +298,8 @@ class PolicyClient:
             raise _Failure(CONNECTION, f"request to {self.url} failed: {e}", retry=False) from None
         if r.status == 503:
             raise _Failure(UNAVAILABLE, f"503 from {self.url}: {r.data[:200]!r}", retry=True)
-        if r.status == 401 and self._refreshed_token():
-            raise _Failure(REJECTED, f"401 from {self.url}: the server's keys changed", retry=True)
+        if _token_refused(r.status, r.data) and self._refreshed_token():
+            raise _Failure(REJECTED, f"{r.status} from {self.url}: the server's keys changed", retry=True)
         if r.status >= 500:
             raise _Failure(SERVER_ERROR, f"{r.status} from {self.url}: {r.data[:200]!r}", retry=False)
         if r.status != 200:
