@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from rlops_server import metrics as m
+from rlops_server import worker
 from rlops_server.archive import VERSION_KEY
 from rlops_server.decision_log import DECISION_FIELDS, complete_files
 from rlops_server.handler import PolicyHandler
@@ -23,6 +24,7 @@ from rlops_server.runtime import PolicyLoadError
 from server_testkit import POISON, write_policy_dir
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.protocol import otf_message_handler
 
 OBS = [0.5, 2.0, -1.0, 0.3]
 METRIC_LINE = re.compile(
@@ -67,9 +69,11 @@ def _restore_process_state() -> Iterator[None]:
     # initialize() tunes the worker process (root log level, SIGTERM); the test process must not keep it.
     root_level = logging.getLogger().level
     sigterm = signal.getsignal(signal.SIGTERM)
+    read = otf_message_handler._retrieve_buffer
     yield
     logging.getLogger().setLevel(root_level)
     signal.signal(signal.SIGTERM, sigterm)
+    otf_message_handler._retrieve_buffer = read
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +120,16 @@ def handler(policy_dir: Path, metrics_yaml: Path, tmp_path: Path) -> Iterator[tu
     h.initialize(ctx)
     yield h, ctx
     h.shutdown()
+
+
+def test_initialize_tunes_the_worker(
+    handler: tuple[PolicyHandler, Context], metric_lines: MetricLines
+) -> None:
+    _, ctx = handler
+    assert isinstance(otf_message_handler._retrieve_buffer, worker.FrameReader)
+    # What TorchServe's Service.predict does after every batch: no line for the frontend to parse.
+    ctx.metrics.add_time("PredictionTime", 1.0)
+    assert not [line for line in metric_lines.lines if "PredictionTime" in line]
 
 
 def test_single_request(handler: tuple[PolicyHandler, Context]) -> None:

@@ -366,6 +366,18 @@ def test_client_decision_ids_are_kept(runtime: PolicyRuntime) -> None:
     assert uuid.UUID(ids[1]).version == 4
 
 
+def test_a_server_batch_draws_its_new_ids_at_once(runtime: PolicyRuntime) -> None:
+    reqs = [
+        runtime.parse({"observations": [OBS, OBS, OBS], "decision_ids": [None, "mine", None]}),
+        runtime.parse({"observation": OBS}),
+        runtime.parse({"observation": OBS, "decision_id": "theirs"}),
+    ]
+    assert [runtime.ids_needed(r) for r in reqs] == [2, 1, 0]
+    fresh = iter(["n-0", "n-1", "n-2", "unused"])
+    assert [runtime.decision_ids(r, fresh) for r in reqs] == [["n-0", "mine", "n-1"], ["n-2"], ["theirs"]]
+    assert next(fresh) == "unused"
+
+
 @pytest.mark.parametrize("k", [0, 1, 7, 8, 500])
 def test_uuid4_batch(k: int) -> None:
     ids = uuid4_batch(k)

@@ -223,8 +223,10 @@ def test_metrics_port_serves_the_rlops_metrics(server: Server) -> None:
     assert metric_value(text, "rlops_observation_reference_ratio", version="2", feature="0", bin="3") == 0.25
     assert metric_value(text, "rlops_action_reference_ratio", version="1", action="2") == 0.3
     assert "rlops_value_estimate{" in text
-    # TorchServe's own metrics keep working with the custom metrics config.
+    # TorchServe's own metrics keep working with the custom metrics config, except the worker's
+    # PredictionTime gauge, which the handler stops (rlops_server.worker).
     assert metric_value(text, "ts_inference_requests_total", model_name="toy") >= 10
+    assert [line for line in text.splitlines() if line.startswith("PredictionTime{")] == []
 
 
 def test_the_client_takes_new_keys_when_torchserve_refuses_its_token(server: Server) -> None:

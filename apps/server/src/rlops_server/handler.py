@@ -34,6 +34,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from rlops_server import metrics as m
+from rlops_server import worker
 from rlops_server.archive import VERSION_KEY, server_version
 from rlops_server.decision_log import DecisionLog
 from rlops_server.runtime import (
@@ -43,6 +44,7 @@ from rlops_server.runtime import (
     PolicyRuntime,
     RequestError,
     ServingSettings,
+    uuid4_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,11 @@ JSON_TYPE = "application/json"
 Parsed = ParsedRequest | RequestError
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _encode(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(body).encode()
 
 
 def _internal_error(message: str) -> RequestError:
@@ -114,6 +119,8 @@ class PolicyHandler(BaseHandler):
         self.decision_log = (
             DecisionLog(Path(log_dir), max_queue=settings.decision_log_max_queue) if log_dir else None
         )
+        worker.without_prediction_time(context.metrics)
+        worker.install_frame_reader()
         self.recorder = m.MetricsRecorder(
             _emitter(context.metrics),
             self.runtime.name,
@@ -191,6 +198,10 @@ class PolicyHandler(BaseHandler):
     def postprocess(self, data: tuple[list[Parsed], Decisions | None]) -> list[bytes]:
         """Answers in request order; logs decisions and counts rejections."""
         parsed, decisions = data
+        runtime = self.runtime
+        # The batch's new decision ids in one draw, and its log records in one hand-over.
+        fresh = iter(uuid4_batch(sum(runtime.ids_needed(p) for p in parsed if isinstance(p, ParsedRequest))))
+        records: list[dict[str, Any]] = []
         out: list[bytes] = []
         index = 0
         for idx, p in enumerate(parsed):
@@ -201,11 +212,13 @@ class PolicyHandler(BaseHandler):
                 out.append(_encode(p.body()))
                 continue
             assert decisions is not None  # parsed requests exist, so decide() ran
-            ids = self.runtime.decision_ids(p)
-            out.append(_encode(self.runtime.answer(p, decisions, index, ids)))
+            ids = runtime.decision_ids(p, fresh)
+            out.append(_encode(runtime.answer(p, decisions, index, ids)))
             if self.decision_log is not None:
-                self.decision_log.encode_and_write(self.runtime.records(p, decisions, index, ids))
+                records += runtime.records(p, decisions, index, ids)
             index += 1
+        if records:
+            self.decision_log.encode_and_write(records)  # type: ignore[union-attr]
         if decisions is not None:
             self.recorder.record_batch(decisions)
         return out

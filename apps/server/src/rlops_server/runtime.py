@@ -29,7 +29,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -861,15 +861,23 @@ class PolicyRuntime:
 
     # --- answering ---------------------------------------------------------------------------------
 
-    def decision_ids(self, request: ParsedRequest) -> list[str]:
-        """The client's decision ids, with a random (version 4) UUID for every observation that has none."""
+    @staticmethod
+    def ids_needed(request: ParsedRequest) -> int:
+        """How many of ``request``'s observations came without a decision id."""
         given = request.decision_ids
+        return len(request) if given is None else sum(1 for d in given if d is None)
+
+    def decision_ids(self, request: ParsedRequest, fresh: Iterator[str] | None = None) -> list[str]:
+        """The client's decision ids, with a random (version 4) UUID for every observation that has none.
+
+        The new ids come from ``fresh`` when given (a server batch draws them at once, see
+        :func:`uuid4_batch`), else they are drawn here.
+        """
+        given = request.decision_ids
+        if fresh is None:
+            fresh = iter(uuid4_batch(self.ids_needed(request)))
         if given is None:
-            return uuid4_batch(len(request))
-        missing = [i for i, d in enumerate(given) if d is None]
-        if not missing:
-            return [d for d in given if d is not None]
-        fresh = iter(uuid4_batch(len(missing)))
+            return [next(fresh) for _ in range(len(request))]
         return [d if d is not None else next(fresh) for d in given]
 
     def answer(
