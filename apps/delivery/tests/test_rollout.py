@@ -292,3 +292,36 @@ def test_status_shows_the_decision_and_its_evidence(registry: Path) -> None:
     as_json = CliRunner().invoke(app, ["status", "--registry", str(registry), "--json", "--all"])
     assert as_json.exit_code == 0
     assert '"state": "rolled_back"' in as_json.output
+
+
+def test_traffic_follows_the_servers_new_keys_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop restarts TorchServe with the candidate (new keys) while `rollout traffic` keeps running:
+    # its client must be given the key file to read again, not the key it found at the start.
+    from rlops_delivery import split
+    from rlops_delivery.commands.rollout import app
+    from typer.testing import CliRunner
+
+    def keys(inference: str) -> None:
+        (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": inference}}))
+
+    given: dict[str, Any] = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(*args: Any, **kwargs: Any) -> None:
+        given.update(kwargs)
+        raise Captured
+
+    keys("before")
+    monkeypatch.delenv("RLOPS_INFERENCE_TOKEN", raising=False)
+    monkeypatch.setattr(split, "SplitClient", capture)
+    result = CliRunner().invoke(app, ["traffic", "--model", POLICY, "--serve-run-dir", str(tmp_path)])
+    assert isinstance(result.exception, Captured), result.output
+    token = given["token"]
+    assert callable(token)
+    assert token() == "before"
+    keys("after")
+    assert token() == "after"

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import typer
 from rlops_server.client import PolicyClient
-from rlops_server.commands.traffic import traffic
+from rlops_server.commands.traffic import INFERENCE_TOKEN_ENV, traffic, traffic_token
 from rlops_server.decision_log import DecisionLog
 from rlops_server.feedback import serve_in_thread
 from rlops_server.join import join
+from rlops_server.process import ServeError
 from rlops_server.traffic import RewardSender, TrafficError, run_traffic
 from typer.testing import CliRunner
 
@@ -222,3 +223,25 @@ def test_traffic_command_fails_when_every_decision_falls_back(tmp_path: Path) ->
     )
     assert result.exit_code == 2
     assert "every decision fell back" in result.output
+
+
+def test_traffic_token_reads_the_key_file_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def keys(inference: str) -> None:
+        (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": inference}}))
+
+    monkeypatch.delenv(INFERENCE_TOKEN_ENV, raising=False)
+    keys("old")
+    token = traffic_token(tmp_path)
+    assert callable(token)
+    assert token() == "old"
+    keys("new")  # TorchServe restarted
+    assert token() == "new"
+    monkeypatch.setenv(INFERENCE_TOKEN_ENV, "given")
+    assert traffic_token(tmp_path) == "given"
+
+
+def test_traffic_token_refuses_a_broken_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(INFERENCE_TOKEN_ENV, raising=False)
+    (tmp_path / "key_file.json").write_text("{not json")
+    with pytest.raises(ServeError, match=r"key_file\.json"):
+        traffic_token(tmp_path)

@@ -460,19 +460,23 @@ def traffic(
     ] = None,
 ) -> None:
     """rlops serve traffic, with episodes sent to a running canary's candidate at its current share."""
-    from rlops_server.commands.traffic import INFERENCE_TOKEN_ENV, summary_table
-    from rlops_server.process import read_keys
+    from rlops_server.commands.traffic import FEEDBACK_TOKEN_ENV, summary_table, traffic_token
     from rlops_server.traffic import RewardSender, TrafficError, run_traffic
 
     from rlops_delivery.split import SplitClient
 
-    token = os.environ.get(INFERENCE_TOKEN_ENV) or None
     with _user_errors():
-        token = token or read_keys(run_dir).get("inference")
         client = SplitClient(
-            url, model, run_dir=run_dir, timeout=timeout_ms / 1e3, token=token, pool_size=concurrency
+            url,
+            model,
+            run_dir=run_dir,
+            timeout=timeout_ms / 1e3,
+            token=traffic_token(run_dir),
+            pool_size=concurrency,
         )
-    sender = RewardSender(feedback_url) if feedback_url else None
+    sender = (
+        RewardSender(feedback_url, token=os.environ.get(FEEDBACK_TOKEN_ENV) or None) if feedback_url else None
+    )
     try:
         result = run_traffic(
             client, sender, env, episodes, concurrency=concurrency, seed=seed, max_steps=max_steps

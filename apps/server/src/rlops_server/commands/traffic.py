@@ -27,6 +27,19 @@ FEEDBACK_TOKEN_ENV = "RLOPS_FEEDBACK_TOKEN"
 console = Console()
 
 
+def traffic_token(run_dir: Path) -> str | Callable[[], str | None]:
+    """The inference token for a traffic client: ``$RLOPS_INFERENCE_TOKEN`` as given, else the key in
+    ``run_dir``'s key file, read afresh whenever the server refuses it, so that the traffic survives a
+    restart of the server (TorchServe makes new keys at every start). A missing or broken key file
+    raises :class:`rlops_server.process.ServeError` now rather than costing every request a fallback.
+    """
+    token = os.environ.get(INFERENCE_TOKEN_ENV) or None
+    if token is not None:
+        return token
+    read_keys(run_dir)
+    return inference_token(run_dir)
+
+
 def _ms(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f} ms"
 
@@ -110,14 +123,10 @@ def traffic(
 
     Prints mean return, client latency p50/p99, error and fallback counts, and writes a JSON summary.
     """
-    token: str | Callable[[], str | None] | None = os.environ.get(INFERENCE_TOKEN_ENV) or None
-    if token is None:
-        try:
-            read_keys(run_dir)  # a broken key file is an error now, not a fallback per request
-        except ServeError as e:
-            _fail(str(e))
-        # Read afresh after a 401, so that the traffic survives a restart of the server (new keys).
-        token = inference_token(run_dir)
+    try:
+        token = traffic_token(run_dir)
+    except ServeError as e:
+        _fail(str(e))
     try:
         client = PolicyClient(
             url,
