@@ -6,7 +6,6 @@ Exit codes: ``start`` 0 promoted, 1 rolled back or rejected; ``ope-gate`` 0 pass
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -460,8 +459,8 @@ def traffic(
     ] = None,
 ) -> None:
     """rlops serve traffic, with episodes sent to a running canary's candidate at its current share."""
-    from rlops_server.commands.traffic import FEEDBACK_TOKEN_ENV, summary_table, traffic_token
-    from rlops_server.traffic import RewardSender, TrafficError, run_traffic
+    from rlops_server.commands.traffic import reward_sender, summary_table, traffic_token
+    from rlops_server.traffic import TrafficError, run_traffic
 
     from rlops_delivery.split import SplitClient
 
@@ -474,9 +473,7 @@ def traffic(
             token=traffic_token(run_dir),
             pool_size=concurrency,
         )
-    sender = (
-        RewardSender(feedback_url, token=os.environ.get(FEEDBACK_TOKEN_ENV) or None) if feedback_url else None
-    )
+    sender = reward_sender(feedback_url)
     try:
         result = run_traffic(
             client, sender, env, episodes, concurrency=concurrency, seed=seed, max_steps=max_steps

@@ -40,6 +40,13 @@ def traffic_token(run_dir: Path) -> str | Callable[[], str | None]:
     return inference_token(run_dir)
 
 
+def reward_sender(feedback_url: str | None) -> RewardSender | None:
+    """The sender of a traffic run's rewards (with ``$RLOPS_FEEDBACK_TOKEN``), or None without a URL."""
+    if not feedback_url:
+        return None
+    return RewardSender(feedback_url, token=os.environ.get(FEEDBACK_TOKEN_ENV) or None)
+
+
 def _ms(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f} ms"
 
@@ -139,9 +146,7 @@ def traffic(
         )
     except ValueError as e:
         _fail(f"--url / --timeout-ms: {e}")
-    sender = (
-        RewardSender(feedback_url, token=os.environ.get(FEEDBACK_TOKEN_ENV) or None) if feedback_url else None
-    )
+    sender = reward_sender(feedback_url)
     with Progress(
         TextColumn("episodes"),
         BarColumn(),
