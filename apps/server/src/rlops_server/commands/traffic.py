@@ -30,8 +30,9 @@ console = Console()
 def traffic_token(run_dir: Path) -> str | Callable[[], str | None]:
     """The inference token for a traffic client: ``$RLOPS_INFERENCE_TOKEN`` as given, else the key in
     ``run_dir``'s key file, read afresh whenever the server refuses it, so that the traffic survives a
-    restart of the server (TorchServe makes new keys at every start). A missing or broken key file
-    raises :class:`rlops_server.process.ServeError` now rather than costing every request a fallback.
+    restart of the server (TorchServe makes new keys at every start). A broken key file raises
+    :class:`rlops_server.process.ServeError` now rather than costing every request a fallback; without
+    a key file (token authorization off) requests carry no token.
     """
     token = os.environ.get(INFERENCE_TOKEN_ENV) or None
     if token is not None:
