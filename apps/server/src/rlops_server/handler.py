@@ -217,8 +217,8 @@ class PolicyHandler(BaseHandler):
             if self.decision_log is not None:
                 records += runtime.records(p, decisions, index, ids)
             index += 1
-        if records:
-            self.decision_log.encode_and_write(records)  # type: ignore[union-attr]
+        if records and self.decision_log is not None:
+            self.decision_log.encode_and_write(records)
         if decisions is not None:
             self.recorder.record_batch(decisions)
         return out
