@@ -141,6 +141,28 @@ def test_exported_matches_eager_on_probe_set(
             assert torch.allclose(p_exported.sum(-1), torch.ones(len(probe)))
 
 
+class _Fixed(torch.nn.Module):
+    """A network whose scores are the observation itself, to check the selection rule exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "torchscript"])
+def test_selection_rule_gives_exact_distributions(scripted: bool) -> None:
+    policy = PolicyModule(_Fixed(), np.zeros(3), np.ones(3), "q_values")
+    module: Any = torch.jit.script(policy) if scripted else policy
+    scores = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 0.0], [0.0, float("nan"), 1.0]])
+    greedy = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # ties: the first; NaN wins
+    assert torch.equal(module.action_probs(scores, 0.0, 0.0), greedy)
+    s, p = module.scores_and_probs(scores, 0.0, 0.25)
+    torch.testing.assert_close(s, scores, equal_nan=True)
+    assert torch.allclose(p, greedy * 0.75 + 0.25 / 3)
+    soft = module.action_probs(scores[:2], 1.0, 0.0)
+    assert torch.allclose(soft, torch.softmax(scores[:2], dim=-1))
+    assert torch.allclose(module.action_probs(scores[:2], 0.5, 0.3), 0.7 * torch.softmax(scores[:2] / 0.5, -1) + 0.1)
+
+
 def test_probe_set_is_deterministic_and_inside_the_space(data: Transitions) -> None:
     probe = probe_observations(data)
     np.testing.assert_array_equal(probe, probe_observations(data))
