@@ -227,6 +227,9 @@ def test_metrics_port_serves_the_rlops_metrics(server: Server) -> None:
     # PredictionTime gauge, which the handler stops (rlops_server.worker).
     assert metric_value(text, "ts_inference_requests_total", model_name="toy") >= 10
     assert [line for line in text.splitlines() if line.startswith("PredictionTime{")] == []
+    # No host gauges: TorchServe's once-a-minute collector process is off (disable_system_metrics).
+    host_gauges = ("CPUUtilization{", "MemoryUsed{", "DiskAvailable{")
+    assert [line for line in text.splitlines() if line.startswith(host_gauges)] == []
 
 
 def test_the_client_takes_new_keys_when_torchserve_refuses_its_token(server: Server) -> None:

@@ -43,6 +43,7 @@ def test_properties(tmp_path: Path) -> None:
     assert props["disable_token_authorization"] == "false"
     assert props["enable_model_api"] == "false"
     assert props["enable_envvars_config"] == "false"
+    assert props["disable_system_metrics"] == "true"
     assert props["model_store"] == str(cfg.model_store.resolve())
     # champion first: TorchServe makes the first loaded version the default one
     assert props["load_models"] == "toy=toy-v3.mar,toy=toy-v4.mar"

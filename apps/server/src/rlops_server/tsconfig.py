@@ -190,6 +190,9 @@ class ServerConfig:
             "number_of_netty_threads": str(self.netty_threads),
             "netty_client_threads": str(self.netty_threads),
             "async_logging": "true",
+            # TorchServe would start a Python process every minute for host CPU, memory and disk
+            # gauges; nothing of rlops reads them, and on a cluster node-exporter measures the host.
+            "disable_system_metrics": "true",
         }
         if not self.models:
             del props["load_models"], props["models"]
