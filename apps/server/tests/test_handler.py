@@ -69,11 +69,11 @@ def _restore_process_state() -> Iterator[None]:
     # initialize() tunes the worker process (root log level, SIGTERM); the test process must not keep it.
     root_level = logging.getLogger().level
     sigterm = signal.getsignal(signal.SIGTERM)
-    read = otf_message_handler._retrieve_buffer
+    read, parse = otf_message_handler._retrieve_buffer, otf_message_handler._retrieve_inference_msg
     yield
     logging.getLogger().setLevel(root_level)
     signal.signal(signal.SIGTERM, sigterm)
-    otf_message_handler._retrieve_buffer = read
+    otf_message_handler._retrieve_buffer, otf_message_handler._retrieve_inference_msg = read, parse
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,9 @@ def test_initialize_tunes_the_worker(
     handler: tuple[PolicyHandler, Context], metric_lines: MetricLines
 ) -> None:
     _, ctx = handler
-    assert isinstance(otf_message_handler._retrieve_buffer, worker.FrameReader)
+    reader = otf_message_handler._retrieve_buffer
+    assert isinstance(reader, worker.FrameReader)
+    assert otf_message_handler._retrieve_inference_msg == reader.inference_msg
     # What TorchServe's Service.predict does after every batch: no line for the frontend to parse.
     ctx.metrics.add_time("PredictionTime", 1.0)
     assert not [line for line in metric_lines.lines if "PredictionTime" in line]

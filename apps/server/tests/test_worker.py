@@ -23,9 +23,9 @@ def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 @pytest.fixture
 def installed() -> Iterator[worker.FrameReader]:
-    original = otf._retrieve_buffer
+    original = otf._retrieve_buffer, otf._retrieve_inference_msg
     yield worker.install_frame_reader()
-    otf._retrieve_buffer = original
+    otf._retrieve_buffer, otf._retrieve_inference_msg = original
 
 
 def _field(data: bytes) -> bytes:
@@ -45,6 +45,86 @@ def _request(request_id: bytes, headers: dict[bytes, bytes], body: bytes) -> byt
 
 def _frame(*requests: bytes) -> bytes:
     return b"I" + b"".join(requests) + struct.pack("!i", -1)
+
+
+_END = struct.pack("!i", -1)  # ends a frame's header, parameter and request lists
+
+
+def _parameters(*params: tuple[bytes, bytes, bytes]) -> bytes:
+    return b"".join(_field(n) + _field(t) + _field(v) for n, t, v in params) + _END
+
+
+# Requests of every kind the frontend sends: JSON, JSON it cannot parse, text, bytes, form fields (several
+# parameters), no headers, headers that are not ASCII, an empty body.
+_MIXED = [
+    _request(b"r-json", {b"Host": b"x", b"Authorization": b"Bearer k"}, b'{"observation": [1.5, -2]}'),
+    _request(b"r-bad-json", {b"Content-Type": b"application/json"}, b'{"observation": [1,'),
+    _field(b"r-text") + _END + _parameters((b"body", b"text/plain", "héllo".encode())),
+    _field(b"r-bytes") + _END + _parameters((b"data", b"application/octet-stream", b"\x00\xff")),
+    _field(b"r-form")
+    + _field(b"X-Note")
+    + _field("naïve".encode())
+    + _END
+    + _parameters((b"a", b"", b"1"), (b"b", b"text/csv", b"2,3")),
+    _request(b"r-empty", {}, b""),
+]
+
+
+class _Pieces:
+    """A socket whose receives return the given pieces one after the other."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+
+    def recv(self, n: int) -> bytes:
+        piece = self.pieces.pop(0) if self.pieces else b""
+        assert len(piece) <= n
+        return piece
+
+
+def _torchserve_parse(data: bytes) -> list[Any]:
+    """What TorchServe 0.12's own reader makes of an inference frame (without its command byte)."""
+    return otf._retrieve_inference_msg(_Pieces([data[i : i + 1] for i in range(len(data))]))
+
+
+@pytest.mark.parametrize("decode", [None, "true", "false"])
+def test_inference_frames_parse_as_torchserve_parses_them(
+    decode: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if decode is None:
+        monkeypatch.delenv("TS_DECODE_INPUT_REQUEST", raising=False)
+    else:
+        monkeypatch.setenv("TS_DECODE_INPUT_REQUEST", decode)
+    for requests in ([], _MIXED[:1], _MIXED):
+        data = _frame(*requests)[1:]
+        expected = _torchserve_parse(data)
+        assert worker.FrameReader().inference_msg(_Pieces([data])) == expected
+        if decode != "false" and expected:
+            assert expected[0]["parameters"][0]["value"] == {"observation": [1.5, -2]}
+
+
+def test_a_frame_cut_anywhere_is_parsed_whole() -> None:
+    data = _frame(*_MIXED)[1:]
+    expected = _torchserve_parse(data)
+    for cut in range(1, len(data)):
+        reader = worker.FrameReader()
+        assert reader.inference_msg(_Pieces([data[:cut], data[cut:]])) == expected, cut
+        assert reader._pos == len(reader._buf)  # nothing left over, nothing read past the frame
+
+
+def test_frames_back_to_back_in_one_receive_are_read_one_at_a_time() -> None:
+    one, two = _frame(_MIXED[0])[1:], _frame(*_MIXED[2:4])[1:]
+    reader = worker.FrameReader()
+    conn = _Pieces([one + two[:5], two[5:]])
+    assert reader.inference_msg(conn) == _torchserve_parse(one)
+    assert conn.pieces == [two[5:]]  # the first frame came whole with the first receive
+    assert reader.inference_msg(conn) == _torchserve_parse(two)
+
+
+def test_a_frontend_gone_mid_frame_ends_the_worker() -> None:
+    data = _frame(*_MIXED)[1:]
+    with pytest.raises(SystemExit):
+        worker.FrameReader().inference_msg(_Pieces([data[:-3]]))
 
 
 def test_the_reader_cuts_fields_from_one_receive(sockets: tuple[socket.socket, socket.socket]) -> None:
