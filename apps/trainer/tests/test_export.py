@@ -160,7 +160,8 @@ def test_selection_rule_gives_exact_distributions(scripted: bool) -> None:
     assert torch.allclose(p, greedy * 0.75 + 0.25 / 3)
     soft = module.action_probs(scores[:2], 1.0, 0.0)
     assert torch.allclose(soft, torch.softmax(scores[:2], dim=-1))
-    assert torch.allclose(module.action_probs(scores[:2], 0.5, 0.3), 0.7 * torch.softmax(scores[:2] / 0.5, -1) + 0.1)
+    mixed = module.action_probs(scores[:2], 0.5, 0.3)
+    assert torch.allclose(mixed, 0.7 * torch.softmax(scores[:2] / 0.5, dim=-1) + 0.1)
 
 
 def test_probe_set_is_deterministic_and_inside_the_space(data: Transitions) -> None:
