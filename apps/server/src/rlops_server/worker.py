@@ -162,8 +162,8 @@ def _parse_inference(buf: bytearray, pos: int, decode: bool) -> tuple[list[dict[
                         "value": _decoded(raw, content_type, decode),
                     }
                 )
-            if pos > size:
-                raise _Incomplete
+            # No length check needed here: the list's closing -1 was just read inside the buffer, and
+            # any slice cut short before it made a later unpack fail (struct.error below).
             requests.append({"requestId": request_id, "headers": headers, "parameters": parameters})
     except struct.error:
         raise _Incomplete from None
