@@ -15,7 +15,7 @@ export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
 # Where the demo writes its data, runs, reports and registry (laid out like the cluster volumes).
 DEMO_DIR ?= .rlops/demo
 
-.PHONY: help venv system lint test test-fast demo clean constraints
+.PHONY: help venv system lint test test-fast demo clean constraints frontend-class
 
 help:
 	@echo "make demo   set everything up and run the whole loop on this machine"
@@ -39,10 +39,18 @@ constraints:
 	  $(VENV)-pin/bin/pip freeze --all | grep -vE '^(rlops-|-e |# Editable)' | sed 's/+cpu$$//'; } > constraints.txt
 	rm -rf $(VENV)-pin
 
-# OS packages: TorchServe needs Java 17; the local monitoring stack and the rule tests need Prometheus,
+# rlops' batcher for the TorchServe frontend, built against TorchServe's jar; the class is committed (the
+# server runs on a Java runtime without a compiler) and a test checks that it is built from the source.
+FRONTEND_SRC := apps/server/src/rlops_server/frontend/ContinuousBatching.java
+frontend-class: $(STAMP) system
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	javac --release 11 -Xlint:all -Werror -cp "$$($(BIN)/python -c 'import ts, pathlib; print(pathlib.Path(ts.__file__).parent / "frontend" / "model-server.jar")')" \
+	  -d "$$tmp" $(FRONTEND_SRC) && cp "$$tmp/org/pytorch/serve/wlm/ContinuousBatching.class" $(dir $(FRONTEND_SRC))
+
+# OS packages: TorchServe needs Java 17 (and its compiler, for the batcher's build check); the local monitoring stack and the rule tests need Prometheus,
 # promtool, Alertmanager and amtool. Installed with apt where it is available and we are root;
 # otherwise say what is missing.
-APT_NEEDS := java:openjdk-17-jre-headless prometheus:prometheus promtool:prometheus \
+APT_NEEDS := java:openjdk-17-jre-headless javac:openjdk-17-jdk-headless prometheus:prometheus promtool:prometheus \
 	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager
 system:
 	@missing=""; for need in $(APT_NEEDS); do \

@@ -1,6 +1,6 @@
 """Serving load benchmark: rlops' TorchServe handler beside a naive one and the bare forward pass, one run.
 
-    .venv/bin/python benchmarks/serving.py              # the full benchmark (~6 minutes)
+    .venv/bin/python benchmarks/serving.py              # the full benchmark (~8 minutes)
     .venv/bin/python benchmarks/serving.py --quick      # a short run that checks the plumbing
 
 What it does, in order:
@@ -11,14 +11,16 @@ What it does, in order:
 2. The floor, in this process with one torch thread: the TorchScript forward pass alone on 1, 16 and
    256 observations, and each handler's whole Python path (parse, decide, answer, and for rlops the
    decision log and metrics) without TorchServe around it.
-3. Three servers, one after the other, each with the same requests:
+3. The servers (four by default), one after the other, each with the same requests:
 
    - ``naive``: ``benchmarks/naive_handler.py`` (json-load, tensor, forward, argmax) archived with
      torch-model-archiver and served with TorchServe's defaults; config.properties only sets the ports
      and the model store (token authorization stays on, as by default);
-   - ``rlops-b1``: ``rlops serve start`` as shipped (batch size 1), decision log and metrics on;
-   - ``rlops-b16``: ``rlops serve start --batch-size 16 --max-batch-delay-ms 1``, decision log and
-     metrics on.
+   - ``rlops``: ``rlops serve start`` as shipped (no-wait batches of up to 16), decision log and
+     metrics on; ``rlops-w2`` the same with ``--workers 2``;
+   - ``rlops-b16``: ``rlops serve start --batcher delay --batch-size 16 --max-batch-delay-ms 1``
+     (TorchServe's own batcher), decision log and metrics on; ``rlops-b16-w2`` with two workers, and
+     ``rlops-b1`` with ``--batch-size 1`` (not run by default).
 
    Against each, wrk (keep-alive POSTs from a Lua script, ``Authorization: Bearer <inference key>``)
    sends single-observation requests at 1, 16 and 64 connections (one connection is one client that
@@ -113,18 +115,27 @@ class ServerSpec:
     key: str
     label: str
     naive: bool
-    batch_size: int = 1
+    batch_size: int = 16
     max_batch_delay_ms: int = 1
     workers: int = 1
+    batcher: str = "no-wait"
 
 
 SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("naive", "naive handler, TorchServe defaults", naive=True),
-    ServerSpec("rlops-b1", "rlops, batch 1 (default)", naive=False),
-    ServerSpec("rlops-b16", "rlops, batch 16 / 1 ms", naive=False, batch_size=16, max_batch_delay_ms=1),
-    ServerSpec("rlops-b16-w2", "rlops, batch 16 / 1 ms, 2 workers", naive=False, batch_size=16, workers=2),
+    ServerSpec("rlops", "rlops as shipped: no-wait batches of up to 16", naive=False),
+    ServerSpec("rlops-w2", "rlops, no-wait batches of up to 16, 2 workers", naive=False, workers=2),
+    ServerSpec("rlops-b1", "rlops, batch 1", naive=False, batch_size=1),
+    ServerSpec("rlops-b16", "rlops, TorchServe's batcher, 16 / 1 ms", naive=False, batcher="delay"),
+    ServerSpec(
+        "rlops-b16-w2",
+        "rlops, TorchServe's batcher, 16 / 1 ms, 2 workers",
+        naive=False,
+        workers=2,
+        batcher="delay",
+    ),
 )
-DEFAULT_SERVERS = "naive,rlops-b1,rlops-b16"
+DEFAULT_SERVERS = "naive,rlops,rlops-w2,rlops-b16"
 
 
 @dataclass(frozen=True)
@@ -718,6 +729,7 @@ def rlops_server(work: Path, registry: Path, name: str, spec: ServerSpec) -> Ite
         "--decision-log-dir", str(decision_root),
         "--batch-size", str(spec.batch_size),
         "--max-batch-delay-ms", str(spec.max_batch_delay_ms),
+        "--batcher", spec.batcher,
         "--workers", str(spec.workers),
     ]  # fmt: skip
     try:
@@ -760,6 +772,7 @@ def _describe(running: Running) -> list[dict[str, Any]]:
             "workers": len(d.get("workers", [])),
             "batch_size": d.get("batchSize"),
             "max_batch_delay_ms": d.get("maxBatchDelay"),
+            "batcher": "no-wait" if d.get("continuousBatching") else "delay",
         }
         for d in described
     ]
@@ -1008,8 +1021,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{policy['hidden']}, {policy['obs_dim']} features, {policy['actions']} actions). Servers as "
         "TorchServe describes them: "
         + "; ".join(
-            f"{key}: {d['workers']} worker(s), batch size {d['batch_size']}, max batch delay "
-            f"{d['max_batch_delay_ms']} ms"
+            f"{key}: {d['workers']} worker(s), batch size {d['batch_size']}, "
+            + (
+                "no-wait batcher"
+                if d.get("batcher") == "no-wait"
+                else f"TorchServe's batcher, max batch delay {d['max_batch_delay_ms']} ms"
+            )
             for key, check in result["checks"].items()
             for d in check["described"]
         )

@@ -351,7 +351,10 @@ class Serving(Section):
     replicas: int = Field(default=1, ge=1, le=1000)
     resources: Resources = Resources(cpu="2", memory="4Gi")
     workers: int = Field(default=1, ge=1, le=64)
-    batch_size: int = Field(default=1, ge=1, le=4096)
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    batcher: Literal["no-wait", "delay"] = "no-wait"
+    """``no-wait``: a worker takes the requests already queued, up to ``batch_size``, and never waits
+    (rlops' batcher); ``delay``: TorchServe's, which waits up to ``max_batch_delay_ms`` for more."""
     max_batch_delay_ms: int = Field(default=1, ge=1, le=10_000)
     autoscaling: Autoscaling = Autoscaling()
     pdb_min_available: int = Field(default=0, ge=0)

@@ -125,6 +125,7 @@ def build(p: Plan) -> dict[str, pulumi.Resource]:
         workers=c.serving.workers,
         batch_size=c.serving.batch_size,
         max_batch_delay_ms=c.serving.max_batch_delay_ms,
+        batcher=c.serving.batcher,
     )
     store = storage.Storage(
         "storage", storage.StorageArgs(c.storage, ns, c.images.server, archives), opts, depends_on=namespaces

@@ -25,6 +25,7 @@ actions taken, under job ``rlops-actions``.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,11 @@ from rlops_contracts.metrics import (
 from rlops_server.archive import archive_file_name
 from rlops_server.metrics import metrics_config
 from rlops_server.tsconfig import (
+    BATCHER_BUILT,
+    BATCHER_CLASS,
     LOG_CONFIG_FILE,
     METRICS_FILE,
+    NO_WAIT,
     PROPERTIES_FILE,
     ModelSettings,
     ServedModel,
@@ -146,6 +150,7 @@ def server_config(s: cfg.Serving) -> ServerConfig:
         max_batch_delay_ms=s.max_batch_delay_ms,
         min_workers=s.workers,
         max_workers=s.workers,
+        batcher=s.batcher,
     )
     model = ServedModel(s.policy, str(s.version), archive_file_name(s.policy, s.version), settings)
     return ServerConfig(
@@ -172,6 +177,12 @@ def config_map(args: ServingArgs) -> dict[str, Any]:
             METRICS_FILE: yaml.safe_dump(metrics_config(), sort_keys=False),
             LOG_CONFIG_FILE: render_log_config(),
         },
+        # rlops' batcher, mounted where the frontend (started in /tmp) loads it: see pod_template.
+        **(
+            {"binaryData": {BATCHER_CLASS.name: base64.b64encode(BATCHER_BUILT.read_bytes()).decode("ascii")}}
+            if args.serving.batcher == NO_WAIT
+            else {}
+        ),
     }
 
 
@@ -194,6 +205,16 @@ def pod_template(args: ServingArgs) -> dict[str, Any]:
         # feedback service): file names carry the pod's host name, so pods never write the same file.
         {"name": "RLOPS_DECISION_LOG_DIR", "value": f"{DATA_MOUNT}/{args.logs}"},
     ]
+    mounts = [
+        mount("config", CONFIG_DIR, read_only=True),
+        mount("models", MODELS_MOUNT, read_only=True),
+        mount("data", DATA_MOUNT),
+        mount("tmp", "/tmp"),
+    ]
+    if s.batcher == NO_WAIT:
+        # TorchServe's launcher puts the working directory first on the frontend's class path.
+        batcher = mount("config", f"/tmp/{BATCHER_CLASS}", read_only=True)
+        mounts.append({**batcher, "subPath": BATCHER_CLASS.name})
     container = {
         "name": "torchserve",
         "image": args.server_image,
@@ -211,12 +232,7 @@ def pod_template(args: ServingArgs) -> dict[str, Any]:
         "readinessProbe": http_probe("/ping", 5, 3),
         "livenessProbe": http_probe("/ping", 10, 6),
         "securityContext": container_security(),
-        "volumeMounts": [
-            mount("config", CONFIG_DIR, read_only=True),
-            mount("models", MODELS_MOUNT, read_only=True),
-            mount("data", DATA_MOUNT),
-            mount("tmp", "/tmp"),
-        ],
+        "volumeMounts": mounts,
     }
     volumes = [
         {"name": "config", "configMap": {"name": config_name(args)}},

@@ -37,6 +37,7 @@ class ArchiveSpec:
     workers: int
     batch_size: int
     max_batch_delay_ms: int
+    batcher: str = "no-wait"
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def archive_job(spec: ArchiveSpec, version: int, namespace: str, image: str) -> 
         "--workers", str(spec.workers),
         "--batch-size", str(spec.batch_size),
         "--max-batch-delay-ms", str(spec.max_batch_delay_ms),
+        "--batcher", spec.batcher,
     ]  # fmt: skip
     return {
         "apiVersion": "batch/v1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 import shutil
@@ -14,6 +15,7 @@ from rlops_infra import delivery, monitoring, ray, serving, storage, tenancy, tr
 from rlops_infra.cluster import Cluster, ClusterArgs
 from rlops_infra.files import RepoFiles
 from rlops_infra.render import Recorded, run_mocked
+from rlops_server.tsconfig import BATCHER_BUILT
 
 FILES = RepoFiles.load()
 IMAGE = "ghcr.io/rlops/rlops-trainer:0.1.0"
@@ -103,6 +105,7 @@ def test_storage_volumes_and_model_store_jobs() -> None:
     command = jobs["archive-cartpole-v2"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:5] == ["rlops", "serve", "archive", "cartpole", "2"]
     assert command[command.index("--store") + 1] == "/mnt/models/store"
+    assert command[command.index("--batcher") + 1] == "no-wait"
 
 
 RAY = cfg.Ray(ray_version="2.60.0", gpu_workers=cfg.RayWorkers(min_replicas=0, max_replicas=6, gpus=1))
@@ -228,6 +231,28 @@ def test_serving_deployment_objects() -> None:
     assert management == [rules[0]]
     assert rules[0]["from"] == [{"podSelector": {}}]
     assert objs["ServiceMonitor"][0]["metadata"]["labels"]["release"] == "kps"
+
+
+def test_serving_mounts_the_no_wait_batcher_where_the_frontend_loads_it() -> None:
+    objs = kinds(mocked(lambda: serving.Serving("serving", _serving_args())))
+    (cm,) = objs["ConfigMap"]
+    assert base64.b64decode(cm["binaryData"]["ContinuousBatching.class"]) == BATCHER_BUILT.read_bytes()
+    container = objs["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["workingDir"] == "/tmp"
+    (mount,) = [m for m in container["volumeMounts"] if m.get("subPath") == "ContinuousBatching.class"]
+    assert mount == {
+        "name": "config",
+        "mountPath": "/tmp/org/pytorch/serve/wlm/ContinuousBatching.class",
+        "subPath": "ContinuousBatching.class",
+        "readOnly": True,
+    }
+
+    # TorchServe's own batcher needs neither.
+    delay = cfg.Serving(policy="cartpole", version=3, batcher="delay")
+    objs = kinds(mocked(lambda: serving.Serving("serving", _serving_args(serving=delay))))
+    assert "binaryData" not in objs["ConfigMap"][0]
+    container = objs["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert not [m for m in container["volumeMounts"] if "subPath" in m]
 
 
 def test_serving_without_actions_webhook() -> None:

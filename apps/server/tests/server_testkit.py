@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,16 @@ def policy_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_registry(tmp_path_factory.mktemp("registry"))
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -26,24 +25,12 @@ from rlops_server.client import PolicyClient
 from rlops_server.commands.serve import app
 from rlops_server.decision_log import complete_files
 from rlops_server.metrics import LATENCY_LE
-from server_testkit import POISON, write_registry
+from server_testkit import POISON, free_ports, write_registry
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
 
 OBS = [0.5, 2.0, -1.0, 0.3]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass
@@ -107,6 +94,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--management-port", str(mgmt),
         "--metrics-port", str(metrics_port),
         "--grpc-port", str(grpc),
+        # TorchServe's batcher, waiting 20 ms: concurrent requests surely share a server batch.
+        "--batcher", "delay",
         "--batch-size", "8",
         "--max-batch-delay-ms", "20",
         "--decision-log-dir", str(log_dir),

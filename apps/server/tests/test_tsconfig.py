@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import ts
 import yaml
 from rlops_server import metrics as m
+from rlops_server.runtime import ServingSettings
 from rlops_server.tsconfig import (
+    BATCHER_BUILT,
+    BATCHER_CLASS,
     ModelSettings,
     ServedModel,
     ServerConfig,
+    install_batcher,
     read_properties,
     render_log_config,
     write_properties,
@@ -59,7 +66,7 @@ def test_properties(tmp_path: Path) -> None:
             "4": {
                 "minWorkers": 1,
                 "maxWorkers": 1,
-                "batchSize": 1,
+                "batchSize": 16,
                 "maxBatchDelay": 1,
                 "responseTimeout": 30,
             },
@@ -106,6 +113,39 @@ def test_model_settings_are_validated() -> None:
         ModelSettings(min_workers=2, max_workers=1)
     with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1, 4096\]"):
         ModelSettings(batch_size=0)
+    with pytest.raises(ValueError, match=r"batcher must be one of no-wait, delay, got 'fast'"):
+        ModelSettings(batcher="fast")
+
+
+def test_the_no_wait_batcher_is_selected_in_the_archive_config() -> None:
+    assert ModelSettings().model_config(ServingSettings())["continuousBatching"] is True
+    assert "continuousBatching" not in ModelSettings(batcher="delay").model_config(ServingSettings())
+
+
+def test_install_batcher_puts_the_class_where_the_frontend_loads_it(tmp_path: Path) -> None:
+    installed = install_batcher(tmp_path, needed=True)
+    assert installed == tmp_path / "org" / "pytorch" / "serve" / "wlm" / "ContinuousBatching.class"
+    assert installed.read_bytes() == BATCHER_BUILT.read_bytes()
+    assert installed.read_bytes()[:4] == bytes.fromhex("cafebabe")
+    assert [p.name for p in installed.parent.iterdir()] == ["ContinuousBatching.class"]
+    # A later start with TorchServe's batcher leaves no class behind to be picked up by mistake.
+    assert install_batcher(tmp_path, needed=False) is None
+    assert not (tmp_path / BATCHER_CLASS).exists()
+
+
+def test_the_shipped_batcher_class_is_built_from_its_source(tmp_path: Path) -> None:
+    """``make frontend-class`` builds it; this fails when the source changed and the class did not."""
+    javac = shutil.which("javac")
+    assert javac, "javac is missing: install openjdk-17-jdk-headless (make system does)"
+    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+    source = BATCHER_BUILT.with_suffix(".java")
+    subprocess.run(
+        [javac, "--release", "11", "-Xlint:all", "-Werror", "-cp", str(jar), "-d", str(tmp_path), source],
+        check=True,
+        capture_output=True,
+    )
+    built = (tmp_path / BATCHER_CLASS).read_bytes()
+    assert built == BATCHER_BUILT.read_bytes(), "rebuild it: make frontend-class"
 
 
 def test_log_config_is_quiet_on_the_request_path() -> None:

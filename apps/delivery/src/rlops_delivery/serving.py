@@ -57,6 +57,7 @@ def restart_with_candidate(
     try:
         per_model = json.loads(props["models"])[policy]
         settings = next(iter(per_model.values()))
+        batcher = next(m.batcher for m in state.models if m.name == policy)
         inference = urlsplit(props["inference_address"])
         metrics = urlsplit(props["metrics_address"])
     except (KeyError, ValueError, StopIteration) as e:
@@ -79,6 +80,7 @@ def restart_with_candidate(
             workers=int(settings["minWorkers"]),
             batch_size=int(settings["batchSize"]),
             max_batch_delay_ms=int(settings["maxBatchDelay"]),
+            batcher=serve.Batcher(batcher),
             decision_log_dir=Path(state.decision_log_dir) if state.decision_log_dir else Path(".rlops/logs"),
             no_decision_log=state.decision_log_dir is None,
             timeout=timeout_s,

@@ -38,9 +38,12 @@ import psutil
 
 from rlops_server.metrics import write_metrics_config
 from rlops_server.tsconfig import (
+    DELAY,
     LOG_CONFIG_FILE,
+    NO_WAIT,
     PROPERTIES_FILE,
     ServerConfig,
+    install_batcher,
     write_log_config,
     write_properties,
 )
@@ -62,6 +65,8 @@ class ModelVersionState:
     version: str
     alias: str | None
     archive: str
+    batcher: str = DELAY
+    """How its workers batch (a state file from before batchers were chosen: TorchServe's own)."""
 
 
 @dataclass
@@ -228,6 +233,10 @@ def start(
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     (run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
     write_metrics_config(config.metrics_config)
+    try:
+        install_batcher(run_dir, any(m.settings.batcher == NO_WAIT for m in config.models))
+    except OSError as e:
+        raise ServeError(f"cannot install rlops' batcher for TorchServe in {run_dir}: {e}") from e
     properties = write_properties(run_dir / PROPERTIES_FILE, config)
     log_config = write_log_config(run_dir / LOG_CONFIG_FILE, access_log=access_log)
     cmd = [
@@ -331,6 +340,8 @@ def status(run_dir: Path, state: ServerState | None = None) -> dict[str, Any]:
                     "ready_workers": sum(1 for w in workers if w.get("status") == "READY"),
                     "batch_size": entry.get("batchSize"),
                     "max_batch_delay_ms": entry.get("maxBatchDelay"),
+                    # The flag selects rlops' batcher, which start() installs with it.
+                    "batcher": NO_WAIT if entry.get("continuousBatching") else DELAY,
                 }
             )
     return {

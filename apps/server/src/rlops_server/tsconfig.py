@@ -11,18 +11,22 @@ Choices, for a small machine first (2 cores: one worker per policy version, one 
   model store, so nothing outside the store can ever be loaded;
 - environment variables cannot override the config (``enable_envvars_config=false``): the file is
   the whole truth;
-- batching is per model (``batchSize``, ``maxBatchDelay``). TorchServe 0.12 fills a batch by waiting
-  up to ``maxBatchDelay`` (at least 1 ms: it reads 0 as "not set" and uses 100 ms) for more requests
-  whenever fewer than ``batchSize`` are queued, so at low load every request pays the delay. The
-  default is therefore no batching (``batchSize`` 1), the lowest latency for one client; under many
-  concurrent clients ``--batch-size 16 --max-batch-delay-ms 1`` trades ~1 ms at low load for
-  throughput. The per-model settings go into the archive and the server config's ``models=``.
+- batching is per model (``batchSize``). TorchServe 0.12's own batcher fills a batch by waiting up to
+  ``maxBatchDelay`` (at least 1 ms: it reads 0 as "not set" and uses 100 ms) for more requests
+  whenever fewer than ``batchSize`` are queued, so at low load every request pays the delay. rlops'
+  batcher (``no-wait``, the default) takes what is queued, up to ``batchSize``, and never waits: one
+  client gets batch-1 latency and many clients get full batches. It is a class of the frontend
+  (``frontend/ContinuousBatching.java``) that :func:`install_batcher` puts in the frontend's working
+  directory, where it is loaded in place of the TorchServe class that ``continuousBatching: true``
+  selects. ``delay`` keeps TorchServe's batcher and honours ``maxBatchDelay``. The per-model
+  settings go into the archive and the server config's ``models=``.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,21 +37,36 @@ PROPERTIES_FILE = "config.properties"
 METRICS_FILE = "metrics.yaml"
 LOG_CONFIG_FILE = "log4j2.xml"
 
+NO_WAIT = "no-wait"
+DELAY = "delay"
+BATCHERS = (NO_WAIT, DELAY)
+"""``no-wait``: rlops' batcher, what is queued and no more; ``delay``: TorchServe's, waits up to
+``maxBatchDelay`` for a batch to fill."""
+
+BATCHER_CLASS = Path("org/pytorch/serve/wlm/ContinuousBatching.class")
+"""Where the frontend looks for rlops' batcher, relative to its working directory."""
+BATCHER_BUILT = Path(__file__).parent / "frontend" / BATCHER_CLASS.name
+
 
 @dataclass(frozen=True)
 class ModelSettings:
     """TorchServe's per-model settings for one policy version."""
 
-    batch_size: int = 1
+    batch_size: int = 16
     """Most requests a worker takes at once (1: no batching)."""
     max_batch_delay_ms: int = 1
-    """How long a worker waits for a batch to fill (with batch_size > 1); TorchServe's minimum is 1."""
+    """With the ``delay`` batcher: how long a worker waits for a batch to fill (TorchServe's minimum is
+    1). The ``no-wait`` batcher never waits."""
     min_workers: int = 1
     max_workers: int = 1
     response_timeout_s: int = 30
     """A worker that takes longer than this on one batch is restarted."""
+    batcher: str = NO_WAIT
+    """How a worker fills its batch: one of :data:`BATCHERS`."""
 
     def __post_init__(self) -> None:
+        if self.batcher not in BATCHERS:
+            raise ValueError(f"batcher must be one of {', '.join(BATCHERS)}, got {self.batcher!r}")
         checks = {
             "batch_size": (self.batch_size, 1, 4096),
             "max_batch_delay_ms": (self.max_batch_delay_ms, 1, 10_000),
@@ -73,6 +92,9 @@ class ModelSettings:
             "responseTimeout": self.response_timeout_s,
             "deviceType": "cpu",
         }
+        if self.batcher == NO_WAIT:
+            # Selects the batcher class that install_batcher() puts in place of TorchServe's.
+            config["continuousBatching"] = True
         config["handler"] = {**serving.to_mapping(), **(extra_handler or {})}
         return config
 
@@ -197,6 +219,26 @@ class ServerConfig:
         if not self.models:
             del props["load_models"], props["models"]
         return props
+
+
+def install_batcher(directory: Path, needed: bool) -> Path | None:
+    """Put rlops' no-wait batcher where a frontend started in ``directory`` loads it (or take it away).
+
+    TorchServe's launcher starts the frontend with ``.`` first on its class path, so a class under the
+    working directory wins over the one of the same name in TorchServe's jar. Returns the installed
+    file, or None when ``needed`` is false (a class left from an earlier start is removed).
+    """
+    target = Path(directory) / BATCHER_CLASS
+    if not needed:
+        target.unlink(missing_ok=True)
+        return None
+    if not BATCHER_BUILT.is_file():
+        raise FileNotFoundError(f"{BATCHER_BUILT}: the no-wait batcher is missing from rlops-server")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(BATCHER_BUILT, tmp)
+    tmp.replace(target)
+    return target
 
 
 def _url_host(host: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +28,7 @@ from rlops_server.commands import group
 from rlops_server.commands.traffic import traffic
 from rlops_server.process import DEFAULT_RUN_DIR, ModelVersionState, ServeError
 from rlops_server.runtime import ServingSettings
-from rlops_server.tsconfig import METRICS_FILE, ModelSettings, ServedModel, ServerConfig
+from rlops_server.tsconfig import DELAY, METRICS_FILE, NO_WAIT, ModelSettings, ServedModel, ServerConfig
 
 console = Console()
 
@@ -59,8 +60,25 @@ DelayOption = Annotated[
         "--max-batch-delay-ms",
         min=1,
         max=10_000,
-        help="With --batch-size > 1: how long a worker waits for a batch to fill (TorchServe waits this "
+        help="With --batcher delay: how long a worker waits for a batch to fill (TorchServe waits this "
         "long whenever fewer requests are queued, so it adds to the latency at low load).",
+    ),
+]
+
+
+class Batcher(StrEnum):
+    no_wait = NO_WAIT
+    delay = DELAY
+
+
+DEFAULT_BATCHER = Batcher(ModelSettings.batcher)
+
+BatcherOption = Annotated[
+    Batcher,
+    typer.Option(
+        "--batcher",
+        help="How a worker fills its batch: no-wait takes the requests already queued (up to --batch-size) "
+        "and never waits; delay is TorchServe's own, which waits up to --max-batch-delay-ms for more.",
     ),
 ]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Workers per policy version.")]
@@ -95,6 +113,7 @@ def archive(
     ] = DEFAULT_RUN_DIR / "model-store",
     batch_size: BatchSizeOption = ModelSettings.batch_size,
     max_batch_delay_ms: DelayOption = ModelSettings.max_batch_delay_ms,
+    batcher: BatcherOption = DEFAULT_BATCHER,
     workers: WorkersOption = ModelSettings.min_workers,
     max_batch_observations: MaxObsOption = ServingSettings.max_batch_observations,
 ) -> None:
@@ -110,6 +129,7 @@ def archive(
                 max_batch_delay_ms=max_batch_delay_ms,
                 min_workers=workers,
                 max_workers=workers,
+                batcher=batcher.value,
             ),
             serving=ServingSettings(max_batch_observations=max_batch_observations),
         )
@@ -139,6 +159,7 @@ def start(
     workers: WorkersOption = ModelSettings.min_workers,
     batch_size: BatchSizeOption = ModelSettings.batch_size,
     max_batch_delay_ms: DelayOption = ModelSettings.max_batch_delay_ms,
+    batcher: BatcherOption = DEFAULT_BATCHER,
     max_batch_observations: MaxObsOption = ServingSettings.max_batch_observations,
     decision_log_dir: Annotated[
         Path,
@@ -177,6 +198,7 @@ def start(
             max_batch_delay_ms=max_batch_delay_ms,
             min_workers=workers,
             max_workers=workers,
+            batcher=batcher.value,
         )
         serving = ServingSettings(max_batch_observations=max_batch_observations)
         store = run_dir / "model-store"
@@ -187,7 +209,7 @@ def start(
             wanted.append((CANDIDATE, aliases[CANDIDATE]))
         for alias, version in wanted:
             built = build_archive(registry, name, version, store, model_settings=settings, serving=serving)
-            served.append(ModelVersionState(name, str(version), alias, built.path.name))
+            served.append(ModelVersionState(name, str(version), alias, built.path.name, settings.batcher))
             models.append(ServedModel(name, str(version), built.path.name, settings))
         config = ServerConfig(
             model_store=store,
@@ -247,7 +269,7 @@ def status(
         f"inference {report['inference_url']}  metrics {report['metrics_url']}",
         highlight=False,
     )
-    table = Table("model", "version", "alias", "workers ready", "batch size", "max delay ms")
+    table = Table("model", "version", "alias", "workers ready", "batch size", "batcher", "max delay ms")
     for v in report["versions"]:
         table.add_row(
             v["name"],
@@ -255,7 +277,8 @@ def status(
             v["alias"] or "",
             f"{v['ready_workers']}/{v['workers']}",
             str(v["batch_size"]),
-            str(v["max_batch_delay_ms"]),
+            v["batcher"],
+            str(v["max_batch_delay_ms"]) if v["batcher"] == DELAY else "",
         )
     console.print(table)
 

@@ -1,0 +1,106 @@
+/*
+ * rlops' batcher for TorchServe 0.12: a worker takes the requests already queued, up to the
+ * model's batch size, and never waits for more.
+ *
+ * TorchServe's own batcher waits up to maxBatchDelay (at least 1 ms) for every batch that is not
+ * full, so with one client each request pays the whole delay. Here a worker that becomes free
+ * blocks only for the first request; the rest of its batch is whatever arrived while it was busy.
+ * At low load that is batch 1 with no delay; under load batches fill by themselves.
+ *
+ * TorchServe picks its batcher by the model config, with no way to name a class, so rlops ships
+ * this class under the name of the one that `continuousBatching: true` selects. rlops starts the
+ * frontend in a run directory that holds this class; the launcher puts "." first on the class
+ * path, so it is loaded in place of TorchServe's own. rlops models never stream, which is what
+ * TorchServe's class is for. rlops_server.frontend installs it; rlops_server.tsconfig sets the
+ * flag. Built with `make frontend-class`; the test suite checks that the shipped class is built
+ * from this file.
+ */
+package org.pytorch.serve.wlm;
+
+import java.lang.reflect.Field;
+import java.util.Map;
+import java.util.concurrent.LinkedBlockingDeque;
+import java.util.concurrent.locks.ReentrantLock;
+import org.pytorch.serve.job.Job;
+import org.pytorch.serve.util.messages.WorkerCommands;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+public class ContinuousBatching extends BatchAggregator {
+
+    private static final Logger logger = LoggerFactory.getLogger(ContinuousBatching.class);
+
+    /** The model's queue of inference requests (shared by its workers). */
+    private final LinkedBlockingDeque<Job> queue;
+
+    /** The model's lock: one worker at a time takes a batch, so batches are not split. */
+    private final ReentrantLock lock;
+
+    public ContinuousBatching(Model model) {
+        super(model);
+        try {
+            Field db = Model.class.getDeclaredField("jobsDb");
+            db.setAccessible(true);
+            @SuppressWarnings("unchecked")
+            Map<String, LinkedBlockingDeque<Job>> jobsDb =
+                    (Map<String, LinkedBlockingDeque<Job>>) db.get(model);
+            queue = jobsDb.get(Model.DEFAULT_DATA_QUEUE);
+            Field lockField = Model.class.getDeclaredField("lock");
+            lockField.setAccessible(true);
+            lock = (ReentrantLock) lockField.get(model);
+        } catch (ReflectiveOperationException | ClassCastException e) {
+            throw new IllegalStateException(
+                    "rlops no-wait batcher: this TorchServe frontend is not 0.12.0 (" + e + ")", e);
+        }
+        if (queue == null || lock == null) {
+            throw new IllegalStateException(
+                    "rlops no-wait batcher: model " + model.getModelName() + " has no request queue");
+        }
+        logger.info(
+                "rlops no-wait batcher for model {} version {}, batch size up to {}",
+                model.getModelName(),
+                model.getVersion(),
+                model.getBatchSize());
+    }
+
+    @Override
+    public void pollBatch(String threadName, WorkerState state) throws InterruptedException {
+        // Management commands addressed to this worker come first, as in TorchServe's batcher.
+        long wait = state == WorkerState.WORKER_MODEL_LOADED ? 0 : Long.MAX_VALUE;
+        if (model.pollMgmtJob(threadName, wait, jobs)) {
+            return;
+        }
+        if (model.isUseJobTicket()) {
+            model.incNumJobTickets();
+        }
+        lock.lockInterruptibly();
+        try {
+            Job first = queue.take();
+            jobs.put(first.getJobId(), first);
+            if (first.getCmd() == WorkerCommands.DESCRIBE) {
+                return; // a describe request travels alone
+            }
+            int room = model.getBatchSize() - 1;
+            while (room > 0) {
+                Job next = queue.poll();
+                if (next == null) {
+                    break;
+                }
+                if (next.getCmd() == WorkerCommands.DESCRIBE) {
+                    queue.addFirst(next);
+                    break;
+                }
+                if (next.getPayload().getClientExpireTS() > System.currentTimeMillis()) {
+                    jobs.put(next.getJobId(), next);
+                    room--;
+                } else {
+                    logger.warn(
+                            "Drop inference request {} due to client timeout",
+                            next.getPayload().getRequestId());
+                }
+            }
+        } finally {
+            lock.unlock();
+        }
+    }
+}
