@@ -11,8 +11,9 @@ invalid reward, so every counter a serving, policy-health or SLO panel reads has
 Training panels checked: those an offline run feeds (:data:`OFFLINE_TRAINING`). Not checked, because
 nothing run here produces them honestly: episode return and length, exploration rate and environment
 steps per second need environment interaction (the online trainer on Ray); policy entropy is recorded by
-no offline algorithm; and no trainer sets ``rlops_train_baseline_return`` (the "baseline" query of the
-episode return panel). Their queries are still checked for syntax and metric names in test_dashboards.py.
+no offline algorithm; and ``rlops_train_baseline_return`` (the "baseline" query of the episode return
+panel) comes from an online run with a registry champion. Their queries are still checked for syntax
+and metric names in test_dashboards.py.
 """
 
 from __future__ import annotations

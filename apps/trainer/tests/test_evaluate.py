@@ -9,50 +9,21 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import typer
 from rlops_trainer import datasets
 from rlops_trainer.collect import collect
 from rlops_trainer.commands.evaluate import evaluate
 from rlops_trainer.commands.registry import report_entry
-from rlops_trainer.datasets import Transitions
-from rlops_trainer.export import write_policy_dir
 from rlops_trainer.ope import ESTIMATORS
-from rlops_trainer.policy import PolicyModule, Selection
+from rlops_trainer.policy import Selection
 from rlops_trainer.registry import Registry
 from rlops_trainer.rollout import RolloutError, rollout
-from rlops_trainer.training import TrainResult
+from trainer_testkit import linear_policy, policy_dir
 from typer.testing import CliRunner
 
 app = typer.Typer()
 app.command()(evaluate)
 runner = CliRunner()
-
-
-def linear_policy(weights: list[float]) -> PolicyModule:
-    """Logit difference w . obs between pushing right and left (a hand-made CartPole controller)."""
-    lin = torch.nn.Linear(4, 2)
-    with torch.no_grad():
-        w = torch.tensor(weights, dtype=torch.float32)
-        lin.weight[:] = torch.stack([-w / 2, w / 2])
-        lin.bias.zero_()
-    return PolicyModule(lin, np.zeros(4), np.ones(4), "logits").eval()
-
-
-def policy_dir(root: Path, data: Transitions, name: str, weights: list[float], selection: Selection) -> Path:
-    result = TrainResult(
-        algorithm="bc",
-        policy=linear_policy(weights),
-        selection=selection,
-        config={},
-        dataset_fingerprint=data.fingerprint(),
-        steps=0,
-        wall_time_s=0.0,
-        final_metrics={},
-        metrics_path=None,
-        device="cpu",
-    )
-    return write_policy_dir(result, data, root / name, name)
 
 
 @pytest.fixture(scope="module")

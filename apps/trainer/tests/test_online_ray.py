@@ -22,12 +22,22 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rlops_contracts import metrics as m
+from rlops_trainer.collect import collect
 from rlops_trainer.datasets import load
 from rlops_trainer.export import load_policy_dir
 from rlops_trainer.online.config import OnlineConfig, parse_config
 from rlops_trainer.online.export import RLlibScores, load_module
-from rlops_trainer.online.run import OnlineRun, OnlineTrainingError, checkpoints, read_state, train_online
+from rlops_trainer.online.run import (
+    OnlineRun,
+    OnlineTrainingError,
+    baseline_return,
+    checkpoints,
+    read_state,
+    train_online,
+)
+from rlops_trainer.policy import Selection
 from rlops_trainer.registry import Registry
+from trainer_testkit import policy_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -89,9 +99,14 @@ def test_ppo_run_checkpoints_serves_metrics_and_exports(
         url = f"http://127.0.0.1:{port}/metrics"
         scraped.append(urllib.request.urlopen(url, timeout=10).read().decode())
 
-    result = train_online(cfg, OnlineRun(out_dir=out, progress=False, on_iteration=scrape))
+    # The incumbent: a hand-made controller whose return is the run's baseline.
+    data = collect("CartPole-v1", "random", episodes=5, seed=0, progress=False)
+    incumbent = policy_dir(tmp_path, data, "tiny-ppo", [0.0, 0.5, 10.0, 2.0], Selection(temperature=1.0))
+    online = OnlineRun(out_dir=out, progress=False, on_iteration=scrape, baseline=incumbent)
+    result = train_online(cfg, online)
 
     assert result.iterations == 3
+    assert result.baseline_return == baseline_return(incumbent, cfg)
     assert result.stopped_by == "iterations"
     assert result.env_steps >= 3 * 256
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -129,6 +144,9 @@ def test_ppo_run_checkpoints_serves_metrics_and_exports(
     assert samples[(m.TRAIN_STEPS, None)].value == records[-1]["step"]
     assert samples[(m.TRAIN_EPISODE_RETURN, None)].value == records[-1]["episode_return_mean"]
     assert samples[(m.TRAIN_EVAL_RETURN, None)].value == records[1]["eval_return"]
+    # The baseline was there from the first scrape on.
+    first = {x.name: x.value for f in text_string_to_metric_families(scraped[0]) for x in f.samples}
+    assert first[m.TRAIN_BASELINE_RETURN] == result.baseline_return
 
     # Checkpoints every 2 iterations plus the last; the state says where each one is.
     assert [p.name for p in checkpoints(out)] == ["iter-000002", "iter-000003"]
@@ -179,6 +197,7 @@ def test_ppo_run_checkpoints_serves_metrics_and_exports(
     assert run.data.params["training.train_batch_size"] == "256"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "policy_loss")] == [1, 2, 3]
     assert run.data.metrics["eval_return"] == card["training"]["final_metrics"]["reference_return_mean"]
+    assert run.data.metrics["baseline_return"] == result.baseline_return
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
         "config.yaml",
         "model-card.json",

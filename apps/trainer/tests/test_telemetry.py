@@ -41,6 +41,7 @@ def test_record_sets_gauges_losses_and_counters() -> None:
             "entropy": 0.61,
             "grad_norm": 0.9,
             "exploration_rate": 0.2,
+            "baseline_return": 450.0,
             "unknown_key": 7.0,
         }
     )
@@ -52,6 +53,7 @@ def test_record_sets_gauges_losses_and_counters() -> None:
     assert value(tel, m.TRAIN_POLICY_ENTROPY) == 0.61
     assert value(tel, m.TRAIN_GRAD_NORM) == 0.9
     assert value(tel, m.TRAIN_EXPLORATION_RATE) == 0.2
+    assert value(tel, m.TRAIN_BASELINE_RETURN) == 450.0
     assert value(tel, m.TRAIN_ENV_STEPS_PER_SECOND) == 3100.0
     assert value(tel, m.TRAIN_STEPS) == 12.0
     assert value(tel, m.TRAIN_ENV_STEPS) == 6000.0

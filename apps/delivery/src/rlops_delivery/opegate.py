@@ -121,8 +121,7 @@ def load_dataset(path: Path) -> Transitions:
 def _estimate(
     module: Any, card: dict[str, Any], data: Transitions, estimator: str, s: OPESettings
 ) -> ope.Estimate:
-    sel = card["policy"]["selection"]
-    selection = Selection(temperature=float(sel["temperature"]), epsilon=float(sel["epsilon"]))
+    selection = Selection.from_card(card)
     estimates = ope.evaluate(
         data,
         ope.policy_probs_fn(module, selection),

@@ -9,7 +9,9 @@ scores into action probabilities is written once and travels inside ``policy.pt`
   with the uniform distribution: ``(1 - epsilon) * p + epsilon / n_actions``.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,12 @@ class Selection:
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
+
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any]) -> "Selection":
+        """The selection a model card records (``policy.selection``)."""
+        sel = card["policy"]["selection"]
+        return cls(temperature=float(sel["temperature"]), epsilon=float(sel["epsilon"]))
 
 
 class PolicyModule(nn.Module):

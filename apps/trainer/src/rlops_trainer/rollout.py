@@ -7,6 +7,7 @@ observations per step. Episode ``i`` seeds its environment reset and its own act
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,11 +80,13 @@ def rollout(
     batch_size: int = 16,
     max_steps: int = 100_000,
     progress: bool = False,
+    env_kwargs: Mapping[str, Any] | None = None,
 ) -> RolloutResult:
     """Run ``episodes`` episodes of ``policy`` (a ``PolicyModule``, a loaded TorchScript policy or a
     ``probs_fn``) in ``env_id``, sampling actions from its distribution under ``selection``.
 
-    ``max_steps`` caps an episode in environments without a time limit (it counts as truncation).
+    ``max_steps`` caps an episode in environments without a time limit (it counts as truncation);
+    ``env_kwargs`` go to ``gym.make``.
     """
     import time
 
@@ -93,7 +96,7 @@ def rollout(
         raise RolloutError(f"gamma must be in (0, 1], got {gamma}")
     probs_fn: ProbsFn = policy_probs_fn(policy, selection) if isinstance(policy, nn.Module) else policy
     try:
-        envs = [gym.make(env_id) for _ in range(min(batch_size, episodes))]
+        envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(batch_size, episodes))]
     except gym.error.Error as exc:
         raise RolloutError(f"cannot create environment {env_id!r}: {exc}") from exc
     if not isinstance(envs[0].action_space, gym.spaces.Discrete):

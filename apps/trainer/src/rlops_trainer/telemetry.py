@@ -22,6 +22,7 @@ Record keys and the series they feed (a trainer reports only the ones that apply
 ``env_steps``              ``rlops_train_env_steps_total``
 ``env_steps_per_s``        ``rlops_train_env_steps_per_second``
 ``eval_return``            ``rlops_train_eval_return``
+``baseline_return``        ``rlops_train_baseline_return`` (the incumbent's return, set once at start)
 =========================  =====================================================================
 
 Every record also sets ``rlops_train_last_progress_timestamp_seconds`` (a stalled run stops moving
@@ -62,6 +63,7 @@ GAUGES: dict[str, str] = {
     "exploration_rate": m.TRAIN_EXPLORATION_RATE,
     "env_steps_per_s": m.TRAIN_ENV_STEPS_PER_SECOND,
     "eval_return": m.TRAIN_EVAL_RETURN,
+    "baseline_return": m.TRAIN_BASELINE_RETURN,
 }
 """Record keys exported as gauges, by series name."""
 
@@ -81,6 +83,8 @@ _HELP: dict[str, str] = {
     m.TRAIN_ENV_STEPS_PER_SECOND: "Environment steps sampled per second over the last iteration.",
     m.TRAIN_LAST_PROGRESS: "Unix time of the last metrics record.",
     m.TRAIN_EVAL_RETURN: "Mean return of the latest evaluation episodes.",
+    m.TRAIN_BASELINE_RETURN: "Mean return of the incumbent policy (the registry's champion) in the run's "
+    "environment: the level the evaluation return is compared with.",
     m.TRAIN_NONFINITE: "Metrics records that held a NaN or infinite value.",
 }
 

@@ -45,8 +45,7 @@ class _Policy:
 
     @property
     def selection(self) -> Selection:
-        sel = self.card["policy"]["selection"]
-        return Selection(temperature=float(sel["temperature"]), epsilon=float(sel["epsilon"]))
+        return Selection.from_card(self.card)
 
     @property
     def version(self) -> int | None:

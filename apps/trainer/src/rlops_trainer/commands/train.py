@@ -343,7 +343,9 @@ _ONLINE_HELP = {
     "address": "Join this Ray cluster (auto, HOST:6379 or ray://HOST:10001) instead of starting a local Ray.",
     "resume": "Continue from the newest checkpoint in --out.",
     "set": "Override a config key, key.path=value (repeatable), e.g. --set training.lr=3e-4.",
-    "registry": "Also publish the policy directory into this registry (as `rlops registry publish` does).",
+    "registry": "Also publish the policy directory into this registry (as `rlops registry publish` does). "
+    "If the policy has a champion there, its return in the run's environment is exported first as the "
+    "run's baseline (rlops_train_baseline_return).",
     "export": "Write the policy directory at the end.",
 }
 
@@ -368,6 +370,8 @@ def _online_summary(result: OnlineResult) -> Table:
     for key in ("episode_return_mean", "episode_length_mean", "reference_return_mean", "entropy", "loss"):
         if key in m:
             rows.append((key, _fmt(m[key])))
+    if result.baseline_return is not None:
+        rows.append(("baseline return (champion)", _fmt(result.baseline_return)))
     rows += [("metrics", str(result.metrics_path)), ("checkpoint", str(result.checkpoint))]
     if result.metrics_port is not None:
         rows.append(("metrics endpoint", f"port {result.metrics_port} (closed)"))
@@ -379,6 +383,21 @@ def _online_summary(result: OnlineResult) -> Table:
 
 
 @app.command("online")
+def _champion_dir(registry: Path, name: str) -> Path | None:
+    """The policy directory of ``name``'s champion in ``registry``, or None when it has none yet."""
+    from rlops_contracts import CHAMPION
+
+    from rlops_trainer.registry import Registry, RegistryError
+
+    reg = Registry(registry)
+    try:
+        if name not in reg.names() or CHAMPION not in reg.aliases(name):
+            return None
+        return reg.resolve(name, CHAMPION)
+    except RegistryError as exc:
+        _fail(str(exc))
+
+
 def online(
     config: Annotated[Path, typer.Option("--config", help=_ONLINE_HELP["config"], dir_okay=False)],
     out: Annotated[Path, typer.Option("--out", help=_ONLINE_HELP["out"], file_okay=False)],
@@ -409,7 +428,10 @@ def online(
     from rlops_trainer.export import ExportError
     from rlops_trainer.online.run import OnlineRun, OnlineTrainingError, train_online
 
-    run = OnlineRun(out_dir=out, resume=resume, address=address, progress=progress, export=export)
+    baseline = _champion_dir(registry, cfg.policy_name) if registry is not None else None
+    run = OnlineRun(
+        out_dir=out, resume=resume, address=address, progress=progress, export=export, baseline=baseline
+    )
     try:
         result = train_online(cfg, run)
     except ConfigError as exc:

@@ -80,6 +80,10 @@ class OnlineRun:
     """Write the policy directory at the end."""
     on_iteration: Callable[[Algorithm, dict[str, float]], None] | None = None
     """Called after every iteration with the algorithm and the iteration's record."""
+    baseline: Path | None = None
+    """Policy directory of the incumbent (the registry's champion): its mean return in this run's
+    environment is the run's baseline (``rlops_train_baseline_return``), the level below which
+    ``RlopsTrainingEvalRegression`` fires on the run's evaluation return."""
 
 
 @dataclass
@@ -102,6 +106,8 @@ class OnlineResult:
     policy_dir: Path | None
     train_result: TrainResult | None
     metrics_port: int | None
+    baseline_return: float | None = None
+    """Mean return of ``OnlineRun.baseline`` in this run's environment, when one was given."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,6 +331,51 @@ def _start_telemetry(cfg: OnlineConfig, out: Path) -> telemetry.TrainingTelemetr
         return None
 
 
+def baseline_return(policy_dir: Path, cfg: OnlineConfig) -> float:
+    """Mean return of the policy in ``policy_dir`` in the run's environment, with the selection its card
+    records, over as many episodes as the run's final evaluation (``export.reference_episodes``)."""
+    import gymnasium as gym
+
+    from rlops_trainer.export import PolicyDirError, load_policy_dir
+    from rlops_trainer.policy import Selection
+    from rlops_trainer.rollout import RolloutError, rollout
+
+    try:
+        module, card = load_policy_dir(policy_dir)
+    except (PolicyDirError, ValueError, OSError) as e:
+        raise OnlineTrainingError(f"baseline policy {policy_dir}: {e}") from None
+    env_id = card["dataset"]["env_id"]
+    if env_id != cfg.env:
+        raise OnlineTrainingError(
+            f"baseline policy {policy_dir} was trained for {env_id}, but this run trains in {cfg.env}"
+        )
+    env = gym.make(cfg.env, **cfg.env_kwargs)
+    try:
+        obs_shape = list(env.observation_space.shape or ())
+        n_actions = int(getattr(env.action_space, "n", -1))
+    finally:
+        env.close()
+    card_shape = [int(x) for x in card["observation_space"]["shape"]]
+    if card_shape != obs_shape or int(card["action_space"]["n"]) != n_actions:
+        raise OnlineTrainingError(
+            f"baseline policy {policy_dir} takes observations of shape {card_shape} and "
+            f"{card['action_space']['n']} actions; {cfg.env} with env_kwargs {cfg.env_kwargs} has "
+            f"{obs_shape} and {n_actions}"
+        )
+    try:
+        result = rollout(
+            module,
+            Selection.from_card(card),
+            cfg.env,
+            cfg.export.reference_episodes,
+            seed=cfg.seed,
+            env_kwargs=cfg.env_kwargs,
+        )
+    except RolloutError as e:
+        raise OnlineTrainingError(f"baseline policy {policy_dir}: {e}") from None
+    return float(result.returns.mean())
+
+
 def train_online(cfg: OnlineConfig, run: OnlineRun) -> OnlineResult:
     """Train ``cfg`` with RLlib until a stop rule holds, checkpointing and exporting as configured."""
     started = time.perf_counter()
@@ -349,7 +400,12 @@ def train_online(cfg: OnlineConfig, run: OnlineRun) -> OnlineResult:
 
     tel = _start_telemetry(cfg, out)
     tracker: Tracker | None = None
+    baseline: float | None = None
     try:
+        if run.baseline is not None:
+            baseline = baseline_return(run.baseline, cfg)
+            if tel is not None:
+                tel.record({"baseline_return": baseline})
         with ray_session(run.address) as local:
             _check_resources(cfg, local)
             algo = build_algorithm(cfg)
@@ -357,6 +413,8 @@ def train_online(cfg: OnlineConfig, run: OnlineRun) -> OnlineResult:
                 if latest is not None:
                     algo.restore_from_path(str(latest.resolve()))
                 tracker = start_tracking(cfg, out, state.get("tracking_run_id"))
+                if tracker is not None and baseline is not None:
+                    tracker.log({"iteration": float(state["iteration"]), "baseline_return": baseline})
                 setup_s = time.perf_counter() - started
                 record = {k: math.nan if v is None else float(v) for k, v in state.get("record", {}).items()}
                 checkpoint = latest
@@ -438,6 +496,7 @@ def train_online(cfg: OnlineConfig, run: OnlineRun) -> OnlineResult:
             policy_dir=policy_dir,
             train_result=train_result,
             metrics_port=tel.port if tel is not None else None,
+            baseline_return=baseline,
         )
     finally:
         if tracker is not None:
