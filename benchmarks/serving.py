@@ -16,7 +16,7 @@ What it does, in order:
    - ``naive``: ``benchmarks/naive_handler.py`` (json-load, tensor, forward, argmax) archived with
      torch-model-archiver and served with TorchServe's defaults; config.properties only sets the ports
      and the model store (token authorization stays on, as by default);
-   - ``rlops``: ``rlops serve start`` as shipped (no-wait batches of up to 16), decision log and
+   - ``rlops``: ``rlops serve start`` as shipped (adaptive batches of up to 16), decision log and
      metrics on; ``rlops-w2`` the same with ``--workers 2``;
    - ``rlops-b16``: ``rlops serve start --batcher delay --batch-size 16 --max-batch-delay-ms 1``
      (TorchServe's own batcher), decision log and metrics on; ``rlops-b16-w2`` with two workers, and
@@ -118,13 +118,13 @@ class ServerSpec:
     batch_size: int = 16
     max_batch_delay_ms: int = 1
     workers: int = 1
-    batcher: str = "no-wait"
+    batcher: str = "adaptive"
 
 
 SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("naive", "naive handler, TorchServe defaults", naive=True),
-    ServerSpec("rlops", "rlops as shipped: no-wait batches of up to 16", naive=False),
-    ServerSpec("rlops-w2", "rlops, no-wait batches of up to 16, 2 workers", naive=False, workers=2),
+    ServerSpec("rlops", "rlops as shipped: adaptive batches of up to 16", naive=False),
+    ServerSpec("rlops-w2", "rlops, adaptive batches of up to 16, 2 workers", naive=False, workers=2),
     ServerSpec("rlops-b1", "rlops, batch 1", naive=False, batch_size=1),
     ServerSpec("rlops-b16", "rlops, TorchServe's batcher, 16 / 1 ms", naive=False, batcher="delay"),
     ServerSpec(
@@ -772,7 +772,7 @@ def _describe(running: Running) -> list[dict[str, Any]]:
             "workers": len(d.get("workers", [])),
             "batch_size": d.get("batchSize"),
             "max_batch_delay_ms": d.get("maxBatchDelay"),
-            "batcher": "no-wait" if d.get("continuousBatching") else "delay",
+            "batcher": "adaptive" if d.get("continuousBatching") else "delay",
         }
         for d in described
     ]
@@ -1023,8 +1023,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         + "; ".join(
             f"{key}: {d['workers']} worker(s), batch size {d['batch_size']}, "
             + (
-                "no-wait batcher"
-                if d.get("batcher") == "no-wait"
+                f"adaptive batcher, up to {d['max_batch_delay_ms']} ms to fill a batch while requests wait"
+                if d.get("batcher") == "adaptive"
                 else f"TorchServe's batcher, max batch delay {d['max_batch_delay_ms']} ms"
             )
             for key, check in result["checks"].items()

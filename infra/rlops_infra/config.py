@@ -352,9 +352,10 @@ class Serving(Section):
     resources: Resources = Resources(cpu="2", memory="4Gi")
     workers: int = Field(default=1, ge=1, le=64)
     batch_size: int = Field(default=16, ge=1, le=4096)
-    batcher: Literal["no-wait", "delay"] = "no-wait"
-    """``no-wait``: a worker takes the requests already queued, up to ``batch_size``, and never waits
-    (rlops' batcher); ``delay``: TorchServe's, which waits up to ``max_batch_delay_ms`` for more."""
+    batcher: Literal["adaptive", "delay"] = "adaptive"
+    """``adaptive`` (rlops' batcher): a request that finds a worker idle is sent at once, and a worker
+    that finds requests waiting fills its batch for up to ``max_batch_delay_ms``; ``delay``:
+    TorchServe's, which waits up to ``max_batch_delay_ms`` for every batch that is not full."""
     max_batch_delay_ms: int = Field(default=1, ge=1, le=10_000)
     autoscaling: Autoscaling = Autoscaling()
     pdb_min_available: int = Field(default=0, ge=0)

@@ -43,11 +43,11 @@ from rlops_contracts.metrics import (
 from rlops_server.archive import archive_file_name
 from rlops_server.metrics import metrics_config
 from rlops_server.tsconfig import (
+    ADAPTIVE,
     BATCHER_BUILT,
     BATCHER_CLASS,
     LOG_CONFIG_FILE,
     METRICS_FILE,
-    NO_WAIT,
     PROPERTIES_FILE,
     ModelSettings,
     ServedModel,
@@ -180,7 +180,7 @@ def config_map(args: ServingArgs) -> dict[str, Any]:
         # rlops' batcher, mounted where the frontend (started in /tmp) loads it: see pod_template.
         **(
             {"binaryData": {BATCHER_CLASS.name: base64.b64encode(BATCHER_BUILT.read_bytes()).decode("ascii")}}
-            if args.serving.batcher == NO_WAIT
+            if args.serving.batcher == ADAPTIVE
             else {}
         ),
     }
@@ -211,7 +211,7 @@ def pod_template(args: ServingArgs) -> dict[str, Any]:
         mount("data", DATA_MOUNT),
         mount("tmp", "/tmp"),
     ]
-    if s.batcher == NO_WAIT:
+    if s.batcher == ADAPTIVE:
         # TorchServe's launcher puts the working directory first on the frontend's class path.
         batcher = mount("config", f"/tmp/{BATCHER_CLASS}", read_only=True)
         mounts.append({**batcher, "subPath": BATCHER_CLASS.name})

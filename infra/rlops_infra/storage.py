@@ -37,7 +37,7 @@ class ArchiveSpec:
     workers: int
     batch_size: int
     max_batch_delay_ms: int
-    batcher: str = "no-wait"
+    batcher: str = "adaptive"
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def test_storage_volumes_and_model_store_jobs() -> None:
     command = jobs["archive-cartpole-v2"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:5] == ["rlops", "serve", "archive", "cartpole", "2"]
     assert command[command.index("--store") + 1] == "/mnt/models/store"
-    assert command[command.index("--batcher") + 1] == "no-wait"
+    assert command[command.index("--batcher") + 1] == "adaptive"
 
 
 RAY = cfg.Ray(ray_version="2.60.0", gpu_workers=cfg.RayWorkers(min_replicas=0, max_replicas=6, gpus=1))
@@ -233,7 +233,7 @@ def test_serving_deployment_objects() -> None:
     assert objs["ServiceMonitor"][0]["metadata"]["labels"]["release"] == "kps"
 
 
-def test_serving_mounts_the_no_wait_batcher_where_the_frontend_loads_it() -> None:
+def test_serving_mounts_the_adaptive_batcher_where_the_frontend_loads_it() -> None:
     objs = kinds(mocked(lambda: serving.Serving("serving", _serving_args())))
     (cm,) = objs["ConfigMap"]
     assert base64.b64decode(cm["binaryData"]["ContinuousBatching.class"]) == BATCHER_BUILT.read_bytes()

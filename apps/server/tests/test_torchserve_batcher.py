@@ -1,9 +1,9 @@
-"""rlops' no-wait batcher in a real TorchServe: loaded in place of TorchServe's, it never waits for a batch
-to fill, and requests that queue while a worker is busy still go to it together.
+"""rlops' adaptive batcher in a real TorchServe: loaded in place of TorchServe's, it sends a request that
+finds the worker idle at once, and requests that queue while the worker is busy go to it together.
 
-The server runs with a ten-second ``--max-batch-delay-ms``: TorchServe's own batcher would hold a lone
-request that long before answering it, so a lone request answered within the client's five-second timeout
-shows that nothing waited. Requests of one server batch share one decision time in the decision log.
+The server runs with a three-second ``--max-batch-delay-ms``: TorchServe's own batcher would hold a lone
+request that long before answering it, so a lone request answered within the client's 1.5 s timeout shows
+that nothing waited. Requests of one server batch share one decision time in the decision log.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Pat
         "--metrics-port", str(metrics_port),
         "--grpc-port", str(grpc),
         "--batch-size", "16",
-        "--max-batch-delay-ms", "10000",
+        "--max-batch-delay-ms", "3000",
         "--decision-log-dir", str(log_dir),
         "--timeout", "240",
     ]  # fmt: skip
@@ -59,10 +59,11 @@ def test_the_frontend_loads_rlops_batcher(served: tuple[Path, Path, str]) -> Non
     run_dir, _, _ = served
     assert (run_dir / BATCHER_CLASS).is_file()
     log = "\n".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log"))
-    assert "rlops no-wait batcher for model toy version 1, batch size up to 16" in log
+    started = "rlops adaptive batcher for model toy version 1, batch size up to 16, filled for up to 3000 ms"
+    assert started in log
     result = CliRunner().invoke(app, ["status", "--run-dir", str(run_dir), "--json"])
     assert result.exit_code == 0, result.output
-    assert {v["batcher"] for v in json.loads(result.output)["versions"]} == {"no-wait"}
+    assert {v["batcher"] for v in json.loads(result.output)["versions"]} == {"adaptive"}
 
 
 def test_a_lone_request_does_not_wait_and_queued_requests_share_batches(
@@ -70,11 +71,12 @@ def test_a_lone_request_does_not_wait_and_queued_requests_share_batches(
 ) -> None:
     run_dir, decisions, url = served
     token = process.inference_token(run_dir)
-    alone = PolicyClient(url, "toy", token=token, timeout=5.0, retries=0)
+    alone = PolicyClient(url, "toy", token=token, timeout=1.5, retries=0)
     for _ in range(3):
         decision = alone.act(OBS)
         assert not decision.fallback, alone.fallbacks
-    # Many clients at once: requests queue while the worker is busy and leave together.
+    # Many clients at once: requests queue while the worker is busy and leave together (a batch that
+    # cannot fill waits up to the 3 s delay, well within the clients' timeout).
     ids: list[str] = []
     failed: list[object] = []
 

@@ -113,11 +113,11 @@ def test_model_settings_are_validated() -> None:
         ModelSettings(min_workers=2, max_workers=1)
     with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1, 4096\]"):
         ModelSettings(batch_size=0)
-    with pytest.raises(ValueError, match=r"batcher must be one of no-wait, delay, got 'fast'"):
+    with pytest.raises(ValueError, match=r"batcher must be one of adaptive, delay, got 'fast'"):
         ModelSettings(batcher="fast")
 
 
-def test_the_no_wait_batcher_is_selected_in_the_archive_config() -> None:
+def test_the_adaptive_batcher_is_selected_in_the_archive_config() -> None:
     assert ModelSettings().model_config(ServingSettings())["continuousBatching"] is True
     assert "continuousBatching" not in ModelSettings(batcher="delay").model_config(ServingSettings())
 

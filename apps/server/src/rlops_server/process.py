@@ -38,9 +38,9 @@ import psutil
 
 from rlops_server.metrics import write_metrics_config
 from rlops_server.tsconfig import (
+    ADAPTIVE,
     DELAY,
     LOG_CONFIG_FILE,
-    NO_WAIT,
     PROPERTIES_FILE,
     ServerConfig,
     install_batcher,
@@ -234,7 +234,7 @@ def start(
     (run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
     write_metrics_config(config.metrics_config)
     try:
-        install_batcher(run_dir, any(m.settings.batcher == NO_WAIT for m in config.models))
+        install_batcher(run_dir, any(m.settings.batcher == ADAPTIVE for m in config.models))
     except OSError as e:
         raise ServeError(f"cannot install rlops' batcher for TorchServe in {run_dir}: {e}") from e
     properties = write_properties(run_dir / PROPERTIES_FILE, config)
@@ -341,7 +341,7 @@ def status(run_dir: Path, state: ServerState | None = None) -> dict[str, Any]:
                     "batch_size": entry.get("batchSize"),
                     "max_batch_delay_ms": entry.get("maxBatchDelay"),
                     # The flag selects rlops' batcher, which start() installs with it.
-                    "batcher": NO_WAIT if entry.get("continuousBatching") else DELAY,
+                    "batcher": ADAPTIVE if entry.get("continuousBatching") else DELAY,
                 }
             )
     return {

@@ -14,11 +14,12 @@ Choices, for a small machine first (2 cores: one worker per policy version, one 
 - batching is per model (``batchSize``). TorchServe 0.12's own batcher fills a batch by waiting up to
   ``maxBatchDelay`` (at least 1 ms: it reads 0 as "not set" and uses 100 ms) for more requests
   whenever fewer than ``batchSize`` are queued, so at low load every request pays the delay. rlops'
-  batcher (``no-wait``, the default) takes what is queued, up to ``batchSize``, and never waits: one
-  client gets batch-1 latency and many clients get full batches. It is a class of the frontend
+  batcher (``adaptive``, the default) sends a request that finds a worker idle at once; a worker that
+  finds requests already waiting fills its batch for up to ``maxBatchDelay``. One client gets batch-1
+  latency and many clients get full batches. It is a class of the frontend
   (``frontend/ContinuousBatching.java``) that :func:`install_batcher` puts in the frontend's working
   directory, where it is loaded in place of the TorchServe class that ``continuousBatching: true``
-  selects. ``delay`` keeps TorchServe's batcher and honours ``maxBatchDelay``. The per-model
+  selects. ``delay`` keeps TorchServe's batcher. The per-model
   settings go into the archive and the server config's ``models=``.
 """
 
@@ -37,11 +38,11 @@ PROPERTIES_FILE = "config.properties"
 METRICS_FILE = "metrics.yaml"
 LOG_CONFIG_FILE = "log4j2.xml"
 
-NO_WAIT = "no-wait"
+ADAPTIVE = "adaptive"
 DELAY = "delay"
-BATCHERS = (NO_WAIT, DELAY)
-"""``no-wait``: rlops' batcher, what is queued and no more; ``delay``: TorchServe's, waits up to
-``maxBatchDelay`` for a batch to fill."""
+BATCHERS = (ADAPTIVE, DELAY)
+"""``adaptive``: rlops' batcher, which waits for a batch to fill only when requests were already waiting;
+``delay``: TorchServe's, which waits up to ``maxBatchDelay`` for every batch that is not full."""
 
 BATCHER_CLASS = Path("org/pytorch/serve/wlm/ContinuousBatching.class")
 """Where the frontend looks for rlops' batcher, relative to its working directory."""
@@ -55,13 +56,13 @@ class ModelSettings:
     batch_size: int = 16
     """Most requests a worker takes at once (1: no batching)."""
     max_batch_delay_ms: int = 1
-    """With the ``delay`` batcher: how long a worker waits for a batch to fill (TorchServe's minimum is
-    1). The ``no-wait`` batcher never waits."""
+    """How long a worker waits for a batch to fill (TorchServe's minimum is 1): with the ``delay``
+    batcher for every batch that is not full, with ``adaptive`` only when requests were already waiting."""
     min_workers: int = 1
     max_workers: int = 1
     response_timeout_s: int = 30
     """A worker that takes longer than this on one batch is restarted."""
-    batcher: str = NO_WAIT
+    batcher: str = ADAPTIVE
     """How a worker fills its batch: one of :data:`BATCHERS`."""
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ class ModelSettings:
             "responseTimeout": self.response_timeout_s,
             "deviceType": "cpu",
         }
-        if self.batcher == NO_WAIT:
+        if self.batcher == ADAPTIVE:
             # Selects the batcher class that install_batcher() puts in place of TorchServe's.
             config["continuousBatching"] = True
         config["handler"] = {**serving.to_mapping(), **(extra_handler or {})}
@@ -222,7 +223,7 @@ class ServerConfig:
 
 
 def install_batcher(directory: Path, needed: bool) -> Path | None:
-    """Put rlops' no-wait batcher where a frontend started in ``directory`` loads it (or take it away).
+    """Put rlops' adaptive batcher where a frontend started in ``directory`` loads it (or take it away).
 
     TorchServe's launcher starts the frontend with ``.`` first on its class path, so a class under the
     working directory wins over the one of the same name in TorchServe's jar. Returns the installed
@@ -233,7 +234,7 @@ def install_batcher(directory: Path, needed: bool) -> Path | None:
         target.unlink(missing_ok=True)
         return None
     if not BATCHER_BUILT.is_file():
-        raise FileNotFoundError(f"{BATCHER_BUILT}: the no-wait batcher is missing from rlops-server")
+        raise FileNotFoundError(f"{BATCHER_BUILT}: the adaptive batcher is missing from rlops-server")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.copyfile(BATCHER_BUILT, tmp)

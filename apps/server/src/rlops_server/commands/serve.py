@@ -28,7 +28,7 @@ from rlops_server.commands import group
 from rlops_server.commands.traffic import traffic
 from rlops_server.process import DEFAULT_RUN_DIR, ModelVersionState, ServeError
 from rlops_server.runtime import ServingSettings
-from rlops_server.tsconfig import DELAY, METRICS_FILE, NO_WAIT, ModelSettings, ServedModel, ServerConfig
+from rlops_server.tsconfig import ADAPTIVE, DELAY, METRICS_FILE, ModelSettings, ServedModel, ServerConfig
 
 console = Console()
 
@@ -60,14 +60,15 @@ DelayOption = Annotated[
         "--max-batch-delay-ms",
         min=1,
         max=10_000,
-        help="With --batcher delay: how long a worker waits for a batch to fill (TorchServe waits this "
-        "long whenever fewer requests are queued, so it adds to the latency at low load).",
+        help="How long a worker waits for a batch to fill: with --batcher adaptive only when requests were "
+        "already waiting; with --batcher delay whenever fewer requests are queued, which adds it to the "
+        "latency at low load.",
     ),
 ]
 
 
 class Batcher(StrEnum):
-    no_wait = NO_WAIT
+    adaptive = ADAPTIVE
     delay = DELAY
 
 
@@ -77,8 +78,9 @@ BatcherOption = Annotated[
     Batcher,
     typer.Option(
         "--batcher",
-        help="How a worker fills its batch: no-wait takes the requests already queued (up to --batch-size) "
-        "and never waits; delay is TorchServe's own, which waits up to --max-batch-delay-ms for more.",
+        help="How a worker fills its batch: adaptive sends a request that finds a worker idle at once and "
+        "fills a batch for up to --max-batch-delay-ms only when requests were already waiting; delay is "
+        "TorchServe's own, which waits up to --max-batch-delay-ms for every batch that is not full.",
     ),
 ]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Workers per policy version.")]
