@@ -382,7 +382,6 @@ def _online_summary(result: OnlineResult) -> Table:
     return table
 
 
-@app.command("online")
 def _champion_dir(registry: Path, name: str) -> Path | None:
     """The policy directory of ``name``'s champion in ``registry``, or None when it has none yet."""
     from rlops_contracts import CHAMPION
@@ -398,6 +397,7 @@ def _champion_dir(registry: Path, name: str) -> Path | None:
         _fail(str(exc))
 
 
+@app.command("online")
 def online(
     config: Annotated[Path, typer.Option("--config", help=_ONLINE_HELP["config"], dir_okay=False)],
     out: Annotated[Path, typer.Option("--out", help=_ONLINE_HELP["out"], file_okay=False)],
