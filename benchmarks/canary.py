@@ -156,7 +156,7 @@ def canary_bed(root: Path, profile: Profile, seed: int = 0) -> Iterator[Testbed]
     for version in (1, *versions.values()):
         built = build_archive(registry, POLICY, version, store, model_settings=settings)
         alias = "champion" if version == 1 else None
-        served.append(ModelVersionState(POLICY, str(version), alias, built.path.name))
+        served.append(ModelVersionState(POLICY, str(version), alias, built.path.name, settings.batcher))
         models.append(ServedModel(POLICY, str(version), built.path.name, settings))
     config = ServerConfig(
         model_store=store,

@@ -67,7 +67,10 @@ def test_bad_candidates_roll_back_and_a_good_one_is_promoted(bed: Any) -> None:
     slow = bench.run_canary(bed, "slow", bench.QUICK)
     assert slow.state == records.ROLLED_BACK
     assert "latency-p99" in slow.failed_checks
-    assert 0 < slow.share_sent < 0.1
+    # Batched, the slow version keeps up with its share (one 0.25 s pass answers a whole batch), so it
+    # is sent about 10 % of the requests, give or take the episode hashing; the stored record below
+    # shows that it never got past the 10 % step.
+    assert 0 < slow.share_sent < 0.2
     assert reg.aliases(policy)["champion"] == 1
 
     good = bench.run_canary(bed, "good", bench.QUICK)
@@ -83,6 +86,7 @@ def test_bad_candidates_roll_back_and_a_good_one_is_promoted(bed: Any) -> None:
     stored = records.read_all(bed.registry, policy)
     assert [r.state for r in stored] == [records.ROLLED_BACK, records.ROLLED_BACK, records.PROMOTED]
     assert [r.id for r in stored] == [constant.rollout, slow.rollout, good.rollout]
+    assert [[s["share"] for s in r.steps] for r in stored[:2]] == [[0.1], [0.1]]
     for record in stored:
         assert record.decision is not None
         assert {m["check"] for m in record.decision["evidence"]} >= {"action-divergence", "latency-p99"}

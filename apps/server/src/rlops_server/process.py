@@ -65,8 +65,8 @@ class ModelVersionState:
     version: str
     alias: str | None
     archive: str
-    batcher: str = DELAY
-    """How its workers batch (a state file from before batchers were chosen: TorchServe's own)."""
+    batcher: str
+    """How its workers batch: one of rlops_server.tsconfig.BATCHERS."""
 
 
 @dataclass
@@ -91,7 +91,8 @@ class ServerState:
             return None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            data["models"] = [ModelVersionState(**m) for m in data.get("models", [])]
+            # A state file written before the batcher was recorded: TorchServe's own was the only one.
+            data["models"] = [ModelVersionState(**{"batcher": DELAY, **m}) for m in data.get("models", [])]
             return cls(**data)
         except (ValueError, TypeError) as e:
             raise ServeError(
