@@ -31,12 +31,18 @@ $(STAMP): constraints.txt requirements-dev.txt infra/requirements.txt $(PYPROJEC
 	$(PIP) install --quiet -c constraints.txt -r requirements-dev.txt $(foreach p,$(PACKAGES),-e $(p))
 	@touch $@
 
-# Re-pin after changing a dependency range: installs afresh, then records every version.
+# Re-pin after changing a dependency range: installs afresh from the package index, then records every
+# version as name==version (`pip list --format=freeze` never writes a direct reference, as `pip freeze`
+# does for a wheel installed from a path). The new file replaces constraints.txt only if every line is
+# such a pin (.ci/pins.py); the rlops packages themselves are not pinned.
 constraints:
 	rm -rf $(VENV)-pin && $(PYTHON) -m venv $(VENV)-pin
-	$(VENV)-pin/bin/pip install --quiet -r requirements-dev.txt $(foreach p,$(PACKAGES),./$(p))
+	$(VENV)-pin/bin/pip install --quiet --no-cache-dir -r requirements-dev.txt $(foreach p,$(PACKAGES),./$(p))
 	{ echo "# Every transitive version, pinned. Regenerate with 'make constraints'."; \
-	  $(VENV)-pin/bin/pip freeze --all | grep -vE '^(rlops-|-e |# Editable)' | sed 's/+cpu$$//'; } > constraints.txt
+	  $(VENV)-pin/bin/pip list --format=freeze | grep -v '^rlops-' | sed 's/+cpu$$//'; } > constraints.txt.new
+	$(PYTHON) .ci/pins.py env $(VENV)-pin/bin/python
+	$(PYTHON) .ci/pins.py constraints constraints.txt.new
+	mv constraints.txt.new constraints.txt
 	rm -rf $(VENV)-pin
 
 # rlops' batcher for the TorchServe frontend, built against TorchServe's jar; the class is committed (the
@@ -58,7 +64,7 @@ system:
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$(echo $$missing | tr ' ' '\n' | sort -u); \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$(echo $$missing | tr ' ' '\n' | sort -u); \
 	  else \
 	    echo "missing OS packages:$$missing (install them with your package manager)"; exit 1; \
 	  fi; \
