@@ -14,6 +14,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from rlops_contracts.durable import replace_atomic
+
 _KUBERAY = "https://raw.githubusercontent.com/ray-project/kuberay/v1.7.0/ray-operator/config/crd/bases"
 _OPERATOR = "https://raw.githubusercontent.com/prometheus-operator/prometheus-operator/v0.93.1/example/prometheus-operator-crd"
 _ARGO = "https://raw.githubusercontent.com/argoproj/argo-rollouts/v1.9.1/manifests/crds"
@@ -44,9 +46,7 @@ def download(out: Path, timeout: float = 60.0) -> list[Path]:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             body = response.read()
         target = crds / name
-        tmp = target.with_name(f".{name}.tmp")
-        tmp.write_bytes(f"# {url}\n".encode() + body)
-        tmp.replace(target)
+        replace_atomic(target, f"# {url}\n".encode() + body)
         written.append(target)
     return written
 

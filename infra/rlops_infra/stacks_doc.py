@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlops_contracts.durable import replace_atomic
+
 from rlops_infra.files import ROOT
 from rlops_infra.render import STACKS_DIR, Render, render_stack
 
@@ -77,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{DOC} is out of date: run python -m rlops_infra.stacks_doc (in infra/)", file=sys.stderr)
             return 1
         return 0
-    tmp = DOC.with_name(f".{DOC.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(DOC)
+    replace_atomic(DOC, text)
     print(f"wrote {DOC}")
     return 0
 

@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+from rlops_contracts.artifact import seal
 from torch import nn
 
 torch.set_num_threads(1)
@@ -149,7 +150,7 @@ def write_policy_dir(
     epsilon: float = 0.0,
     one_pass: bool = False,
 ) -> Path:
-    """A policy directory (policy.pt + model-card.json) at ``path``; ``one_pass`` exports
+    """A policy directory (policy.pt, model-card.json, SHA256SUMS) at ``path``; ``one_pass`` exports
     ``scores_and_probs`` too."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -160,8 +161,7 @@ def write_policy_dir(
     data = buf.getvalue()
     path.mkdir(parents=True, exist_ok=True)
     (path / "policy.pt").write_bytes(data)
-    card = make_card(name, version, sha256(data), score_kind, temperature, epsilon)
-    (path / "model-card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    seal(path, make_card(name, version, sha256(data), score_kind, temperature, epsilon))
     return path
 
 

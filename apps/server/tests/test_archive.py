@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rlops_contracts.artifact import read_checksums, sha256_file
 from rlops_server.archive import (
     VERSION_KEY,
     ArchiveError,
@@ -16,7 +17,6 @@ from rlops_server.archive import (
     build_archive,
     check_archive,
     handler_source,
-    resolve_version,
     server_version,
 )
 from rlops_server.commands.serve import app
@@ -43,12 +43,14 @@ def test_archive_holds_policy_card_handler_and_config(registry: Path, tmp_path: 
         assert names == {
             "policy.pt",
             "model-card.json",
+            "SHA256SUMS",
             "handler.py",
             "model-config.yaml",
             "MAR-INF/MANIFEST.json",
         }
         assert z.read("policy.pt") == (registry / "toy" / "1" / "policy.pt").read_bytes()
         assert z.read("model-card.json") == (registry / "toy" / "1" / "model-card.json").read_bytes()
+        assert z.read("SHA256SUMS") == (registry / "toy" / "1" / "SHA256SUMS").read_bytes()
         assert z.read("handler.py") == handler_source().read_bytes()
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(z.read("model-config.yaml"))
@@ -87,26 +89,36 @@ def test_batch_delay_of_zero_is_refused() -> None:
         ModelSettings(max_batch_delay_ms=0)
 
 
-def test_versions_and_aliases_resolve(registry: Path) -> None:
-    assert resolve_version(registry, "toy", "champion") == 1
-    assert resolve_version(registry, "toy", "candidate") == 2
-    assert resolve_version(registry, "toy", 2) == 2
+def test_unknown_versions_and_aliases_are_refused(registry: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
     with pytest.raises(ArchiveError, match=r"has no version 9; versions: 1, 2"):
-        resolve_version(registry, "toy", "9")
+        build_archive(registry, "toy", "9", store)
     with pytest.raises(
         ArchiveError, match=r"no version or alias 'staging'; aliases: candidate → 2, champion → 1"
     ):
-        resolve_version(registry, "toy", "staging")
+        build_archive(registry, "toy", "staging", store)
     with pytest.raises(ArchiveError, match=r"unknown policy 'cartpole' in registry .*; known policies: toy"):
-        resolve_version(registry, "cartpole", "champion")
+        build_archive(registry, "cartpole", "champion", store)
+    assert not store.exists() or not any(store.iterdir())
 
 
-def test_tampered_version_is_not_archived(tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim", ["policy.pt", "model-card.json"])
+def test_a_file_changed_by_one_byte_after_publishing_is_not_archived(tmp_path: Path, victim: str) -> None:
     reg = write_registry(tmp_path / "registry")
-    with open(reg / "toy" / "1" / "policy.pt", "ab") as f:
-        f.write(b"\0")
-    with pytest.raises(ArchiveError, match=r"version 1 cannot be archived: .*sha256 does not match"):
+    path = reg / "toy" / "1" / victim
+    recorded = read_checksums(path.parent)[victim]
+    data = bytearray(path.read_bytes())
+    # In the card, a byte of the policy's name in "name": "toy": still valid JSON and a valid card.
+    at = data.index(b'"toy"') + 1 if victim == "model-card.json" else len(data) // 2
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError) as e:
         build_archive(reg, "toy", 1, tmp_path / "store")
+    message = str(e.value)
+    assert "version 1 cannot be archived" in message
+    assert str(path) in message
+    assert f"recorded {recorded}" in message
+    assert f"file {sha256_file(path)}" in message
     assert not (tmp_path / "store" / "toy-v1.mar").exists()
 
 
@@ -114,7 +126,7 @@ def test_card_must_name_the_registry_version(tmp_path: Path) -> None:
     reg = write_registry(tmp_path / "registry", candidate=False)
     shutil.copytree(reg / "toy" / "1", reg / "toy" / "3")
     with pytest.raises(
-        ArchiveError, match=r"says 'toy' version 1, but it is 'toy' version 3 in the registry"
+        ArchiveError, match=r"card says 'toy' version 1, but it is 'toy' version 3 in the registry"
     ):
         build_archive(reg, "toy", 3, tmp_path / "store")
 

@@ -271,7 +271,7 @@ def test_decision_log_counters(handler: tuple[PolicyHandler, Context], metric_li
 
 def test_sha256_mismatch_refuses_to_start(policy_dir: Path, metrics_yaml: Path) -> None:
     (policy_dir / "policy.pt").write_bytes((policy_dir / "policy.pt").read_bytes() + b"\0")
-    with pytest.raises(PolicyLoadError, match=r"policy\.pt: sha256 does not match model-card\.json"):
+    with pytest.raises(PolicyLoadError, match=r"policy\.pt: sha256 does not match .*SHA256SUMS \(recorded "):
         PolicyHandler().initialize(make_context(policy_dir, metrics_yaml))
 
 

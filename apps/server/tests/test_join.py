@@ -12,6 +12,7 @@ from rlops_contracts import DATASET_COLUMNS, DATASET_METADATA_KEY
 from rlops_server.decision_log import DecisionLog
 from rlops_server.feedback import REWARD_FILE_PREFIX, REWARDS_STREAM
 from rlops_server.join import JoinError, episode_int_id, join
+from server_testkit import make_card
 
 CARD: dict[str, Any] = {
     "dataset": {"env_id": "CartPole-v1"},
@@ -108,12 +109,23 @@ def scenario(root: Path) -> None:
     (day / "empty.jsonl").write_text("")
 
 
+def full_card(version: int, n_actions: int = 2) -> dict[str, Any]:
+    """A registry version's card with CARD's environment and spaces."""
+    card = make_card("cartpole", version, "sha256:" + "1" * 64)
+    card["dataset"]["env_id"] = CARD["dataset"]["env_id"]
+    card.update(
+        observation_space=CARD["observation_space"], action_space={"type": "Discrete", "n": n_actions}
+    )
+    card["reference"]["actions"]["proportions"] = [1.0 / n_actions] * n_actions
+    return card
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> Path:
     for v in (3, 4):
         d = tmp_path / "registry" / "cartpole" / str(v)
         d.mkdir(parents=True)
-        (d / "model-card.json").write_text(json.dumps(CARD))
+        (d / "model-card.json").write_text(json.dumps(full_card(v)))
     return tmp_path / "registry"
 
 
@@ -244,7 +256,7 @@ def test_errors_name_the_way_out(logs: Path, registry: Path, tmp_path: Path) -> 
     with pytest.raises(JoinError, match="no such directory"):
         join(tmp_path / "missing", logs, out)
     card = registry / "cartpole" / "4" / "model-card.json"
-    card.write_text(json.dumps({**CARD, "action_space": {"type": "Discrete", "n": 3}}))
+    card.write_text(json.dumps(full_card(4, n_actions=3)))
     with pytest.raises(JoinError, match="different observation or action spaces"):
         join(logs, logs, out, policy="cartpole", registry=registry)
     assert not out.exists()

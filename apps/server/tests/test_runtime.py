@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rlops_contracts.artifact import seal, sha256_file
 from rlops_server.runtime import (
     PolicyLoadError,
     PolicyRuntime,
     RequestError,
     ServingSettings,
-    sha256_file,
     uuid4_batch,
 )
 from server_testkit import ACTION_PROPORTIONS, EDGES, N_ACTIONS, OBS_DIM, POISON, write_policy_dir
@@ -78,7 +78,7 @@ def test_sha256_mismatch_refuses_to_load(policy_dir: Path) -> None:
 
 def test_missing_policy_file_refuses_to_load(policy_dir: Path) -> None:
     (policy_dir / "policy.pt").unlink()
-    with pytest.raises(PolicyLoadError, match=r"policy\.pt: listed in model-card\.json but missing"):
+    with pytest.raises(PolicyLoadError, match=r"policy\.pt: listed in .*SHA256SUMS but missing"):
         PolicyRuntime.load(policy_dir)
 
 
@@ -86,16 +86,26 @@ def test_card_against_schema(policy_dir: Path) -> None:
     card = json.loads((policy_dir / "model-card.json").read_text())
     card["action_space"]["n"] = 0
     (policy_dir / "model-card.json").write_text(json.dumps(card))
-    with pytest.raises(PolicyLoadError, match=r"card\.action_space\.n"):
+    # Changed after it was written: the recorded hash catches it before the content is even read.
+    with pytest.raises(PolicyLoadError, match=r"model-card\.json: sha256 does not match .*SHA256SUMS"):
         PolicyRuntime.load(policy_dir)
+    with pytest.raises(ValueError, match=r"card\.action_space\.n"):
+        seal(policy_dir, card, replace=True)
 
 
 def test_card_cross_field_checks(policy_dir: Path) -> None:
     card = json.loads((policy_dir / "model-card.json").read_text())
     card["reference"]["observation"]["bins"] = card["reference"]["observation"]["bins"][:2]
-    (policy_dir / "model-card.json").write_text(json.dumps(card))
+    # A card written without the contract's checks (SHA256SUMS made to match by hand).
+    data = (json.dumps(card) + "\n").encode()
+    (policy_dir / "model-card.json").write_bytes(data)
+    sums = (policy_dir / "SHA256SUMS").read_text().splitlines()
+    digest = sha256_file(policy_dir / "model-card.json").removeprefix("sha256:")
+    sums = [f"{digest}  model-card.json" if line.endswith("model-card.json") else line for line in sums]
+    (policy_dir / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     with pytest.raises(
-        PolicyLoadError, match=r"reference\.observation\.bins: 2 entries, expected one per feature"
+        PolicyLoadError,
+        match=r"reference\.observation\.bins: 2 entries, expected one per observation feature",
     ):
         PolicyRuntime.load(policy_dir)
 

@@ -32,7 +32,6 @@ from rlops_stack.report import (
     read_board,
     render_html,
     substitute,
-    write_atomic,
 )
 from typer.testing import CliRunner
 
@@ -322,14 +321,6 @@ def test_legend_name() -> None:
     assert legend_name("{{job}} {{ instance }}", labels) == "torchserve h:1"
     assert legend_name("", labels) == 'up{instance="h:1", job="torchserve"}'
     assert legend_name("", {}) == "value"
-
-
-def test_write_atomic_replaces_and_leaves_no_temporary_file(tmp_path: Path) -> None:
-    path = tmp_path / "out" / "index.html"
-    write_atomic(path, "one")
-    write_atomic(path, "two")
-    assert path.read_text(encoding="utf-8") == "two"
-    assert [p.name for p in path.parent.iterdir()] == ["index.html"]
 
 
 # --- the command ----------------------------------------------------------------------------------------

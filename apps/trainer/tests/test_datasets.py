@@ -145,15 +145,15 @@ def test_partitioned_directory_loads_in_name_order(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _crash_midway(table: pa.Table, sink: Any) -> None:
-    sink.write(b"PAR1 half a file")
+def _crash_midway(writer: pq.ParquetWriter, table: pa.Table, *args: Any, **kwargs: Any) -> None:
+    # The writer has put Parquet's header in the file by now: half a file, then the crash.
     raise RuntimeError("disk gone")
 
 
 def test_failed_save_leaves_the_previous_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = save(make_transitions(seed=1), tmp_path / "d.parquet")
     before = path.read_bytes()
-    monkeypatch.setattr(datasets, "_write_table", _crash_midway)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", _crash_midway)
     with pytest.raises(RuntimeError, match="disk gone"):
         save(make_transitions(seed=2), path)
     assert path.read_bytes() == before
@@ -162,7 +162,7 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path: Path, monkeypatch
 
 
 def test_failed_first_save_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(datasets, "_write_table", _crash_midway)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", _crash_midway)
     with pytest.raises(RuntimeError):
         save(make_transitions(), tmp_path / "d.parquet")
     assert list(tmp_path.iterdir()) == []

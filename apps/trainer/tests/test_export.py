@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from rlops_contracts import MODEL_CARD_FILE, POLICY_FILE
+from rlops_contracts.artifact import CHECKSUMS_FILE, seal, sha256_file
+from rlops_contracts.card import ArtifactError, CardError, validate_card
 from rlops_trainer import export
-from rlops_trainer.card import CardError, build_card, reference_stats, sha256_file, validate_card
+from rlops_trainer.card import build_card, reference_stats
 from rlops_trainer.datasets import DatasetMeta, Transitions
 from rlops_trainer.export import (
     ExportError,
-    PolicyDirError,
     check_parity,
     load_policy_dir,
     probe_observations,
@@ -104,7 +105,9 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory, data: Transitions, resu
 
 
 def test_policy_dir_holds_script_and_valid_card(policy_dir: Path, data: Transitions) -> None:
-    assert sorted(p.name for p in policy_dir.iterdir()) == [MODEL_CARD_FILE, POLICY_FILE]
+    assert sorted(p.name for p in policy_dir.iterdir()) == sorted(
+        [MODEL_CARD_FILE, POLICY_FILE, CHECKSUMS_FILE]
+    )
     assert not [p for p in policy_dir.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
     module, card = load_policy_dir(policy_dir)
     assert isinstance(module, torch.jit.ScriptModule)
@@ -247,10 +250,10 @@ def test_tampered_policy_refuses_to_load(tmp_path: Path) -> None:
     raw = bytearray((d / POLICY_FILE).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     (d / POLICY_FILE).write_bytes(bytes(raw))
-    with pytest.raises(PolicyDirError, match=r"policy\.pt does not match its sha256"):
+    with pytest.raises(ArtifactError, match=r"policy\.pt: sha256 does not match .*SHA256SUMS"):
         load_policy_dir(d)
     (d / POLICY_FILE).unlink()
-    with pytest.raises(PolicyDirError, match=r"policy\.pt is listed in model-card\.json but missing"):
+    with pytest.raises(ArtifactError, match=r"policy\.pt: listed in .*SHA256SUMS but missing"):
         load_policy_dir(d)
 
 
@@ -259,14 +262,14 @@ def test_bad_card_refuses_to_load(tmp_path: Path) -> None:
     card = json.loads((d / MODEL_CARD_FILE).read_text())
     card["training"]["steps"] = "ten"
     (d / MODEL_CARD_FILE).write_text(json.dumps(card))
-    with pytest.raises(
-        PolicyDirError, match=r"model-card\.json: card\.training\.steps: 'ten' is not of type"
-    ):
+    with pytest.raises(ArtifactError, match=r"model-card\.json: sha256 does not match .*SHA256SUMS"):
         load_policy_dir(d)
-    (d / MODEL_CARD_FILE).write_text('{"schema_version": NaN')
-    with pytest.raises(PolicyDirError, match="not valid JSON"):
+    with pytest.raises(CardError, match=r"model-card\.json: card\.training\.steps: 'ten' is not of type"):
+        seal(d, card, replace=True)
+    (d / CHECKSUMS_FILE).unlink()
+    with pytest.raises(ArtifactError, match=r"no SHA256SUMS"):
         load_policy_dir(d)
-    with pytest.raises(PolicyDirError, match="no such policy directory"):
+    with pytest.raises(ArtifactError, match="no such policy directory"):
         load_policy_dir(tmp_path / "nowhere")
 
 
@@ -368,7 +371,7 @@ def test_failed_export_leaves_the_previous_one(
     def fail(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "validate_card", fail)
+    monkeypatch.setattr(export, "seal", fail)
     with pytest.raises(OSError, match="disk full"):
         write_policy_dir(make_result(data, seed=1), data, target, "toy")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import torch
 from rlops_contracts import MODEL_CARD_FILE, POLICY_FILE
+from rlops_contracts.artifact import sha256_file
+from rlops_contracts.registry import resolve_policy_ref
 from rlops_trainer import registry as registry_module
-from rlops_trainer.card import sha256_file
 from rlops_trainer.commands import registry as command
 from rlops_trainer.gate import decide
 from rlops_trainer.ope import Estimate
-from rlops_trainer.registry import Registry, RegistryError, resolve_policy_ref
+from rlops_trainer.registry import Registry, RegistryError
 from test_export import make_policy_dir
 from typer.testing import CliRunner
 
@@ -114,7 +115,9 @@ def test_publish_rejects_bad_input(reg: Registry, sources: list[Path], tmp_path:
     tampered = make_policy_dir(tmp_path, seed=0)
     with open(tampered / POLICY_FILE, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(RegistryError, match=r"cannot publish .*policy\.pt does not match its sha256"):
+    with pytest.raises(
+        RegistryError, match=r"cannot publish .*policy\.pt: sha256 does not match .*SHA256SUMS \(recorded "
+    ):
         reg.publish(tampered, "toy")
     assert reg.list() == []
 
@@ -273,7 +276,8 @@ def test_tampered_version_refuses_to_load(reg: Registry, sources: list[Path]) ->
     raw[100] ^= 0x01
     target.write_bytes(bytes(raw))
     with pytest.raises(
-        RegistryError, match=r"version 2 cannot be loaded: .*policy\.pt does not match its sha256"
+        RegistryError,
+        match=r"version 2 cannot be loaded: .*policy\.pt: sha256 does not match .*SHA256SUMS \(recorded ",
     ):
         reg.load("toy", "candidate")
     with pytest.raises(RegistryError, match="version 2 cannot be trusted"):

@@ -12,10 +12,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from rlops_contracts import MODEL_CARD_FILE
+from rlops_contracts.artifact import seal
+from rlops_contracts.card import read_card
 from rlops_stack.faults import write_slow_policy_dir
-from rlops_trainer.card import sha256_file, validate_card
-from rlops_trainer.export import card_bytes, read_card, write_file_synced
 
 KINDS: tuple[str, ...] = ("constant", "slow")
 
@@ -64,9 +63,8 @@ def write_constant_policy_dir(source: Path, out: Path, action: int = 0) -> Path:
         "fault": {"kind": "constant_action", "action": action},
     }
     card["lineage"] = [e for e in card["lineage"] if e.get("event") == "trained"][:1]
-    card["files"] = {card["policy"]["file"]: sha256_file(policy_file)}
-    validate_card(card, source=f"constant-action copy of {source}")
-    write_file_synced(out / MODEL_CARD_FILE, card_bytes(card))
+    card["files"] = {card["policy"]["file"]: ""}
+    seal(out, card)
     return out
 
 

@@ -37,11 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rlops_contracts.artifact import seal
+from rlops_contracts.card import CardError, read_card
+from rlops_contracts.durable import replace_atomic
 from rlops_server.decision_log import DECISIONS_STREAM, complete_files
 from rlops_trainer.algos import ALGORITHMS
-from rlops_trainer.card import CardError, utc_now, validate_card
+from rlops_trainer.card import utc_now
 from rlops_trainer.commands.train import apply_overrides
-from rlops_trainer.export import ExportError, card_bytes, read_card, replace_file_atomic, write_policy_dir
+from rlops_trainer.export import ExportError, write_policy_dir
 from rlops_trainer.registry import Registry, RegistryError
 from rlops_trainer.training import RunOptions
 
@@ -222,7 +225,7 @@ class LoopState:
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        replace_file_atomic(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        replace_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @property
     def current(self) -> dict[str, Any] | None:
@@ -393,8 +396,7 @@ class Loop:
                 "served_versions": it["served_versions"],
                 "logs": str(Path(self.paths.logs).resolve()),
             }
-            validate_card(card, source=f"model card of {policy_dir}")
-            replace_file_atomic(policy_dir / "model-card.json", card_bytes(card))
+            seal(policy_dir, card, replace=True)
         except (ExportError, CardError) as e:
             raise LoopError(f"exporting the trained policy failed: {e}") from None
         it.update(

@@ -23,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from rlops_contracts import CHAMPION
+from rlops_contracts.card import ArtifactError
 from rlops_server.decision_log import DECISIONS_STREAM
 from rlops_server.feedback import REWARDS_STREAM
 from rlops_server.join import JoinError, JoinStats, input_files, join
 from rlops_trainer import ope
 from rlops_trainer.datasets import DatasetError, Transitions
-from rlops_trainer.export import PolicyDirError, load_policy_dir
+from rlops_trainer.export import load_policy_dir
 from rlops_trainer.gate import GateError, decide, default_estimator
 from rlops_trainer.ope import ESTIMATORS, FQEConfig, OPEError
 from rlops_trainer.policy import Selection
-from rlops_trainer.registry import Registry, RegistryError
+from rlops_trainer.registry import Registry
 
 
 class OPEGateError(ValueError):
@@ -156,7 +157,7 @@ def gate(
             loaded = {"candidate": reg.load(policy, version)}
         if champion is not None and champion != version:
             loaded["champion"] = reg.load(policy, champion)
-    except (RegistryError, PolicyDirError) as e:
+    except ArtifactError as e:
         raise OPEGateError(str(e)) from None
     for role, (_, card) in loaded.items():
         n_obs = math.prod(int(x) for x in card["observation_space"]["shape"])

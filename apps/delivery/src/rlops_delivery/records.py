@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rlops_contracts.durable import replace_atomic
 from rlops_trainer.card import jsonable
-from rlops_trainer.export import replace_file_atomic
 
 ROLLOUTS_DIR = "rollouts"
 LOCK_FILE = ".lock"
@@ -92,7 +92,7 @@ def write(registry: Path, record: RolloutRecord) -> Path:
     d = rollouts_dir(registry, record.policy)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{record.id}.json"
-    replace_file_atomic(path, (json.dumps(record.to_json(), indent=2, allow_nan=False) + "\n").encode())
+    replace_atomic(path, json.dumps(record.to_json(), indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rlops_contracts.durable import replace_atomic
 from rlops_server.client import Decision, PolicyClient
-from rlops_trainer.export import replace_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def write_split(run_dir: Path, split: Split | None) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {**asdict(split), "updated_at": time.time()}
-    replace_file_atomic(path, (json.dumps(body, indent=2) + "\n").encode())
+    replace_atomic(path, json.dumps(body, indent=2) + "\n")
 
 
 def read_split(run_dir: Path) -> Split | None:

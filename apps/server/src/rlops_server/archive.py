@@ -1,7 +1,8 @@
 """Build a TorchServe model archive (.mar) from a policy version in the registry.
 
-The archive holds ``policy.pt`` and ``model-card.json`` as they are in the registry (their sha256 is
-checked before packing and again by the handler when a worker starts), the handler module
+The archive holds ``policy.pt``, ``model-card.json`` and ``SHA256SUMS`` as they are in the registry (every
+file, the card included, is checked against its sha256 before packing and again by the handler when a
+worker starts, so a byte changed in the registry or in the archive stops the version), the handler module
 (``rlops_server/handler.py``), and ``model-config.yaml`` with TorchServe's per-model settings and the
 handler's settings. Archive name and version are the policy's name and registry version, so two
 versions of one policy load side by side as two versions of one TorchServe model.
@@ -12,8 +13,7 @@ anyway. Packing the package as extra files would put a second copy of ``rlops_se
 path that could silently differ from the installed one; instead the archive records the version of
 ``rlops-server`` that built it and the handler refuses to start under another.
 
-Registry layout (the artifact contract): ``<registry>/<name>/<version>/`` and
-``<registry>/<name>/aliases.json`` (``{"champion": 3, "candidate": 4}``).
+The registry is read through the artifact contract's reader (:mod:`rlops_contracts.registry`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,19 +32,19 @@ from pathlib import Path
 
 import yaml
 from rlops_contracts import MODEL_CARD_FILE, POLICY_FILE
+from rlops_contracts.artifact import CHECKSUMS_FILE
+from rlops_contracts.card import ArtifactError
+from rlops_contracts.durable import fsync_path
+from rlops_contracts.registry import RegistryReader
 
-from rlops_server.runtime import PolicyLoadError, ServingSettings, read_card, verify_files
+from rlops_server.runtime import ServingSettings
 from rlops_server.tsconfig import ModelSettings
 
-DEFAULT_REGISTRY = Path(".rlops/registry")
-REGISTRY_ENV = "RLOPS_REGISTRY"
-ALIASES_FILE = "aliases.json"
 HANDLER_FILE = "handler.py"
 MODEL_CONFIG_FILE = "model-config.yaml"
 VERSION_KEY = "rlops_server_version"
 """Key of the handler section that records which rlops-server built the archive."""
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ARCHIVER_TIMEOUT_S = 300
 
 
@@ -60,10 +59,6 @@ class Archive:
     version: int
 
 
-def default_registry() -> Path:
-    return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY)
-
-
 def server_version() -> str:
     """Version of the installed rlops-server distribution."""
     return importlib.metadata.version("rlops-server")
@@ -71,64 +66,6 @@ def server_version() -> str:
 
 def archive_file_name(name: str, version: int) -> str:
     return f"{name}-v{version}.mar"
-
-
-# --- reading the registry --------------------------------------------------------------------------
-
-
-def registry_policies(registry: Path) -> list[str]:
-    """Names of the policies in the registry."""
-    if not registry.is_dir():
-        return []
-    return sorted(p.name for p in registry.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
-
-
-def registry_versions(registry: Path, name: str) -> list[int]:
-    """Published versions of ``name``, oldest first; raises ArchiveError for an unknown policy."""
-    if not _NAME_RE.match(name):
-        raise ArchiveError(f"invalid policy name {name!r}: letters, digits, '.', '_' or '-'")
-    d = registry / name
-    if not d.is_dir():
-        known = registry_policies(registry)
-        raise ArchiveError(
-            f"unknown policy {name!r} in registry {registry}; known policies: {', '.join(known) or 'none'}"
-        )
-    return sorted(int(p.name) for p in d.iterdir() if re.fullmatch(r"[1-9][0-9]*", p.name) and p.is_dir())
-
-
-def registry_aliases(registry: Path, name: str) -> dict[str, int]:
-    """``aliases.json`` of a policy (alias → version); empty when there is none."""
-    path = registry / name / ALIASES_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArchiveError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict) or not all(type(v) is int and v >= 1 for v in data.values()):
-        raise ArchiveError(f"{path}: expected an object {{alias: version number}}, got {data!r}")
-    return dict(data)
-
-
-def resolve_version(registry: Path, name: str, ref: str | int) -> int:
-    """The version number that ``ref`` (a number or an alias such as ``champion``) names."""
-    versions = registry_versions(registry, name)
-    text = str(ref)
-    if re.fullmatch(r"[1-9][0-9]*", text):
-        if int(text) not in versions:
-            raise ArchiveError(
-                f"policy {name!r} has no version {text}; versions: {', '.join(map(str, versions)) or 'none'}"
-            )
-        return int(text)
-    aliases = registry_aliases(registry, name)
-    if text not in aliases:
-        listed = ", ".join(f"{a} → {v}" for a, v in sorted(aliases.items())) or "none"
-        raise ArchiveError(f"policy {name!r} has no version or alias {text!r}; aliases: {listed}")
-    if aliases[text] not in versions:
-        raise ArchiveError(
-            f"{registry / name / ALIASES_FILE}: {text} points at missing version {aliases[text]}"
-        )
-    return aliases[text]
 
 
 # --- building --------------------------------------------------------------------------------------
@@ -151,19 +88,14 @@ def build_archive(
     serving: ServingSettings | None = None,
 ) -> Archive:
     """Write ``<store>/<name>-v<version>.mar`` for a registry version (atomically, replacing an old one)."""
-    registry, store = Path(registry), Path(store)
-    number = resolve_version(registry, name, version)
-    version_dir = registry / name / str(number)
+    store = Path(store)
+    reader = RegistryReader(registry)
     try:
-        card = read_card(version_dir)
-        verify_files(version_dir, card)
-    except PolicyLoadError as e:
-        raise ArchiveError(f"policy {name!r} version {number} cannot be archived: {e}") from e
-    if card["name"] != name or card["version"] != number:
-        raise ArchiveError(
-            f"{version_dir / MODEL_CARD_FILE}: says {card['name']!r} version {card['version']}, but it is "
-            f"{name!r} version {number} in the registry"
-        )
+        number = reader.resolve_version(name, version)
+        card = reader.verify(name, number)
+    except ArtifactError as e:
+        raise ArchiveError(f"policy {name!r} version {version} cannot be archived: {e}") from e
+    version_dir = reader.resolve(name, number)
     extra = sorted(set(card["files"]) - {POLICY_FILE})
     if extra:
         raise ArchiveError(
@@ -192,7 +124,7 @@ def build_archive(
             "--handler",
             str(staging / HANDLER_FILE),
             "--extra-files",
-            str(version_dir / MODEL_CARD_FILE),
+            f"{version_dir / MODEL_CARD_FILE},{version_dir / CHECKSUMS_FILE}",
             "--config-file",
             str(staging / MODEL_CONFIG_FILE),
             "--export-path",
@@ -215,10 +147,10 @@ def build_archive(
             tail = (done.stderr or done.stdout).strip()[-2000:]
             raise ArchiveError(f"torch-model-archiver failed for {name} version {number}: {tail}")
         check_archive(built, name, number)
-        with open(built, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(built)
         target = store / archive_file_name(name, number)
         os.replace(built, target)
+        fsync_path(store)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Archive(path=target, name=name, version=number)
@@ -232,7 +164,7 @@ def check_archive(path: Path, name: str, version: int) -> dict[str, object]:
             manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
     except (zipfile.BadZipFile, KeyError, ValueError) as e:
         raise ArchiveError(f"{path}: not a readable model archive: {e}") from e
-    missing = {POLICY_FILE, MODEL_CARD_FILE, HANDLER_FILE, MODEL_CONFIG_FILE} - names
+    missing = {POLICY_FILE, MODEL_CARD_FILE, CHECKSUMS_FILE, HANDLER_FILE, MODEL_CONFIG_FILE} - names
     model = manifest.get("model", {})
     if missing:
         raise ArchiveError(f"{path}: missing {', '.join(sorted(missing))}")

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 
 import orjson
 from rlops_contracts import DECISION_FIELDS  # noqa: F401  (re-exported)
+from rlops_contracts.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +96,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes a rename durable; not every platform lets a directory be opened for this.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def complete_files(root: Path) -> list[Path]:
@@ -409,7 +396,7 @@ class DecisionLog:
             os.fsync(f.fileno())
             f.close()
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
             self.sealed.append(final)
         except OSError as e:
             log.error("%s: sealing %s failed: %s", self.root, tmp, e)

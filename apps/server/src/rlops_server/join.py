@@ -24,12 +24,9 @@ episode's id. Episodes are written in order of their first decision's time.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import secrets
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,8 +36,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from rlops_contracts import DATASET_COLUMNS, DATASET_METADATA_KEY, DATASET_SCHEMA_VERSION, MODEL_CARD_FILE
+from rlops_contracts import DATASET_COLUMNS, DATASET_SCHEMA_VERSION, MODEL_CARD_FILE
+from rlops_contracts.card import ArtifactError, read_card
+from rlops_contracts.dataset import transitions_table, write_transitions
+from rlops_contracts.registry import default_registry
 
 from rlops_server.decision_log import DECISIONS_STREAM, complete_files
 from rlops_server.feedback import REWARDS_STREAM
@@ -361,10 +360,6 @@ class Spaces:
         return int(self.action_space["n"])
 
 
-def default_registry() -> Path:
-    return Path(os.environ.get("RLOPS_REGISTRY") or ".rlops/registry")
-
-
 def spaces_from_card(card: dict[str, Any], where: str) -> Spaces:
     try:
         obs, act = card["observation_space"], card["action_space"]
@@ -419,8 +414,8 @@ def resolve_spaces(
                 "or --env-id, --obs-dim and --n-actions"
             )
         try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+            card = read_card(card_path.parent)
+        except (OSError, ArtifactError) as e:
             raise JoinError(f"{card_path}: cannot read the model card ({e})") from None
         found[v] = spaces_from_card(card, str(card_path))
     first_v, first = next(iter(found.items()))
@@ -726,45 +721,20 @@ def _keep_policy(batch: pa.Table, policy: str) -> pa.Table:
 
 def _transitions_table(episodes: list[dict[str, Any]], obs_dim: int) -> pa.Table:
     lengths = [e["transitions"] for e in episodes]
-    obs_type = pa.list_(pa.float32(), obs_dim)
 
     def flat(column: str) -> list[Any]:
         return [v for e in episodes for v in e[column]]
 
-    def obs(column: str) -> pa.Array:
-        values = np.asarray(flat(column), dtype=np.float32).reshape(-1)
-        return pa.FixedSizeListArray.from_arrays(pa.array(values, type=pa.float32()), type=obs_type)
-
-    return pa.table(
-        {
-            "episode_id": pa.array(np.repeat([e["episode_id"] for e in episodes], lengths).astype(np.int64)),
-            "step": pa.array(flat("step"), type=pa.int64()),
-            "observation": obs("observation"),
-            "action": pa.array(flat("action"), type=pa.int64()),
-            "reward": pa.array(flat("reward"), type=pa.float32()),
-            "next_observation": obs("next_observation"),
-            "terminated": pa.array(flat("terminated"), type=pa.bool_()),
-            "truncated": pa.array(flat("truncated"), type=pa.bool_()),
-            "behavior_logp": pa.array(flat("behavior_logp"), type=pa.float32()),
-        }
-    )
+    columns: dict[str, Any] = {c: flat(c) for c in DATASET_COLUMNS if c != "episode_id"}
+    columns["episode_id"] = np.repeat([e["episode_id"] for e in episodes], lengths)
+    return transitions_table(obs_dim, columns)
 
 
 def _write(out: Path, batches: Iterable[list[dict[str, Any]]], obs_dim: int, meta: str) -> None:
-    """Stream the episodes into one Parquet file: a temporary file, fsynced, then renamed to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
-    schema = _transitions_table([], obs_dim).schema.with_metadata({DATASET_METADATA_KEY: meta.encode()})
-    try:
-        with open(tmp, "xb") as f:
-            with pq.ParquetWriter(f, schema, compression="zstd") as writer:
-                for episodes in batches:
-                    kept = [e for e in episodes if e["transitions"]]
-                    if kept:
-                        writer.write_table(_transitions_table(kept, obs_dim))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    """Stream the episodes into one Parquet file of the dataset format, written atomically."""
+    tables = (
+        _transitions_table(kept, obs_dim)
+        for episodes in batches
+        if (kept := [e for e in episodes if e["transitions"]])
+    )
+    write_transitions(out, obs_dim, meta, tables)

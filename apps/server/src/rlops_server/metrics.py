@@ -55,6 +55,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import yaml
+from rlops_contracts.durable import replace_atomic
 from rlops_contracts.metrics import (  # noqa: F401  (re-exported)
     ACTION_REFERENCE,
     ACTIONS,
@@ -170,12 +171,7 @@ def metrics_config(default: Path | None = None) -> dict[str, Any]:
 
 def write_metrics_config(path: Path, default: Path | None = None) -> Path:
     """Write :func:`metrics_config` as yaml to ``path``; returns ``path``."""
-    text = yaml.safe_dump(metrics_config(default), sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return replace_atomic(path, yaml.safe_dump(metrics_config(default), sort_keys=False))
 
 
 # --- recording -------------------------------------------------------------------------------------

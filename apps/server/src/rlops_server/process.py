@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from rlops_contracts.durable import replace_atomic
 
 from rlops_server.metrics import write_metrics_config
 from rlops_server.tsconfig import (
@@ -100,10 +101,7 @@ class ServerState:
             ) from e
 
     def write(self, run_dir: Path) -> None:
-        path = run_dir / STATE_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        replace_atomic(run_dir / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
 
 # --- HTTP ------------------------------------------------------------------------------------------

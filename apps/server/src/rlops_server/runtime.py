@@ -1,8 +1,9 @@
 """The serving core: load a policy version, validate requests, choose actions. No TorchServe here.
 
 A policy version directory holds ``policy.pt`` (TorchScript: ``forward(obs) -> scores`` and
-``action_probs(obs, temperature, epsilon) -> probs``) and ``model-card.json``. :meth:`PolicyRuntime.load`
-refuses a directory whose card is invalid or whose files do not match the sha256 in the card.
+``action_probs(obs, temperature, epsilon) -> probs``), ``model-card.json`` and ``SHA256SUMS`` (the
+artifact contract, :mod:`rlops_contracts.artifact`). :meth:`PolicyRuntime.load` refuses a directory whose
+card is invalid or whose files, the card included, do not match their recorded sha256.
 
 Requests are JSON objects, one observation or a batch::
 
@@ -22,7 +23,6 @@ probability is the propensity. Non-finite model outputs get the fallback action,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import numpy as np
 import torch
-from rlops_contracts import MODEL_CARD_FILE, MODEL_CARD_SCHEMA, POLICY_FILE, load_schema
+from rlops_contracts import POLICY_FILE
+from rlops_contracts.artifact import verify_policy_dir
+from rlops_contracts.card import ArtifactError
 
 from rlops_server import metrics as m
 
@@ -264,15 +265,6 @@ def _json_type(value: Any) -> str:
 # --- the runtime -----------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    """``sha256:<hex>`` of a file's bytes, the form model cards use."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 _UUID_ARRAY_FROM = 8
 
 
@@ -292,73 +284,6 @@ def uuid4_batch(k: int) -> list[str]:
         f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-{h[i + 20 : i + 32]}"
         for i in range(0, 32 * k, 32)
     ]
-
-
-def _card_problem(card: dict[str, Any]) -> str | None:
-    """The first cross-field inconsistency that serving depends on, or None."""
-    dim = card["policy"]["input"]["shape"][1]
-    if len(card["policy"]["input"]["shape"]) != 2:
-        return f"policy.input.shape: expected [-1, obs_dim], got {card['policy']['input']['shape']}"
-    if math.prod(card["observation_space"]["shape"]) != dim:
-        shape = card["observation_space"]["shape"]
-        return f"policy.input.shape: {dim} features but observation_space.shape is {shape}"
-    bins = card["reference"]["observation"]["bins"]
-    if len(bins) != dim:
-        return f"reference.observation.bins: {len(bins)} entries, expected one per feature ({dim})"
-    for j, b in enumerate(bins):
-        if len(b["proportions"]) != len(b["edges"]) + 1:
-            return (
-                f"reference.observation.bins[{j}]: {len(b['edges'])} edges need {len(b['edges']) + 1} "
-                f"proportions, got {len(b['proportions'])}"
-            )
-        if any(not math.isfinite(e) for e in b["edges"]) or any(
-            b2 < b1 for b1, b2 in zip(b["edges"], b["edges"][1:], strict=False)
-        ):
-            return f"reference.observation.bins[{j}].edges: must be finite and sorted ascending"
-    n_actions = card["action_space"]["n"]
-    if len(card["reference"]["actions"]["proportions"]) != n_actions:
-        return (
-            f"reference.actions.proportions: {len(card['reference']['actions']['proportions'])} entries, "
-            f"expected one per action ({n_actions})"
-        )
-    return None
-
-
-def read_card(model_dir: Path) -> dict[str, Any]:
-    """The model card of ``model_dir``, valid against the contracts schema; raises PolicyLoadError."""
-    path = model_dir / MODEL_CARD_FILE
-    if not path.is_file():
-        raise PolicyLoadError(
-            f"{model_dir}: no {MODEL_CARD_FILE}; a policy version holds {POLICY_FILE} and it"
-        )
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PolicyLoadError(f"{path}: not valid JSON: {e}") from e
-    validator = jsonschema.Draft202012Validator(load_schema(MODEL_CARD_SCHEMA))
-    errors = list(validator.iter_errors(card))
-    if errors:
-        first = jsonschema.exceptions.best_match(errors)
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.absolute_path)
-        raise PolicyLoadError(f"{path}: card{where}: {first.message} ({len(errors)} problem(s) in all)")
-    problem = _card_problem(card)
-    if problem:
-        raise PolicyLoadError(f"{path}: {problem}")
-    return dict(card)
-
-
-def verify_files(model_dir: Path, card: dict[str, Any]) -> None:
-    """Every file the card lists must exist and match its sha256; raises PolicyLoadError naming it."""
-    for fname, expected in card["files"].items():
-        file = model_dir / fname
-        if not file.is_file():
-            raise PolicyLoadError(f"{file}: listed in {MODEL_CARD_FILE} but missing; refusing to serve")
-        actual = sha256_file(file)
-        if actual != expected:
-            raise PolicyLoadError(
-                f"{file}: sha256 does not match {MODEL_CARD_FILE} (card {expected}, file {actual}); "
-                "the file was modified or only partly copied, refusing to serve it"
-            )
 
 
 class PolicyRuntime:
@@ -410,12 +335,13 @@ class PolicyRuntime:
 
     @classmethod
     def load(cls, model_dir: Path | str, settings: ServingSettings | None = None) -> PolicyRuntime:
-        """Load and check a policy version directory (``policy.pt`` + ``model-card.json``)."""
+        """Load a policy directory after checking every file, the card included, against its sha256
+        (:func:`rlops_contracts.artifact.verify_policy_dir`)."""
         model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise PolicyLoadError(f"{model_dir}: no such policy directory")
-        card = read_card(model_dir)
-        verify_files(model_dir, card)
+        try:
+            card = verify_policy_dir(model_dir)
+        except ArtifactError as e:
+            raise PolicyLoadError(str(e)) from e
         # One thread per worker: TorchServe runs a worker per core, and intra-op threads only contend.
         torch.set_num_threads(1)
         with warnings.catch_warnings():
@@ -958,8 +884,5 @@ __all__ = [
     "RequestError",
     "ServingSettings",
     "decode_body",
-    "read_card",
-    "sha256_file",
     "uuid4_batch",
-    "verify_files",
 ]

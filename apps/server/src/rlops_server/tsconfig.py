@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rlops_contracts.durable import replace_atomic
 
 from rlops_server.runtime import ServingSettings
 
@@ -235,11 +236,7 @@ def install_batcher(directory: Path, needed: bool) -> Path | None:
         return None
     if not BATCHER_BUILT.is_file():
         raise FileNotFoundError(f"{BATCHER_BUILT}: the adaptive batcher is missing from rlops-server")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(BATCHER_BUILT, tmp)
-    tmp.replace(target)
-    return target
+    return replace_atomic(target, BATCHER_BUILT.read_bytes())
 
 
 def _url_host(host: str) -> str:
@@ -262,11 +259,7 @@ def render_properties(config: ServerConfig) -> str:
 
 def write_properties(path: Path, config: ServerConfig) -> Path:
     """Write config.properties atomically; returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_properties(config), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return replace_atomic(path, render_properties(config))
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -342,8 +335,4 @@ def render_log_config(access_log: bool = False) -> str:
 
 
 def write_log_config(path: Path, access_log: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_log_config(access_log), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return replace_atomic(path, render_log_config(access_log))

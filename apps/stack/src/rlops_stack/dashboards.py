@@ -41,8 +41,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import prometheus as prom_m
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import RequestException, Timeout
-
-from rlops_stack.report import write_atomic
+from rlops_contracts.durable import replace_atomic
 
 DASHBOARDS_ENV = "RLOPS_DASHBOARDS_DIR"
 TOKEN_ENV = "RLOPS_GRAFANA_TOKEN"
@@ -429,7 +428,7 @@ def build(source_dir: Path, out_dir: Path | None = None) -> BuildResult:
         if path.is_file() and path.read_text(encoding="utf-8") == b.json:
             result.unchanged.append(path)
         else:
-            write_atomic(path, b.json)
+            replace_atomic(path, b.json)
             result.written.append(path)
     keep = {f"{b.uid}.json" for b in built}
     for path in sorted(out.glob("*.json")):

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from rlops_contracts import MODEL_CARD_FILE
+from rlops_contracts.artifact import seal
+from rlops_contracts.card import read_card
 from rlops_server.client import PolicyClient
-from rlops_trainer.card import sha256_file, validate_card
-from rlops_trainer.export import card_bytes, load_script, read_card, write_file_synced
+from rlops_trainer.export import load_script
 
 MATRIX = 256
 """Side of the square matrix multiplied per round: small enough for any CPU cache, one core each."""
@@ -91,9 +91,8 @@ def write_slow_policy_dir(source: Path, out: Path, seconds: float) -> Path:
         "fault": {"kind": "slow_forward", "seconds": seconds, "matrix": MATRIX, "rounds": rounds},
     }
     card["lineage"] = [e for e in card["lineage"] if e.get("event") == "trained"][:1]
-    card["files"] = {card["policy"]["file"]: sha256_file(policy_file)}
-    validate_card(card, source=f"slow copy of {source}")
-    write_file_synced(out / MODEL_CARD_FILE, card_bytes(card))
+    card["files"] = {card["policy"]["file"]: ""}
+    seal(out, card)
     return out
 
 

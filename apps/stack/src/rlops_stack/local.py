@@ -42,6 +42,7 @@ from typing import Any
 
 import psutil
 import yaml
+from rlops_contracts.durable import replace_atomic
 from rlops_contracts.metrics import (
     JOB_ACTIONS,
     JOB_FEEDBACK,
@@ -235,20 +236,10 @@ class StackState:
             raise StackError(f"{path}: not a stack state file ({e}); remove it if no stack runs there") from e
 
     def write(self, root: Path) -> None:
-        _write_atomic(root / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
+        replace_atomic(root / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
 
 # --- files ---------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str, mode: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    if mode is not None:
-        tmp.chmod(mode)
-    tmp.replace(path)
-    return path
 
 
 def alerts_dir(explicit: Path | None = None) -> Path:
@@ -492,7 +483,7 @@ def _spawn(
             start_new_session=True,
             env=env,
         )
-    _write_atomic(root / f"{name}.pid", f"{proc.pid}\n")
+    replace_atomic(root / f"{name}.pid", f"{proc.pid}\n")
     try:
         create_time = psutil.Process(proc.pid).create_time()
     except psutil.Error:
@@ -608,8 +599,8 @@ def start(
     if rules_dir.is_dir():
         shutil.rmtree(rules_dir)
     for path in rule_files(source):
-        _write_atomic(rules_dir / f"{path.stem}.yaml", render_rules(path, settings.alert_for))
-    prom_config = _write_atomic(root / "prometheus.yml", render_prometheus(settings, rules_dir))
+        replace_atomic(rules_dir / f"{path.stem}.yaml", render_rules(path, settings.alert_for))
+    prom_config = replace_atomic(root / "prometheus.yml", render_prometheus(settings, rules_dir))
     am_text, silent, token_file = render_alertmanager(source / ALERTMANAGER_FILE, settings, root / "secrets")
     if settings.webhook is not None:
         if token_file is None:
@@ -618,8 +609,8 @@ def start(
                 f"(http_config.authorization.credentials_file under {CLUSTER_SECRETS_DIR}/)"
             )
         if not token_file.is_file():
-            _write_atomic(token_file, secrets.token_urlsafe(32) + "\n", mode=0o600)
-    am_config = _write_atomic(root / "alertmanager.yml", am_text)
+            replace_atomic(token_file, secrets.token_urlsafe(32) + "\n", mode=0o600)
+    am_config = replace_atomic(root / "alertmanager.yml", am_text)
 
     prometheus_url = f"http://127.0.0.1:{settings.prometheus_port}"
     alertmanager_url = f"http://127.0.0.1:{settings.alertmanager_port}"

@@ -18,11 +18,9 @@ import datetime as dt
 import html
 import io
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rlops_stack import prometheus
@@ -718,26 +716,3 @@ def render_html(report: Report) -> str:
             parts.append("</div>")
     parts.append("</body></html>\n")
     return "".join(parts)
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync'd, then renamed:
-    readers see the old file or the new one, never half of it. Also used for the built dashboards."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename is durable once the folder's entry is
-    finally:
-        os.close(fd)
-    return path

@@ -1,55 +1,37 @@
 """The model card: what a policy is, where it came from, and what serving should expect to see.
 
-The card is plain JSON validated by the ``model-card`` schema of ``rlops_contracts``, the one place
-trainer and server agree on it. ``reference`` holds the training observations' per-feature statistics
+The card is plain JSON; its schema and cross-field rules are the artifact contract's
+(:func:`rlops_contracts.card.validate_card`), the one place trainer and server agree on it. This module
+builds the card of a trained policy. ``reference`` holds the training observations' per-feature statistics
 and quantile bins, which serving compares live traffic against (population stability index).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import re
 from datetime import UTC, datetime
 from enum import Enum
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import numpy as np
 import torch
-from rlops_contracts import MODEL_CARD_SCHEMA, MODEL_CARD_SCHEMA_VERSION, POLICY_FILE, load_schema
+from rlops_contracts import MODEL_CARD_SCHEMA_VERSION, POLICY_FILE
+from rlops_contracts.card import CardError
 
 from rlops_trainer.datasets import Transitions
 
 if TYPE_CHECKING:
     from rlops_trainer.training import TrainResult
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-"""Policy names: they become directory names in the registry (the schema says the same)."""
-
 N_BINS = 10
 """Quantile bins per observation feature in the reference statistics."""
-
-
-class CardError(ValueError):
-    """A model card that does not follow the schema; the message says where and what."""
 
 
 def utc_now() -> str:
     """The current time as ISO 8601 UTC, the format of every timestamp in cards and registry files."""
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def sha256_file(path: Path) -> str:
-    """``sha256:<hex>`` of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def jsonable(value: Any, where: str = "value") -> Any:
@@ -190,49 +172,3 @@ def build_card(result: TrainResult, data: Transitions, name: str) -> dict[str, A
         ],
         "files": {},
     }
-
-
-@cache
-def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(load_schema(MODEL_CARD_SCHEMA))
-
-
-def _where(error: jsonschema.ValidationError) -> str:
-    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-    return "card" + path
-
-
-def validate_card(card: Any, source: str = "model card") -> dict[str, Any]:
-    """Check ``card`` against the schema and its cross-field rules; returns it, or raises CardError."""
-    errors = list(_validator().iter_errors(card))
-    if errors:
-        first = jsonschema.exceptions.best_match(errors)
-        detail = f" ({'; '.join(e.message for e in first.context)})" if first.context else ""
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise CardError(f"{source}: {_where(first)}: {first.message}{detail}{more}")
-    dim = card["policy"]["input"]["shape"][1]
-    shape = card["observation_space"]["shape"]
-    if math.prod(shape) != dim:
-        raise CardError(
-            f"{source}: card.policy.input.shape: {dim} features but the observation space is {shape}"
-        )
-    ref = card["reference"]
-    for key in ("mean", "std", "min", "max", "bins"):
-        if len(ref["observation"][key]) != dim:
-            raise CardError(
-                f"{source}: card.reference.observation.{key}: {len(ref['observation'][key])} entries, "
-                f"expected one per observation feature ({dim})"
-            )
-    for j, b in enumerate(ref["observation"]["bins"]):
-        if len(b["proportions"]) != len(b["edges"]) + 1:
-            raise CardError(
-                f"{source}: card.reference.observation.bins[{j}]: {len(b['edges'])} edges need "
-                f"{len(b['edges']) + 1} proportions, got {len(b['proportions'])}"
-            )
-    n_actions = card["action_space"]["n"]
-    if len(ref["actions"]["proportions"]) != n_actions:
-        raise CardError(
-            f"{source}: card.reference.actions.proportions: {len(ref['actions']['proportions'])} entries, "
-            f"expected one per action ({n_actions})"
-        )
-    return dict(card)

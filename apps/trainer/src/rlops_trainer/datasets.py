@@ -6,21 +6,20 @@ returns a validated :class:`Transitions`; everything that writes data takes one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rlops_contracts import DATASET_COLUMNS, DATASET_METADATA_KEY, DATASET_SCHEMA_VERSION
+from rlops_contracts.dataset import transitions_table, write_transitions
 
 SCHEMA_VERSION = DATASET_SCHEMA_VERSION
 COLUMNS: tuple[str, ...] = tuple(DATASET_COLUMNS)
@@ -455,31 +454,9 @@ METADATA_KEY = DATASET_METADATA_KEY
 
 def to_table(t: Transitions) -> pa.Table:
     """The Arrow table written to Parquet (unknown propensities become nulls)."""
-    dim = t.meta.obs_dim
-    obs_type = pa.list_(pa.float32(), dim)
-
-    def obs_array(arr: np.ndarray) -> pa.Array:
-        flat = pa.array(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
-        return pa.FixedSizeListArray.from_arrays(flat, type=obs_type)
-
-    logp = np.asarray(t.behavior_logp, dtype=np.float32)
-    columns = {
-        "episode_id": pa.array(np.asarray(t.episode_id, dtype=np.int64)),
-        "step": pa.array(np.asarray(t.step, dtype=np.int64)),
-        "observation": obs_array(t.observation),
-        "action": pa.array(np.asarray(t.action, dtype=np.int64)),
-        "reward": pa.array(np.asarray(t.reward, dtype=np.float32)),
-        "next_observation": obs_array(t.next_observation),
-        "terminated": pa.array(np.asarray(t.terminated, dtype=np.bool_)),
-        "truncated": pa.array(np.asarray(t.truncated, dtype=np.bool_)),
-        "behavior_logp": pa.array(logp, mask=np.isnan(logp)),
-    }
-    table = pa.table(columns)
+    columns = {c: getattr(t, c) for c in DATASET_COLUMNS}
+    table = transitions_table(t.meta.obs_dim, columns)
     return table.replace_schema_metadata({METADATA_KEY: t.meta.to_json().encode()})
-
-
-def _write_table(table: pa.Table, sink: BinaryIO) -> None:
-    pq.write_table(table, sink, compression="zstd")
 
 
 def save(t: Transitions, path: str | os.PathLike[str]) -> Path:
@@ -490,36 +467,7 @@ def save(t: Transitions, path: str | os.PathLike[str]) -> Path:
     """
     target = Path(path)
     t = validate(t, path=str(target))
-    table = to_table(t)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-    return target
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened for this.
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    return write_transitions(target, t.meta.obs_dim, t.meta.to_json(), to_table(t))
 
 
 _INT_COLUMNS = ("episode_id", "step", "action")

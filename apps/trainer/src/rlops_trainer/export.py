@@ -1,4 +1,5 @@
-"""Export a trained policy as a policy directory: ``policy.pt`` (TorchScript) and ``model-card.json``.
+"""Export a trained policy as a policy directory: ``policy.pt`` (TorchScript), ``model-card.json`` and
+``SHA256SUMS`` (the artifact contract, :mod:`rlops_contracts.artifact`).
 
 ``policy.pt`` holds the observation preprocessing and the action-selection rule, so it loads and runs
 with plain torch: ``m = torch.jit.load(path)``, ``m(obs)`` gives per-action scores and
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 import shutil
 import tempfile
-import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from rlops_contracts import MODEL_CARD_FILE, POLICY_FILE
+from rlops_contracts.artifact import seal, verify_policy_dir
+from rlops_contracts.card import NAME_RE, CardError
+from rlops_contracts.durable import install_dir, write_new
 
-from rlops_trainer.card import NAME_RE, CardError, build_card, sha256_file, validate_card
+from rlops_trainer.card import build_card
 from rlops_trainer.datasets import Transitions
 from rlops_trainer.policy import PolicyModule, Selection
 
@@ -41,47 +43,6 @@ PROBE_ROWS = 256
 
 class ExportError(RuntimeError):
     """The policy could not be exported faithfully (parity failure, non-finite outputs, bad target)."""
-
-
-class PolicyDirError(ValueError):
-    """A policy directory that cannot be trusted: missing files, a bad card, or a sha256 mismatch."""
-
-
-# --- durable file operations (also used by the registry) -------------------------------------------
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entry to disk (a rename is durable only once its dir is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_synced(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file and fsync it."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def replace_file_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        write_file_synced(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-
-
-def card_bytes(card: dict[str, Any]) -> bytes:
-    """The card as strict JSON text (no NaN or Infinity, which other JSON parsers reject)."""
-    return (json.dumps(card, indent=2, allow_nan=False) + "\n").encode()
 
 
 # --- parity ----------------------------------------------------------------------------------------
@@ -168,19 +129,6 @@ def _prepare_target(out_dir: Path) -> None:
         )
 
 
-def _install_dir(tmp: Path, target: Path) -> None:
-    """Move a fully written and synced ``tmp`` directory to ``target``, replacing a previous one."""
-    fsync_path(tmp)
-    old: Path | None = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-        os.rename(target, old)
-    os.rename(tmp, target)
-    fsync_path(target.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 @contextmanager
 def _torchscript() -> Iterator[None]:
     # TorchScript is deprecated upstream, but it is what TorchServe loads and what runs without
@@ -241,58 +189,19 @@ def write_policy_dir(result: TrainResult, data: Transitions, out_dir: Path, name
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)
-        write_file_synced(tmp / POLICY_FILE, buf.getvalue())
+        write_new(tmp / POLICY_FILE, buf.getvalue())
         reloaded = load_script(tmp / POLICY_FILE)
         check_parity(eager, reloaded, probe_observations(data), result.selection)
-        card["files"] = {POLICY_FILE: sha256_file(tmp / POLICY_FILE)}
-        validate_card(card, source=f"model card of {name}")
-        write_file_synced(tmp / MODEL_CARD_FILE, card_bytes(card))
+        seal(tmp, card)
         _prepare_target(out_dir)
-        _install_dir(tmp, out_dir)
+        install_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
-
-
-def read_card(path: Path) -> dict[str, Any]:
-    """The validated model card of the policy directory ``path``."""
-    card_path = Path(path) / MODEL_CARD_FILE
-    if not card_path.is_file():
-        raise PolicyDirError(f"{path}: not a policy directory (no {MODEL_CARD_FILE})")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PolicyDirError(f"{card_path}: not valid JSON: {e}") from e
-    try:
-        return validate_card(card, source=str(card_path))
-    except CardError as e:
-        raise PolicyDirError(str(e)) from e
-
-
-def verify_files(path: Path, card: dict[str, Any]) -> None:
-    """Check every file listed in the card against its sha256; raises PolicyDirError naming the file."""
-    for fname, digest in card["files"].items():
-        file = Path(path) / fname
-        if not file.is_file():
-            raise PolicyDirError(f"{path}: {fname} is listed in {MODEL_CARD_FILE} but missing")
-        actual = sha256_file(file)
-        if actual != digest:
-            raise PolicyDirError(
-                f"{path}: {fname} does not match its sha256 in {MODEL_CARD_FILE} (card {digest[:19]}…, "
-                f"file {actual[:19]}…): it was modified or only partly written"
-            )
-
-
 def load_policy_dir(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load a policy directory after checking its card and the sha256 of every listed file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise PolicyDirError(f"{path}: no such policy directory")
-    card = read_card(path)
-    verify_files(path, card)
-    return load_script(path / POLICY_FILE), card
+    """Load a policy directory after checking its card and the sha256 of every file."""
+    card = verify_policy_dir(path)
+    return load_script(Path(path) / POLICY_FILE), card

@@ -1,16 +1,13 @@
-"""The policy registry: immutable, numbered versions of policy directories, and aliases that move.
+"""The policy registry's write side: publish, promote, rollback and other alias moves.
 
-Layout, the same on a local folder and on the model volume::
+The layout and every read (versions, aliases, history, verified cards) are the artifact contract's
+(:mod:`rlops_contracts.registry`); :class:`Registry` adds the writes, each under the policy's lock:
 
-    <root>/<name>/<version>/      policy.pt, model-card.json (versions 1, 2, 3 …; never modified)
-    <root>/<name>/aliases.json    {"champion": 3, "candidate": 4}
-    <root>/<name>/history.jsonl   one line per alias change: at, who, action, alias, from, to, reason
-    <root>/<name>/.lock           held (flock) by every writer of <name>
-
-A version directory is built under a temporary name and renamed into place once every file is synced,
-so readers never see a half-written version; leftovers of a writer that died are removed by the next
-writer. ``aliases.json`` is replaced atomically before its history line is appended, and promotions
-and rollbacks live only there and in the history: a published card is never rewritten.
+- a version directory is built under a temporary name and renamed into place once every file is synced,
+  so readers never see a half-written version; leftovers of a writer that died are removed by the next
+  writer;
+- ``aliases.json`` is replaced atomically before its history line is appended;
+- promotions and rollbacks live only in the aliases and the history: a published card is never rewritten.
 """
 
 from __future__ import annotations
@@ -22,52 +19,35 @@ import fcntl
 import getpass
 import json
 import os
-import re
 import shutil
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from rlops_contracts import CANDIDATE, CHAMPION, MODEL_CARD_FILE
-
-from rlops_trainer.card import NAME_RE, CardError, jsonable, sha256_file, utc_now, validate_card
-from rlops_trainer.export import (
-    PolicyDirError,
-    card_bytes,
-    fsync_path,
-    load_policy_dir,
-    read_card,
-    replace_file_atomic,
-    verify_files,
+from rlops_contracts import CANDIDATE, CHAMPION
+from rlops_contracts.artifact import seal, verify_policy_dir
+from rlops_contracts.card import ArtifactError
+from rlops_contracts.durable import fsync_path, replace_atomic
+from rlops_contracts.registry import (
+    ALIAS_RE,
+    ALIASES_FILE,
+    HISTORY_FILE,
+    LOCK_FILE,
+    TMP_PREFIX,
+    VERSION_RE,
+    RegistryError,
+    RegistryReader,
+    check_name,
+    parse_ref,
 )
 
-DEFAULT_ROOT = Path(".rlops/registry")
-ENV_VAR = "RLOPS_REGISTRY"
-ALIASES_FILE = "aliases.json"
-HISTORY_FILE = "history.jsonl"
-LOCK_FILE = ".lock"
-TMP_PREFIX = ".tmp-"
+from rlops_trainer.card import jsonable, utc_now
+from rlops_trainer.export import load_policy_dir
 
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_VERSION_RE = re.compile(r"^[1-9][0-9]*$")
 _CHUNK = 1 << 20
-
-
-class RegistryError(ValueError):
-    """A registry operation that cannot be done; the message says why and what exists instead."""
-
-
-@dataclass(frozen=True)
-class PolicySummary:
-    """One policy of the registry: its versions and where its aliases point."""
-
-    name: str
-    versions: list[int]
-    aliases: dict[str, int]
 
 
 def actor() -> str:
@@ -79,15 +59,6 @@ def actor() -> str:
     except (KeyError, OSError):  # no passwd entry, as in some containers
         user = f"uid{os.getuid()}"
     return f"{user}@{socket.gethostname()}"
-
-
-def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise RegistryError(
-            f"invalid policy name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit"
-        )
-    return name
 
 
 def _copy_file(src: Path, dst: Path) -> None:
@@ -103,124 +74,15 @@ def _describe(version: int | None) -> str:
     return "no champion" if version is None else f"version {version}"
 
 
-class Registry:
-    """Policies under ``root``, each a sequence of immutable versions with aliases."""
-
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-
-    # --- reading -----------------------------------------------------------------------------------
-
-    def names(self) -> builtins.list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
-
-    def list(self) -> builtins.list[PolicySummary]:
-        """Every policy with its versions and aliases."""
-        return [PolicySummary(n, self.versions(n), self.aliases(n)) for n in self.names()]
-
-    def _policy_dir(self, name: str) -> Path:
-        if not NAME_RE.match(name) or not (self.root / name).is_dir():
-            known = ", ".join(self.names()) or "none, the registry is empty"
-            raise RegistryError(f"unknown policy {name!r} in registry {self.root}; known policies: {known}")
-        return self.root / name
-
-    def versions(self, name: str) -> builtins.list[int]:
-        """Published versions of ``name``, oldest first."""
-        d = self._policy_dir(name)
-        return sorted(int(p.name) for p in d.iterdir() if _VERSION_RE.match(p.name) and p.is_dir())
-
-    def aliases(self, name: str) -> dict[str, int]:
-        path = self._policy_dir(name) / ALIASES_FILE
-        if not path.exists():
-            return {}
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise self._corrupt(path, f"not valid JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise self._corrupt(path, f"expected an object {{alias: version}}, got {type(data).__name__}")
-        for alias, version in data.items():
-            if not ALIAS_RE.match(alias) or type(version) is not int or version < 1:
-                raise self._corrupt(path, f"entry {alias!r}: {version!r} is not an alias → version number")
-        return dict(data)
-
-    @staticmethod
-    def _corrupt(path: Path, why: str) -> RegistryError:
-        return RegistryError(
-            f"corrupt aliases file {path}: {why}; {HISTORY_FILE} beside it records every alias change"
-        )
-
-    def history(self, name: str) -> builtins.list[dict[str, Any]]:
-        """Alias changes of ``name``, oldest first."""
-        path = self._policy_dir(name) / HISTORY_FILE
-        if not path.exists():
-            return []
-        text = path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        events: builtins.list[dict[str, Any]] = []
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError as e:
-                if i == len(lines):  # no trailing newline: an append cut short by a crash
-                    break
-                raise RegistryError(f"corrupt history file {path}, line {i}: {e}") from e
-            events.append(event)
-        return events
-
-    def resolve_version(self, name: str, ref: str | int) -> int:
-        """The version number that ``ref`` (a version number or an alias) names."""
-        versions = self.versions(name)
-        text = str(ref)
-        if _VERSION_RE.match(text):
-            if int(text) not in versions:
-                listed = ", ".join(map(str, versions)) or "none"
-                raise RegistryError(f"policy {name!r} has no version {text}; versions: {listed}")
-            return int(text)
-        aliases = self.aliases(name)
-        if text not in aliases:
-            listed = ", ".join(f"{a} → {v}" for a, v in sorted(aliases.items())) or "none"
-            raise RegistryError(
-                f"policy {name!r} has no version or alias {text!r}; aliases: {listed}; "
-                f"versions: {', '.join(map(str, versions)) or 'none'}"
-            )
-        if aliases[text] not in versions:
-            raise self._corrupt(
-                self.root / name / ALIASES_FILE, f"{text} points at missing version {aliases[text]}"
-            )
-        return aliases[text]
-
-    def resolve(self, name: str, ref: str | int) -> Path:
-        """Directory of the version that ``ref`` (a version number or an alias) names."""
-        return self.root / name / str(self.resolve_version(name, ref))
-
-    def card(self, name: str, ref: str | int) -> dict[str, Any]:
-        """The model card of a version (validated against the schema)."""
-        try:
-            return read_card(self.resolve(name, ref))
-        except PolicyDirError as e:
-            raise RegistryError(f"policy {name!r} {ref}: {e}") from e
-
-    def verify(self, name: str, ref: str | int) -> dict[str, Any]:
-        """The card of a version after checking every file against its sha256."""
-        path = self.resolve(name, ref)
-        try:
-            card = read_card(path)
-            verify_files(path, card)
-        except PolicyDirError as e:
-            raise RegistryError(f"policy {name!r} version {path.name} cannot be trusted: {e}") from e
-        return card
+class Registry(RegistryReader):
+    """Policies under ``root``, each a sequence of immutable versions with aliases; reads and writes."""
 
     def load(self, name: str, ref: str | int) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
         """The TorchScript policy and card of a version, after checking every file's sha256."""
         path = self.resolve(name, ref)
         try:
             return load_policy_dir(path)
-        except PolicyDirError as e:
+        except ArtifactError as e:
             raise RegistryError(f"policy {name!r} version {path.name} cannot be loaded: {e}") from e
 
     # --- writing -----------------------------------------------------------------------------------
@@ -265,7 +127,7 @@ class Registry:
         aliases = self.aliases(name)
         previous = aliases.get(alias)
         aliases[alias] = version
-        replace_file_atomic(d / ALIASES_FILE, (json.dumps(aliases, indent=2, sort_keys=True) + "\n").encode())
+        replace_atomic(d / ALIASES_FILE, json.dumps(aliases, indent=2, sort_keys=True) + "\n")
         event = {
             "at": utc_now(),
             "who": who or actor(),
@@ -300,9 +162,8 @@ class Registry:
         src = Path(policy_dir)
         check_name(name)
         try:
-            card = read_card(src)
-            verify_files(src, card)
-        except PolicyDirError as e:
+            source = verify_policy_dir(src)
+        except ArtifactError as e:
             raise RegistryError(f"cannot publish {src}: {e}") from e
         gate = self._normalise_gate(gate, name) if gate is not None else None
         with self._locked(name, create=True) as d:
@@ -313,9 +174,9 @@ class Registry:
             tmp = d / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex}"
             tmp.mkdir()
             try:
-                for fname in card["files"]:
+                for fname in source["files"]:
                     _copy_file(src / fname, tmp / fname)
-                self._write_card(tmp, card, name, version, evaluation, gate, who)
+                self._seal_version(tmp, source, name, version, evaluation, gate, who)
                 for p in tmp.iterdir():
                     p.chmod(0o444)
                 fsync_path(tmp)
@@ -327,7 +188,7 @@ class Registry:
             self._move_alias(name, CANDIDATE, version, action="publish", who=who)
         return version
 
-    def _write_card(
+    def _seal_version(
         self,
         tmp: Path,
         source: dict[str, Any],
@@ -350,16 +211,13 @@ class Registry:
                 }
             )
         card["lineage"].append({"event": "published", "at": now, "version": version, "who": who or actor()})
-        card["files"] = {fname: sha256_file(tmp / fname) for fname in source["files"]}
+        try:
+            card = seal(tmp, card)
+        except ArtifactError as e:
+            raise RegistryError(f"model card of {name} version {version}: {e}") from e
         changed = [f for f in card["files"] if card["files"][f] != source["files"][f]]
         if changed:
             raise RegistryError(f"{', '.join(changed)} changed while being copied; publish again")
-        try:
-            validate_card(card, source=f"model card of {name} version {version}")
-        except CardError as e:
-            raise RegistryError(str(e)) from e
-        (tmp / MODEL_CARD_FILE).write_bytes(card_bytes(card))
-        fsync_path(tmp / MODEL_CARD_FILE)
 
     @staticmethod
     def _normalise_gate(gate: dict[str, Any], name: str) -> dict[str, Any]:
@@ -381,7 +239,7 @@ class Registry:
             label = parse_ref(str(gate.get("baseline_label", "")))
             if gate.get("baseline") == "behavior":
                 gate["incumbent_version"] = None
-            elif label is not None and label[0] == name and _VERSION_RE.match(label[1]):
+            elif label is not None and label[0] == name and VERSION_RE.match(label[1]):
                 gate["incumbent_version"] = int(label[1])
             else:
                 raise RegistryError(
@@ -493,22 +351,4 @@ class Registry:
             return target
 
 
-def parse_ref(ref: str) -> tuple[str, str] | None:
-    """``NAME@VERSION`` or ``NAME@ALIAS`` as (name, version or alias); None for anything else."""
-    name, sep, tail = ref.partition("@")
-    if sep and NAME_RE.match(name) and (_VERSION_RE.match(tail) or ALIAS_RE.match(tail)):
-        return name, tail
-    return None
-
-
-def resolve_policy_ref(ref: str, registry: Path | str = DEFAULT_ROOT) -> Path:
-    """The directory a command-line policy reference names: a directory or ``NAME@VERSION|ALIAS``."""
-    path = Path(ref)
-    if path.is_dir():
-        return path
-    parsed = parse_ref(ref)
-    if parsed is None:
-        raise RegistryError(
-            f"policy {ref!r}: not a directory, nor NAME@VERSION or NAME@ALIAS (e.g. cartpole@champion)"
-        )
-    return Registry(registry).resolve(*parsed)
+__all__ = ["Registry", "RegistryError", "actor"]

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
+from rlops_contracts.durable import replace_atomic
 
 from rlops_trainer.card import jsonable
 
@@ -36,20 +35,7 @@ _TITLES = {"pdis": "PDIS", "wpdis": "WPDIS", "fqe": "FQE", "dr": "DR", "wdr": "W
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
     """Write ``report`` as strict JSON (non-finite numbers become null), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(report, "report"), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return replace_atomic(path, json.dumps(jsonable(report, "report"), indent=2, allow_nan=False) + "\n")
 
 
 def _num(x: Any) -> str:

@@ -40,7 +40,6 @@ import copy
 import dataclasses
 import inspect
 import json
-import os
 import random
 import re
 import textwrap
@@ -62,6 +61,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rlops_contracts.durable import atomic_file
 from torch import nn
 
 from rlops_trainer.datasets import DatasetError, Transitions
@@ -458,21 +458,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, fsync, rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:

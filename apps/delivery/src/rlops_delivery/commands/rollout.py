@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from rlops_server.archive import DEFAULT_REGISTRY, REGISTRY_ENV
+from rlops_contracts.registry import DEFAULT_REGISTRY, REGISTRY_ENV
 from rlops_server.commands import fail, group
 from rlops_server.process import DEFAULT_RUN_DIR, ServeError
 from rlops_stack import prometheus

@@ -13,16 +13,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rlops_contracts import CANDIDATE, CHAMPION
+from rlops_contracts.card import ArtifactError
+from rlops_contracts.registry import DEFAULT_REGISTRY, REGISTRY_ENV, RegistryReader
 
 from rlops_server import process
-from rlops_server.archive import (
-    DEFAULT_REGISTRY,
-    REGISTRY_ENV,
-    ArchiveError,
-    build_archive,
-    registry_aliases,
-    registry_policies,
-)
+from rlops_server.archive import ArchiveError, build_archive
 from rlops_server.commands import fail as _fail
 from rlops_server.commands import group
 from rlops_server.commands.traffic import traffic
@@ -93,12 +88,12 @@ MaxObsOption = Annotated[
 def _user_errors() -> Iterator[None]:
     try:
         yield
-    except (ArchiveError, ServeError, ValueError) as e:
+    except (ArchiveError, ArtifactError, ServeError, ValueError) as e:
         _fail(str(e))
 
 
 def _only_policy(registry: Path) -> str:
-    names = registry_policies(registry)
+    names = RegistryReader(registry).names()
     if len(names) != 1:
         listed = ", ".join(names) or "none"
         _fail(f"say which policy to serve with --name; registry {registry} holds: {listed}")
@@ -182,7 +177,7 @@ def start(
     """Start TorchServe with the champion (default version) and the candidate, if set, of one policy."""
     with _user_errors():
         name = name or _only_policy(registry)
-        aliases = registry_aliases(registry, name)
+        aliases = RegistryReader(registry).aliases(name)
         if CHAMPION not in aliases:
             _fail(
                 f"policy {name!r} has no champion to serve; promote a version first (rlops registry "

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rlops_contracts.durable import replace_atomic
 from rlops_contracts.metrics import PORT_ALERTMANAGER, PORT_PROMETHEUS
 
 from rlops_stack import dashboards, local, prometheus
@@ -19,7 +20,6 @@ from rlops_stack.report import (
     parse_overrides,
     read_board,
     render_html,
-    write_atomic,
 )
 
 console = Console(soft_wrap=True)
@@ -115,7 +115,7 @@ def report(
         )
     except (ReportError, prometheus.PrometheusError) as e:
         fail(str(e))
-    path = write_atomic(out, render_html(result))
+    path = replace_atomic(out, render_html(result))
 
     panels = sum(len(b.panels) for b in result.boards)
     console.print(f"wrote {path}", highlight=False)

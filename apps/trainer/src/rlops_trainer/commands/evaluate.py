@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rlops_contracts import CHAMPION
+from rlops_contracts.registry import DEFAULT_REGISTRY, REGISTRY_ENV
 
 from rlops_trainer.card import utc_now
 from rlops_trainer.commands import fail as _fail
@@ -26,7 +27,6 @@ from rlops_trainer.datasets import DatasetError, Transitions
 from rlops_trainer.gate import GateError, decide, default_estimator
 from rlops_trainer.ope import ESTIMATORS, NEEDS_PROPENSITIES, Estimate, FQEConfig, OPEError
 from rlops_trainer.policy import Selection
-from rlops_trainer.registry import DEFAULT_ROOT, ENV_VAR
 from rlops_trainer.report import PLOT_FILE, REPORT_FILE, REPORT_SCHEMA_VERSION
 
 
@@ -128,9 +128,9 @@ def evaluate(
     registry: Annotated[
         Path,
         typer.Option(
-            "--registry", envvar=ENV_VAR, help="Registry folder for NAME@REF policies.", file_okay=False
+            "--registry", envvar=REGISTRY_ENV, help="Registry folder for NAME@REF policies.", file_okay=False
         ),
-    ] = DEFAULT_ROOT,
+    ] = DEFAULT_REGISTRY,
     champion: Annotated[
         str | None,
         typer.Option(
@@ -369,8 +369,10 @@ def evaluate(
 
 
 def _resolve(refs: list[str], registry: Path, champion: str | None, data: Transitions) -> list[_Policy]:
-    from rlops_trainer.export import PolicyDirError
-    from rlops_trainer.registry import Registry, RegistryError, resolve_policy_ref
+    from rlops_contracts.card import ArtifactError
+    from rlops_contracts.registry import resolve_policy_ref
+
+    from rlops_trainer.registry import Registry
 
     policies: list[_Policy] = []
     champion_path: Path | None = None
@@ -390,7 +392,7 @@ def _resolve(refs: list[str], registry: Path, champion: str | None, data: Transi
             if champion_path is not None and path.resolve() == champion_path.resolve():
                 continue  # the champion is already in, as the incumbent
             policies.append(_load_policy(ref, path, "candidate", data))
-    except (RegistryError, PolicyDirError) as e:
+    except ArtifactError as e:
         _fail(str(e))
     return policies
 

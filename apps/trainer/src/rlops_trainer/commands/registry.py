@@ -14,12 +14,12 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rlops_contracts import CHAMPION
+from rlops_contracts.card import ArtifactError
+from rlops_contracts.registry import DEFAULT_REGISTRY, REGISTRY_ENV
 
-from rlops_trainer.card import CardError
 from rlops_trainer.commands import fail as _fail
 from rlops_trainer.commands import group
-from rlops_trainer.export import PolicyDirError
-from rlops_trainer.registry import DEFAULT_ROOT, ENV_VAR, Registry, RegistryError
+from rlops_trainer.registry import Registry, RegistryError
 
 console = Console()
 
@@ -33,7 +33,7 @@ RegistryOption = Annotated[
     Path,
     typer.Option(
         "--registry",
-        envvar=ENV_VAR,
+        envvar=REGISTRY_ENV,
         help="Registry folder (a local folder or the mounted model volume).",
         file_okay=False,
     ),
@@ -48,7 +48,7 @@ class ReportError(ValueError):
 def _user_errors() -> Iterator[None]:
     try:
         yield
-    except (RegistryError, PolicyDirError, CardError, ReportError) as e:
+    except (ArtifactError, ReportError) as e:
         _fail(str(e))
 
 
@@ -235,7 +235,7 @@ def render_card(card: dict[str, Any], aliases: dict[str, int], history: list[dic
 
 
 @app.command("list")
-def list_(registry: RegistryOption = DEFAULT_ROOT) -> None:
+def list_(registry: RegistryOption = DEFAULT_REGISTRY) -> None:
     """List the policies with their versions and aliases."""
     with _user_errors():
         policies = Registry(registry).list()
@@ -268,7 +268,7 @@ def show(
         typer.Argument(help="Version number or alias [default: champion, else the latest version]."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the model card as JSON.")] = False,
-    registry: RegistryOption = DEFAULT_ROOT,
+    registry: RegistryOption = DEFAULT_REGISTRY,
 ) -> None:
     """Show a version's model card: dataset, training, OPE with intervals, gate, aliases, lineage, files."""
     with _user_errors():
@@ -302,7 +302,7 @@ def publish(
             dir_okay=False,
         ),
     ] = None,
-    registry: RegistryOption = DEFAULT_ROOT,
+    registry: RegistryOption = DEFAULT_REGISTRY,
 ) -> None:
     """Publish a policy directory as the next version of NAME and point 'candidate' at it."""
     with _user_errors():
@@ -328,7 +328,7 @@ def promote(
     reason: Annotated[
         str | None, typer.Option("--reason", help="Why; recorded in the alias history.")
     ] = None,
-    registry: RegistryOption = DEFAULT_ROOT,
+    registry: RegistryOption = DEFAULT_REGISTRY,
 ) -> None:
     """Make a version the champion, if its gate decision promotes it against the current champion."""
     if force and not (reason and reason.strip()):
@@ -345,7 +345,7 @@ def promote(
 def rollback(
     name: Annotated[str, typer.Argument(help="Policy name.")],
     reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the alias history.")],
-    registry: RegistryOption = DEFAULT_ROOT,
+    registry: RegistryOption = DEFAULT_REGISTRY,
 ) -> None:
     """Point 'champion' back at the previous champion."""
     with _user_errors():

@@ -172,7 +172,8 @@ def _train_command(algorithm: str) -> Callable[..., None]:
             int | None, typer.Option("--metrics-port", help=_HELP["metrics_port"], show_default=False)
         ] = None,
     ) -> None:
-        from rlops_trainer.card import NAME_RE
+        from rlops_contracts.card import NAME_RE
+
         from rlops_trainer.datasets import load
 
         try:

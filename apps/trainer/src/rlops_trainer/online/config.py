@@ -18,9 +18,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from rlops_contracts.card import NAME_RE
 from rlops_contracts.metrics import PORT_TRAINER_METRICS
-
-from rlops_trainer.card import NAME_RE
 
 ALGORITHMS: tuple[str, ...] = ("PPO", "APPO", "DQN")
 

@@ -34,11 +34,11 @@ import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rlops_contracts.durable import fsync_path, replace_atomic
 
 from rlops_trainer import telemetry
 from rlops_trainer.card import jsonable
 from rlops_trainer.collect import CollectError, make_env
-from rlops_trainer.export import fsync_path, replace_file_atomic
 from rlops_trainer.online.config import ConfigError, OnlineConfig
 from rlops_trainer.training import METRICS_FILE, start_metrics
 
@@ -198,7 +198,7 @@ def prepare_run_dir(cfg: OnlineConfig, run: OnlineRun) -> Path | None:
                 f"{latest} was trained with another config ({detail}); only stop, resources, checkpoint, "
                 "export, metrics and tracking may change on --resume"
             )
-    replace_file_atomic(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    replace_atomic(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return latest
 
 
@@ -336,13 +336,13 @@ def baseline_return(policy_dir: Path, cfg: OnlineConfig) -> float:
     records, over as many episodes as the run's final evaluation (``export.reference_episodes``)."""
     import gymnasium as gym
 
-    from rlops_trainer.export import PolicyDirError, load_policy_dir
+    from rlops_trainer.export import load_policy_dir
     from rlops_trainer.policy import Selection
     from rlops_trainer.rollout import RolloutError, rollout
 
     try:
         module, card = load_policy_dir(policy_dir)
-    except (PolicyDirError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:
         raise OnlineTrainingError(f"baseline policy {policy_dir}: {e}") from None
     env_id = card["dataset"]["env_id"]
     if env_id != cfg.env:
