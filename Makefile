@@ -47,7 +47,7 @@ constraints:
 
 # rlops' batcher for the TorchServe frontend, built against TorchServe's jar; the class is committed (the
 # server runs on a Java runtime without a compiler) and a test checks that it is built from the source.
-FRONTEND_SRC := apps/server/src/rlops_server/frontend/ContinuousBatching.java
+FRONTEND_SRC := apps/server/src/rlops_server/torchserve/frontend/ContinuousBatching.java
 frontend-class: $(STAMP) system
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	javac --release 11 -Xlint:all -Werror -cp "$$($(BIN)/python -c 'import ts, pathlib; print(pathlib.Path(ts.__file__).parent / "frontend" / "model-server.jar")')" \

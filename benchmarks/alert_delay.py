@@ -48,9 +48,9 @@ import yaml
 
 torch.set_num_threads(1)
 
-from rlops_server import process  # noqa: E402
 from rlops_server.client import PolicyClient  # noqa: E402
 from rlops_server.commands.serve import app as serve_app  # noqa: E402
+from rlops_server.torchserve import process  # noqa: E402
 from rlops_stack import actions, local, prometheus  # noqa: E402
 from rlops_stack.faults import Load, write_slow_policy_dir  # noqa: E402
 from rlops_stack.local import Target, WebhookSettings  # noqa: E402

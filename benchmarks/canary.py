@@ -132,11 +132,12 @@ def canary_bed(root: Path, profile: Profile, seed: int = 0) -> Iterator[Testbed]
     from rlops_delivery.drills import write_drill_policy_dir
     from rlops_delivery.split import SplitClient
     from rlops_delivery.traffic import BackgroundTraffic
-    from rlops_server import process
-    from rlops_server.archive import build_archive
-    from rlops_server.process import ModelVersionState
+    from rlops_server.torchserve import process
+    from rlops_server.torchserve.archive import build_archive
+    from rlops_server.torchserve.backend import start_server
+    from rlops_server.torchserve.config import METRICS_FILE, ModelSettings, ServedModel, ServerConfig
+    from rlops_server.torchserve.process import ModelVersionState
     from rlops_server.traffic import RewardSender
-    from rlops_server.tsconfig import METRICS_FILE, ModelSettings, ServedModel, ServerConfig
     from rlops_stack import local
     from rlops_trainer.registry import Registry
 
@@ -175,7 +176,7 @@ def canary_bed(root: Path, profile: Profile, seed: int = 0) -> Iterator[Testbed]
         cleanup.callback(feedback_proc.wait, 30)
         cleanup.callback(feedback_proc.terminate)
         cleanup.callback(process.stop, run_dir, 30)
-        process.start(run_dir, config, served, decision_log_dir=logs, timeout_s=300)
+        start_server(run_dir, config, served, decision_log_dir=logs, timeout_s=300)
         _wait_http(f"http://127.0.0.1:{feedback}/healthz", feedback_proc)
         cleanup.callback(local.down, root / "stack")
         stack = local.up(

@@ -73,7 +73,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rlops_server import metrics as rm
-from rlops_server.process import ServeError, read_keys
+from rlops_server.torchserve import metrics_config as mc
+from rlops_server.torchserve.process import ServeError, read_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -527,7 +528,7 @@ def _as_worker_process() -> Iterator[None]:
     Here the lines go to /dev/null, so that their cost is counted without filling the console. A
     handler's initialize() may change log levels and the SIGTERM handler of the process it runs in.
     """
-    names = ("", "ts", "ts.metrics", "rlops_server", "rlops_server.handler")
+    names = ("", "ts", "ts.metrics", "rlops_server", "rlops_server.torchserve.handler")
     levels = {name: logging.getLogger(name).level for name in names}
     root = logging.getLogger()
     handlers = root.handlers[:]
@@ -566,9 +567,9 @@ def measure_floor(
 
     # Each handler's own work per request, as a TorchServe worker runs it, minus the frontend and the
     # socket to it. The rlops handler logs decisions and collects metrics, as it does when served.
-    from rlops_server.handler import PolicyHandler
+    from rlops_server.torchserve.handler import PolicyHandler
 
-    metrics_yaml = rm.write_metrics_config(work / "inproc" / "metrics.yaml")
+    metrics_yaml = mc.write_metrics_config(work / "inproc" / "metrics.yaml")
     card = json.loads((version_dir / "model-card.json").read_text(encoding="utf-8"))
     with _as_worker_process():
         ours = PolicyHandler()
@@ -596,7 +597,7 @@ def measure_floor(
         manifest = {
             "model": {"modelName": NAIVE_MODEL, "serializedFile": "policy.pt", "handler": "naive_handler.py"}
         }
-        naive_ctx = _context(version_dir, NAIVE_MODEL, rm.torchserve_default_metrics_config(), manifest, {})
+        naive_ctx = _context(version_dir, NAIVE_MODEL, mc.torchserve_default_metrics_config(), manifest, {})
         naive.initialize(naive_ctx)
         for n, body in ((1, singles[0]), (BATCH_OBS, batches[0])):
             call = functools.partial(_handle_once, naive, naive_ctx, body)

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from rlops_contracts import MODEL_CARD_FILE, POLICY_FILE
 from rlops_contracts.artifact import CHECKSUMS_FILE, checksums_text, sha256_bytes
-from rlops_server.archive import ArchiveError, build_archive
 from rlops_server.runtime import PolicyLoadError, PolicyRuntime
+from rlops_server.torchserve.archive import ArchiveError, build_archive
 from rlops_trainer.registry import Registry, RegistryError
 
 REPO = Path(__file__).resolve().parent.parent

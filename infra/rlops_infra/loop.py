@@ -2,7 +2,7 @@
 one iteration per run, never two at once.
 
 The loop config is generated from the stack's ``loop:`` section (its policy is ``serving.policy``) and
-checked by the loop's own parser (``rlops_delivery.loop.parse_config``) before any resource exists; it
+checked by the loop's own parser (``rlops_delivery.config.parse_config``) before any resource exists; it
 reaches the pod as a ConfigMap, with the canary analysis file the command reads at start. The pod reads
 the log root of the data volume (serving's ``decisions/``, the feedback service's ``rewards/``), keeps its
 state and iterations in ``loop/`` of the data volume, and publishes into the registry on the model volume.
@@ -23,7 +23,7 @@ from typing import Any
 
 import pulumi
 import yaml
-from rlops_delivery import loop as delivery_loop
+from rlops_delivery import config as delivery_config
 
 from rlops_infra import config as cfg
 from rlops_infra.base import Component
@@ -89,10 +89,10 @@ def config_text(loop: cfg.Loop, policy: str) -> str:
 def check(c: cfg.StackConfig) -> list[str]:
     """Problems the loop's own parser finds in the config this stack would deploy (none: it is valid)."""
     try:
-        delivery_loop.parse_config(
+        delivery_config.parse_config(
             yaml.safe_load(config_text(c.loop, c.serving.policy)), f"{cfg.NAMESPACE}:loop"
         )
-    except delivery_loop.LoopError as exc:
+    except delivery_config.LoopError as exc:
         return [str(exc)]
     return []
 

@@ -1,11 +1,11 @@
 """Serving: TorchServe from the server image, configured by the same code that configures the local
-server (``rlops_server.tsconfig``), its archives read from the model volume.
+server (``rlops_server.torchserve.config``), its archives read from the model volume.
 
 Objects: a ConfigMap (config.properties naming the served version, metrics.yaml, log4j2.xml), a
 Deployment — or an Argo Rollout when delivery is on — with /ping probes, a Service, a
 HorizontalPodAutoscaler, a PodDisruptionBudget, a ServiceMonitor and a NetworkPolicy.
 
-TorchServe binds its management API to loopback (``rlops_server.tsconfig``) and the NetworkPolicy
+TorchServe binds its management API to loopback (``rlops_server.torchserve.config``) and the NetworkPolicy
 admits port 8081 from this namespace only, so nothing outside the namespace can load or unload models.
 TorchServe generates its own API keys per process and cannot take a given token, and a Service spreads
 requests over pods with different keys, so in the cluster token authorization is off and the inference
@@ -40,9 +40,8 @@ from rlops_contracts.metrics import (
     PORT_TS_MANAGEMENT,
     PORT_TS_METRICS,
 )
-from rlops_server.archive import archive_file_name
-from rlops_server.metrics import metrics_config
-from rlops_server.tsconfig import (
+from rlops_server.torchserve.archive import archive_file_name
+from rlops_server.torchserve.config import (
     ADAPTIVE,
     BATCHER_BUILT,
     BATCHER_CLASS,
@@ -55,6 +54,7 @@ from rlops_server.tsconfig import (
     render_log_config,
     render_properties,
 )
+from rlops_server.torchserve.metrics_config import metrics_config
 
 from rlops_infra import config as cfg
 from rlops_infra.base import Component

@@ -15,7 +15,7 @@ from rlops_infra import delivery, monitoring, ray, serving, storage, tenancy, tr
 from rlops_infra.cluster import Cluster, ClusterArgs
 from rlops_infra.files import RepoFiles
 from rlops_infra.render import Recorded, run_mocked
-from rlops_server.tsconfig import BATCHER_BUILT
+from rlops_server.torchserve.config import BATCHER_BUILT
 
 FILES = RepoFiles.load()
 IMAGE = "ghcr.io/rlops/rlops-trainer:0.1.0"

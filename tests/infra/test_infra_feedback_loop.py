@@ -16,6 +16,7 @@ import localrun
 import pytest
 import yaml
 from rlops_contracts.metrics import JOB_FEEDBACK, PORT_FEEDBACK, PORT_TS_INFERENCE
+from rlops_delivery import config as loop_config
 from rlops_delivery import loop as delivery_loop
 from rlops_infra import config as cfg
 from rlops_infra import delivery, feedback, loop, policy, program, validate
@@ -346,14 +347,14 @@ def test_loop_cronjob_runs_one_iteration_at_a_time() -> None:
     assert cm["data"][loop.ANALYSIS_FILE] == (ROOT / "alerts/canary/analysis.yaml").read_text(
         encoding="utf-8"
     )
-    parsed = delivery_loop.parse_config(yaml.safe_load(cm["data"][loop.CONFIG_FILE]), "loop.yaml")
+    parsed = loop_config.parse_config(yaml.safe_load(cm["data"][loop.CONFIG_FILE]), "loop.yaml")
     assert (parsed.policy, parsed.algorithm, parsed.min_new_transitions) == ("cartpole", "iql", 200)
     assert parsed.train == {"steps": 500, "hidden": [64, 64]}
     assert parsed.reward_wait_s == 120.0
     assert (parsed.gate.margin, parsed.gate.n_bootstrap) == (0.1, 50)
     # Unset keys keep the loop's own defaults.
-    assert parsed.max_decision_files == delivery_loop.LoopConfig("x").max_decision_files
-    assert parsed.gate.confidence == delivery_loop.OPESettings().confidence
+    assert parsed.max_decision_files == loop_config.LoopConfig("x").max_decision_files
+    assert parsed.gate.confidence == loop_config.OPESettings().confidence
 
 
 def test_loop_on_a_gpu_goes_to_gpu_nodes_and_without_prometheus_names_none() -> None:
@@ -387,7 +388,7 @@ def test_rendered_loop_follows_the_stack(renders: dict[str, Render], stack: str)
     assert {k: v for k, v in doc.items() if k != "policy"} == {
         k: section[k] for k in loop.CONFIG_KEYS if k in section
     }
-    delivery_loop.parse_config(doc, "loop.yaml")
+    loop_config.parse_config(doc, "loop.yaml")
 
 
 def test_every_loop_config_key_of_the_stack_is_one_the_loop_takes() -> None:
@@ -408,13 +409,13 @@ def test_every_loop_config_key_of_the_stack_is_one_the_loop_takes() -> None:
     doc = loop.loop_config(every, "cartpole")
     assert set(doc) == {"policy", *loop.CONFIG_KEYS}
     assert set(doc["gate"]) == set(cfg.LoopGate.model_fields)
-    parsed = delivery_loop.parse_config(doc, "loop.yaml")
+    parsed = loop_config.parse_config(doc, "loop.yaml")
     assert (parsed.gate.n_bootstrap, parsed.gate.fqe_models, parsed.gate.against) == (20, 2, "upper")
     assert (parsed.max_decision_files, parsed.reward_wait_s) == (3, 30.0)
 
     def accepted(raw: dict[str, Any]) -> set[str]:
-        with pytest.raises(delivery_loop.LoopError) as caught:
-            delivery_loop.parse_config({"policy": "cartpole", **raw}, "loop.yaml")
+        with pytest.raises(loop_config.LoopError) as caught:
+            loop_config.parse_config({"policy": "cartpole", **raw}, "loop.yaml")
         (listed,) = re.findall(r"accepted: (.*)$", str(caught.value))
         return set(listed.split(", "))
 

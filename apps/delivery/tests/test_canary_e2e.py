@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from delivery_testkit import REPO
 from rlops_delivery import records
-from rlops_server import process
+from rlops_server import serving
 from rlops_trainer.registry import Registry
 
 pytestmark = [
@@ -76,12 +76,8 @@ def test_bad_candidates_roll_back_and_a_good_one_is_promoted(bed: Any) -> None:
     good = bench.run_canary(bed, "good", bench.QUICK)
     assert good.state == records.PROMOTED, good.reason
     assert reg.aliases(policy)["champion"] == good.version
-    # TorchServe's default version (what the model's URL answers with) is the promoted one.
-    state = process.running_state(Path(bed.run_dir).resolve())
-    assert state is not None
-    token = process.read_keys(bed.run_dir)["management"]
-    _, described = process.http_json(f"{state.management_url}/models/{policy}", token=token)
-    assert described[0]["modelVersion"] == str(good.version)
+    # The server's default version (what the model's URL answers with) is the promoted one.
+    assert serving.connect(Path(bed.run_dir)).describe().default_version(policy) == str(good.version)
     # Every decision is on disk with its evidence and traffic counts.
     stored = records.read_all(bed.registry, policy)
     assert [r.state for r in stored] == [records.ROLLED_BACK, records.ROLLED_BACK, records.PROMOTED]

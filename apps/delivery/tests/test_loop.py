@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from delivery_testkit import POLICY, publish, serve_episodes, train_policy_dir
+from rlops_delivery import config as loop_config
 from rlops_delivery import loop
 from rlops_delivery.commands.loop import app as loop_app
 from rlops_delivery.drills import write_constant_policy_dir
@@ -22,7 +23,7 @@ from rlops_trainer.registry import Registry
 from typer.testing import CliRunner
 
 
-def config(**overrides: Any) -> loop.LoopConfig:
+def config(**overrides: Any) -> loop_config.LoopConfig:
     raw: dict[str, Any] = {
         "policy": POLICY,
         "algorithm": "cql",
@@ -33,7 +34,7 @@ def config(**overrides: Any) -> loop.LoopConfig:
         "canary": {"steps": "10,100", "interval": "5s", "step_duration": "10s", "step_timeout": "1m"},
     }
     raw.update(overrides)
-    return loop.parse_config(raw, "loop.yaml")
+    return loop_config.parse_config(raw, "loop.yaml")
 
 
 class Canary:
@@ -58,7 +59,7 @@ class Canary:
         }
 
 
-def make_loop(tmp_path: Path, registry: Path, cfg: loop.LoopConfig, canary: Canary) -> loop.Loop:
+def make_loop(tmp_path: Path, registry: Path, cfg: loop_config.LoopConfig, canary: Canary) -> loop.Loop:
     paths = loop.Paths(tmp_path / "logs", registry, tmp_path / "state", tmp_path / "serve")
     return loop.Loop(cfg, paths, canary=canary, load_candidate=canary.load, report=print)
 
@@ -74,19 +75,19 @@ def poor_champion(tmp_path: Path, cartpole_data: Any) -> Path:
 
 
 def test_config_errors_name_the_key() -> None:
-    with pytest.raises(loop.LoopError, match=r"loop.yaml: policy: the policy name"):
-        loop.parse_config({}, "loop.yaml")
-    with pytest.raises(loop.LoopError, match=r"algorithm: 'ppo'; accepted: bc, cql, iql"):
+    with pytest.raises(loop_config.LoopError, match=r"loop.yaml: policy: the policy name"):
+        loop_config.parse_config({}, "loop.yaml")
+    with pytest.raises(loop_config.LoopError, match=r"algorithm: 'ppo'; accepted: bc, cql, iql"):
         config(algorithm="ppo")
-    with pytest.raises(loop.LoopError, match=r"train: .*unknown field 'lr_'"):
+    with pytest.raises(loop_config.LoopError, match=r"train: .*unknown field 'lr_'"):
         config(train={"lr_": 1})
-    with pytest.raises(loop.LoopError, match=r"gate: unknown key\(s\) margn"):
+    with pytest.raises(loop_config.LoopError, match=r"gate: unknown key\(s\) margn"):
         config(gate={"margn": 1})
-    with pytest.raises(loop.LoopError, match=r"canary.interval: 'often' is not a positive duration"):
+    with pytest.raises(loop_config.LoopError, match=r"canary.interval: 'often' is not a positive duration"):
         config(canary={"interval": "often"})
-    with pytest.raises(loop.LoopError, match=r"min_new_transitions: 0 is not an integer >= 1"):
+    with pytest.raises(loop_config.LoopError, match=r"min_new_transitions: 0 is not an integer >= 1"):
         config(min_new_transitions=0)
-    with pytest.raises(loop.LoopError, match=r"unknown key\(s\) extra"):
+    with pytest.raises(loop_config.LoopError, match=r"unknown key\(s\) extra"):
         config(extra=1)
 
 

@@ -15,7 +15,8 @@ import pytest
 from delivery_testkit import ANALYSIS, POLICY, publish, train_policy_dir
 from rlops_delivery import analysis as a
 from rlops_delivery import records
-from rlops_delivery.rollout import Rollout, RolloutError, RolloutSettings, parse_steps
+from rlops_delivery.config import parse_steps
+from rlops_delivery.rollout import Rollout, RolloutError, RolloutSettings
 from rlops_delivery.split import Split
 from rlops_stack.prometheus import PrometheusError
 from rlops_trainer.registry import Registry

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 from rlops_contracts.artifact import read_checksums, sha256_file
-from rlops_server.archive import (
+from rlops_server.commands.serve import app
+from rlops_server.settings import ServingSettings
+from rlops_server.torchserve.archive import (
     VERSION_KEY,
     ArchiveError,
     archive_file_name,
@@ -19,9 +21,7 @@ from rlops_server.archive import (
     handler_source,
     server_version,
 )
-from rlops_server.commands.serve import app
-from rlops_server.runtime import ServingSettings
-from rlops_server.tsconfig import ModelSettings
+from rlops_server.torchserve.config import ModelSettings
 from server_testkit import write_registry
 from typer.testing import CliRunner
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 from rlops_server import metrics as m
-from rlops_server import worker
-from rlops_server.archive import VERSION_KEY
 from rlops_server.decision_log import DECISION_FIELDS, complete_files
-from rlops_server.handler import PolicyHandler
 from rlops_server.runtime import PolicyLoadError
+from rlops_server.torchserve import metrics_config as mc
+from rlops_server.torchserve import worker
+from rlops_server.torchserve.archive import VERSION_KEY
+from rlops_server.torchserve.handler import PolicyHandler
 from server_testkit import POISON, write_policy_dir
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
@@ -78,7 +79,7 @@ def _restore_process_state() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def metrics_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return m.write_metrics_config(tmp_path_factory.mktemp("metrics") / "metrics.yaml")
+    return mc.write_metrics_config(tmp_path_factory.mktemp("metrics") / "metrics.yaml")
 
 
 def make_context(model_dir: Path, metrics_yaml: Path, version: str = "1", **handler: Any) -> Context:
@@ -292,7 +293,7 @@ def test_unknown_handler_setting_refuses(policy_dir: Path, metrics_yaml: Path) -
 
 def test_undeclared_metrics_refuse(policy_dir: Path, tmp_path: Path) -> None:
     plain = tmp_path / "default-metrics.yaml"
-    plain.write_text(m.torchserve_default_metrics_config().read_text())
+    plain.write_text(mc.torchserve_default_metrics_config().read_text())
     with pytest.raises(
         PolicyLoadError, match=r"rlops_inference_latency_seconds_bucket \(counter\) is not declared"
     ):

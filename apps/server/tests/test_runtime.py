@@ -10,13 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 from rlops_contracts.artifact import seal, sha256_file
-from rlops_server.runtime import (
-    PolicyLoadError,
-    PolicyRuntime,
-    RequestError,
-    ServingSettings,
-    uuid4_batch,
-)
+from rlops_server.requests import RequestError
+from rlops_server.runtime import PolicyLoadError, PolicyRuntime, uuid4_batch
+from rlops_server.settings import ServingSettings
 from server_testkit import ACTION_PROPORTIONS, EDGES, N_ACTIONS, OBS_DIM, POISON, write_policy_dir
 
 OBS = [0.5, 2.0, -1.0, 0.3]

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rlops_server import process
 from rlops_server.client import PolicyClient
 from rlops_server.commands.serve import app
 from rlops_server.decision_log import complete_files
-from rlops_server.tsconfig import BATCHER_CLASS
+from rlops_server.torchserve import process
+from rlops_server.torchserve.config import BATCHER_CLASS
 from server_testkit import free_ports, write_registry
 from typer.testing import CliRunner
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import psutil
 import pytest
-from rlops_server import process
 from rlops_server.client import PolicyClient
 from rlops_server.commands.serve import app
 from rlops_server.decision_log import complete_files
 from rlops_server.metrics import LATENCY_LE
+from rlops_server.torchserve import process
 from server_testkit import POISON, free_ports, write_registry
 from typer.testing import CliRunner
 
@@ -216,7 +216,7 @@ def test_metrics_port_serves_the_rlops_metrics(server: Server) -> None:
     assert metric_value(text, "rlops_action_reference_ratio", version="1", action="2") == 0.3
     assert "rlops_value_estimate{" in text
     # TorchServe's own metrics keep working with the custom metrics config, except the worker's
-    # PredictionTime gauge, which the handler stops (rlops_server.worker).
+    # PredictionTime gauge, which the handler stops (rlops_server.torchserve.worker).
     assert metric_value(text, "ts_inference_requests_total", model_name="toy") >= 10
     assert [line for line in text.splitlines() if line.startswith("PredictionTime{")] == []
     # No host gauges: TorchServe's once-a-minute collector process is off (disable_system_metrics).

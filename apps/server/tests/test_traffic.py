@@ -15,7 +15,7 @@ from rlops_server.commands.traffic import INFERENCE_TOKEN_ENV, traffic, traffic_
 from rlops_server.decision_log import DecisionLog
 from rlops_server.feedback import serve_in_thread
 from rlops_server.join import join
-from rlops_server.process import ServeError
+from rlops_server.torchserve.process import ServeError
 from rlops_server.traffic import RewardSender, TrafficError, run_traffic
 from typer.testing import CliRunner
 

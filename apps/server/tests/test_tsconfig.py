@@ -13,8 +13,9 @@ import pytest
 import ts
 import yaml
 from rlops_server import metrics as m
-from rlops_server.runtime import ServingSettings
-from rlops_server.tsconfig import (
+from rlops_server.settings import ServingSettings
+from rlops_server.torchserve import metrics_config as mc
+from rlops_server.torchserve.config import (
     BATCHER_BUILT,
     BATCHER_CLASS,
     ModelSettings,
@@ -162,8 +163,8 @@ def test_log_config_is_quiet_on_the_request_path() -> None:
 
 
 def test_metrics_config_keeps_torchserve_metrics_and_adds_ours(tmp_path: Path) -> None:
-    default = yaml.safe_load(m.torchserve_default_metrics_config().read_text())
-    written = yaml.safe_load(m.write_metrics_config(tmp_path / "metrics.yaml").read_text())
+    default = yaml.safe_load(mc.torchserve_default_metrics_config().read_text())
+    written = yaml.safe_load(mc.write_metrics_config(tmp_path / "metrics.yaml").read_text())
     assert written["ts_metrics"] == default["ts_metrics"]
     for kind, entries in default["model_metrics"].items():
         for entry in entries:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from rlops_server import worker
+from rlops_server.torchserve import worker
 from ts.protocol import otf_message_handler as otf
 
 

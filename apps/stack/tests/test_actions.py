@@ -59,7 +59,7 @@ def test_rollback_command_without_a_server_moves_the_registry_and_says_so(
     out = json.loads(result.output)
     assert out["outcome"] == "done"
     assert "rolled cartpole back from version 3 to version 2" in out["message"]
-    assert "no TorchServe runs from" in out["message"]
+    assert "no server runs from" in out["message"]
     assert Registry(registry).history("cartpole")[-1]["reason"] == "bad canary"
 
 

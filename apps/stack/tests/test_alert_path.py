@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rlops_server import process
+from rlops_server import serving
 from rlops_server.client import PolicyClient
 from rlops_server.commands.serve import app as serve_app
+from rlops_server.http import request_json
+from rlops_server.torchserve import process
 from rlops_stack import actions, local, prometheus
 from rlops_stack.faults import Load, write_slow_policy_dir
-from rlops_stack.http import request_json
 from rlops_stack.local import Target, WebhookSettings
 from typer.testing import CliRunner
 
@@ -152,8 +153,8 @@ def test_slow_version_raises_the_latency_alert_and_the_webhook_scales_it(
         assert entry["labels"]["severity"] == "warning"
         assert entry["labels"]["action"] == "scale_up"
         assert (entry["details"]["workers_before"], entry["details"]["workers_after"]) == (1, 2)
-        served = {v["version"]: v for v in process.status(run_dir)["versions"]}
-        assert (served["1"]["workers"], served["2"]["workers"], served["2"]["ready_workers"]) == (1, 2, 2)
+        served = serving.status(run_dir).of(POLICY)
+        assert (served["1"].workers, served["2"].workers, served["2"].ready_workers) == (1, 2, 2)
 
         status, alerts = request_json("GET", f"{state.alertmanager_url}/api/v2/alerts")
         assert status == 200
@@ -173,8 +174,8 @@ def test_slow_version_raises_the_latency_alert_and_the_webhook_scales_it(
         # The same management API by URL and key file, as the webhook reaches TorchServe in a cluster.
         key_file = tmp_path / "management-key"
         key_file.write_text(process.read_keys(run_dir)["management"])
-        by_url = actions.Serving.at(f"http://127.0.0.1:{mgmt}", key_file)
-        assert by_url.models() == [POLICY]
+        by_url = serving.remote(f"http://127.0.0.1:{mgmt}", key_file).describe()
+        assert [(v.name, v.version) for v in by_url.versions] == [(POLICY, "1"), (POLICY, "2")]
         assert by_url.default_version(POLICY) == "1"
         status, text = request_json("GET", f"{state.webhook_url}/metrics")
         assert 'rlops_alert_actions_total{action="scale_up",outcome="done"} 1.0' in text

@@ -36,10 +36,10 @@ import numpy as np
 import pytest
 import typer
 import uvicorn
-from rlops_server import process
 from rlops_server.client import PolicyClient
 from rlops_server.commands.serve import app as serve_app
 from rlops_server.feedback import create_app as feedback_app
+from rlops_server.torchserve import process
 from rlops_server.traffic import RewardSender
 from rlops_stack import dashboards, local
 from rlops_stack.commands.report import report as report_command

@@ -11,9 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from rlops_server.http import request_json
 from rlops_stack import local, prometheus
 from rlops_stack.commands.stack import app
-from rlops_stack.http import request_json
 from rlops_stack.local import StackError, StackSettings, Target
 from typer.testing import CliRunner
 

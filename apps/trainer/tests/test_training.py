@@ -13,8 +13,9 @@ import pytest
 import torch
 from rlops_trainer import training
 from rlops_trainer.algos import ALGORITHMS
-from rlops_trainer.commands.train import app, apply_overrides
+from rlops_trainer.commands.train import app
 from rlops_trainer.datasets import DatasetError, DatasetMeta, Transitions, box_space, discrete_space
+from rlops_trainer.hyperparams import apply_overrides, config_fields
 from rlops_trainer.policy import PolicyModule
 from rlops_trainer.training import RunOptions, TrainResult
 from typer.testing import CliRunner
@@ -259,9 +260,9 @@ def test_data_the_algorithms_cannot_use_is_refused(data: Transitions) -> None:
 
 def test_every_config_field_is_documented() -> None:
     for config_cls, _train in ALGORITHMS.values():
-        for field in training.config_fields(config_cls):
+        for field in config_fields(config_cls):
             assert field.doc, f"{config_cls.__name__}.{field.name} has no docstring"
-        names = {f.name for f in training.config_fields(config_cls)}
+        names = {f.name for f in config_fields(config_cls)}
         assert {"steps", "batch_size", "seed", "max_grad_norm", "serve_temperature", "serve_epsilon"} <= names
 
 

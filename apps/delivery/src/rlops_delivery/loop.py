@@ -36,7 +36,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rlops_contracts.artifact import seal
 from rlops_contracts.card import CardError, read_card
 from rlops_contracts.durable import replace_atomic
@@ -48,9 +47,8 @@ from rlops_trainer.export import ExportError, write_policy_dir
 from rlops_trainer.registry import Registry, RegistryError
 from rlops_trainer.training import RunOptions
 
-from rlops_delivery import analysis, opegate
-from rlops_delivery.opegate import OPESettings
-from rlops_delivery.rollout import DEFAULT_STEPS, parse_steps
+from rlops_delivery import opegate
+from rlops_delivery.config import LoopConfig, LoopError, text_value
 
 STATE_FILE = "state.json"
 ITERATIONS_DIR = "iterations"
@@ -67,137 +65,7 @@ PROMOTED, ROLLED_BACK, REJECTED_BY_GATE, REJECTED_BY_OPE = (
 )
 
 
-class LoopError(RuntimeError):
-    """An iteration cannot go on; the message says why and what to do. The state is kept for a rerun."""
-
-
 # --- config ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CanaryConfig:
-    steps: tuple[float, ...] = DEFAULT_STEPS
-    interval_s: float | None = None
-    """None: the analysis file's interval."""
-    step_min_s: float = 60.0
-    step_timeout_s: float = 600.0
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    policy: str
-    algorithm: str = "cql"
-    train: dict[str, Any] = field(default_factory=dict)
-    """Fields of the algorithm's config dataclass (as ``rlops train ALGO --set``)."""
-    min_new_transitions: int = 1000
-    reward_wait_s: float = 60.0
-    max_decision_files: int = 0
-    """Train on at most this many of the most recent decision files (0: every file consumed so far)."""
-    gate: OPESettings = field(default_factory=OPESettings)
-    canary: CanaryConfig = field(default_factory=CanaryConfig)
-
-
-_KEYS = {
-    "": (
-        "policy",
-        "algorithm",
-        "train",
-        "min_new_transitions",
-        "reward_wait",
-        "max_decision_files",
-        "gate",
-        "canary",
-    ),
-    "gate": (
-        "estimator",
-        "margin",
-        "relative",
-        "against",
-        "gamma",
-        "confidence",
-        "bootstrap",
-        "fqe_steps",
-        "fqe_models",
-        "seed",
-    ),
-    "canary": ("steps", "interval", "step_duration", "step_timeout"),
-}
-
-
-def _section(raw: Any, where: str, key: str) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise LoopError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(map(str, raw)) - set(_KEYS[key]))
-    if unknown:
-        raise LoopError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(_KEYS[key])}")
-    return dict(raw)
-
-
-def _int(value: Any, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LoopError(f"{where}: {value!r} is not an integer >= {minimum}")
-    return value
-
-
-def parse_config(raw: Any, source: str) -> LoopConfig:
-    """Validate a loop config (parsed YAML); errors name the file and the key."""
-    top = _section(raw, source, "")
-    if not isinstance(top.get("policy"), str) or not top["policy"]:
-        raise LoopError(f"{source}: policy: the policy name in the registry is required")
-    algorithm = top.get("algorithm", "cql")
-    if algorithm not in ALGORITHMS:
-        raise LoopError(f"{source}: algorithm: {algorithm!r}; accepted: {', '.join(ALGORITHMS)}")
-    train = top.get("train") or {}
-    if not isinstance(train, dict):
-        raise LoopError(f"{source}: train: expected a mapping of {algorithm} config fields")
-    try:
-        apply_overrides(ALGORITHMS[algorithm][0](), [f"{k}={_text(v)}" for k, v in train.items()])
-    except ValueError as e:
-        raise LoopError(f"{source}: train: {e}".replace("--set ", "")) from None
-    try:
-        g = _section(top.get("gate"), f"{source}: gate", "gate")
-        renamed = {"bootstrap": "n_bootstrap"}
-        gate = OPESettings(**{renamed.get(k, k): v for k, v in g.items()})
-        c = _section(top.get("canary"), f"{source}: canary", "canary")
-        canary = CanaryConfig(
-            steps=parse_steps(_text(c["steps"])) if "steps" in c else DEFAULT_STEPS,
-            interval_s=analysis.parse_duration(c["interval"], "canary.interval") if "interval" in c else None,
-            step_min_s=analysis.parse_duration(c.get("step_duration", "1m"), "canary.step_duration"),
-            step_timeout_s=analysis.parse_duration(c.get("step_timeout", "10m"), "canary.step_timeout"),
-        )
-        reward_wait = analysis.parse_duration(top.get("reward_wait", "1m"), "reward_wait")
-    except (opegate.OPEGateError, analysis.AnalysisError, TypeError, ValueError) as e:
-        raise LoopError(f"{source}: {e}") from None
-    return LoopConfig(
-        policy=top["policy"],
-        algorithm=algorithm,
-        train=dict(train),
-        min_new_transitions=_int(top.get("min_new_transitions", 1000), f"{source}: min_new_transitions", 1),
-        reward_wait_s=reward_wait,
-        max_decision_files=_int(top.get("max_decision_files", 0), f"{source}: max_decision_files", 0),
-        gate=gate,
-        canary=canary,
-    )
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def load_config(path: Path) -> LoopConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LoopError(f"{path}: no such loop config") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise LoopError(f"{path}: cannot be read as YAML: {e}") from None
-    return parse_config(raw, str(path))
 
 
 # --- state -----------------------------------------------------------------------------------------------
@@ -380,7 +248,7 @@ class Loop:
 
     def _train(self, it: dict[str, Any], work: Path) -> None:
         config_cls, train_fn = ALGORITHMS[self.config.algorithm]
-        cfg = apply_overrides(config_cls(), [f"{k}={_text(v)}" for k, v in self.config.train.items()])
+        cfg = apply_overrides(config_cls(), [f"{k}={text_value(v)}" for k, v in self.config.train.items()])
         data = opegate.load_dataset(work / "data.parquet")
         self.report(f"training {self.config.algorithm} for {cfg.steps} steps")
         result = train_fn(cfg, data, RunOptions(out_dir=work / "run", resume=True, progress=False))

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,43 +31,11 @@ from rlops_trainer import ope
 from rlops_trainer.datasets import DatasetError, Transitions
 from rlops_trainer.export import load_policy_dir
 from rlops_trainer.gate import GateError, decide, default_estimator
-from rlops_trainer.ope import ESTIMATORS, FQEConfig, OPEError
+from rlops_trainer.ope import FQEConfig, OPEError
 from rlops_trainer.policy import Selection
 from rlops_trainer.registry import Registry
 
-
-class OPEGateError(ValueError):
-    """The gate cannot be run as asked (no logs, unknown versions, mismatched spaces)."""
-
-
-@dataclass(frozen=True)
-class OPESettings:
-    estimator: str | None = None
-    """Estimator the gate decides on; None: dr with propensities, else fqe."""
-    margin: float = 0.0
-    relative: bool = False
-    against: str = "value"
-    gamma: float = 0.99
-    confidence: float = 0.95
-    n_bootstrap: int = 500
-    fqe_steps: int = FQEConfig.steps
-    fqe_models: int = FQEConfig.ensemble
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.estimator is not None and self.estimator not in ESTIMATORS:
-            raise OPEGateError(f"estimator {self.estimator!r}: choose from {', '.join(ESTIMATORS)}")
-        if not (self.margin >= 0 and math.isfinite(self.margin)):
-            raise OPEGateError(f"margin must be >= 0, got {self.margin}")
-        if self.against not in ("value", "upper"):
-            raise OPEGateError(f"against must be 'value' or 'upper', got {self.against!r}")
-        if not 0 < self.gamma <= 1:
-            raise OPEGateError(f"gamma must be in (0, 1], got {self.gamma}")
-        if not 0 < self.confidence < 1:
-            raise OPEGateError(f"confidence must be in (0, 1), got {self.confidence}")
-        for name in ("n_bootstrap", "fqe_steps", "fqe_models"):
-            if getattr(self, name) < 1:
-                raise OPEGateError(f"{name} must be >= 1, got {getattr(self, name)}")
+from rlops_delivery.config import OPEGateError, OPESettings
 
 
 @contextmanager

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 from rlops_contracts import CANDIDATE, CHAMPION
 from rlops_contracts.metrics import ACTIONS, INFERENCE_LATENCY
+from rlops_server import serving
+from rlops_server.backend import ServeError, ServingBackend
 from rlops_stack import actions
 from rlops_stack.prometheus import PrometheusError
 from rlops_trainer.card import utc_now
@@ -50,10 +52,9 @@ from rlops_delivery.analysis import (
     measure,
     scalar,
 )
+from rlops_delivery.config import DEFAULT_STEPS
 from rlops_delivery.records import RolloutRecord
 from rlops_delivery.split import Split, write_split
-
-DEFAULT_STEPS: tuple[float, ...] = (0.1, 0.5, 1.0)
 
 PASSED = "passed"
 FAILED = "failed"
@@ -63,25 +64,6 @@ ERROR = "error"
 
 class RolloutError(RuntimeError):
     """The rollout cannot start or could not finish an action; the message says why and what to do."""
-
-
-def parse_steps(text: str) -> tuple[float, ...]:
-    """``"10,50,100"`` (percent of the traffic) as fractions; strictly increasing, each in (0, 100]."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if (
-        not values
-        or any(not (0 < v <= 100) for v in values)
-        or any(b <= a for a, b in itertools.pairwise(values))
-    ):
-        raise ValueError(
-            f"steps {text!r}: expected strictly increasing percentages of the traffic in (0, 100], "
-            "separated by commas, such as 10,50,100"
-        )
-    return tuple(v / 100 for v in values)
 
 
 @dataclass(frozen=True)
@@ -125,7 +107,7 @@ class RolloutSettings:
 
 
 class ServingControl(Protocol):
-    """What a rollout needs from serving (the local TorchServe: :class:`LocalServing`)."""
+    """What a rollout needs from serving (the local server: :class:`LocalServing`)."""
 
     run_dir: Path | None
     """The local server's run directory, handed to ``rlops_stack.actions.rollback``; None: none."""
@@ -141,60 +123,56 @@ class ServingControl(Protocol):
 
 
 class LocalServing:
-    """The TorchServe started by ``rlops serve start`` from ``run_dir``."""
+    """The local server started by ``rlops serve start`` from ``run_dir``, through the serving backend."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir: Path | None = Path(run_dir).resolve()
 
-    def _serving(self) -> actions.Serving:
-        assert self.run_dir is not None
+    def _backend(self) -> ServingBackend:
+        if self.run_dir is None:
+            raise RolloutError("no local server to act on")
         try:
-            return actions.Serving.find(self.run_dir)
-        except actions.ActionError as e:
+            return serving.connect(self.run_dir)
+        except ServeError as e:
             raise RolloutError(str(e)) from None
 
     def check(self, policy: str, champion: int, candidate: int) -> None:
-        serving = self._serving()
         try:
-            described = {str(e.get("modelVersion")): e for e in serving.versions(policy)}
-            default = serving.default_version(policy)
-        except actions.ActionError as e:
+            described = self._backend().describe()
+        except ServeError as e:
             raise RolloutError(str(e)) from None
+        served = described.of(policy)
         for role, version in ((CHAMPION, champion), (CANDIDATE, candidate)):
-            entry = described.get(str(version))
-            ready = sum(1 for w in (entry or {}).get("workers") or [] if w.get("status") == "READY")
+            entry = served.get(str(version))
             if entry is None:
                 raise RolloutError(
-                    f"TorchServe from {self.run_dir} does not serve {policy} version {version} "
-                    f"(the {role}); it "
-                    f"serves {', '.join(sorted(described)) or 'nothing'}. Load it with --restart-serving, or "
+                    f"the server from {self.run_dir} does not serve {policy} version {version} (the {role}); "
+                    f"it serves {', '.join(sorted(served)) or 'nothing'}. Load it with --restart-serving, or "
                     f"point the registry's candidate alias at it and restart: rlops serve stop --run-dir "
                     f"{self.run_dir} && rlops serve start --name {policy} --run-dir {self.run_dir}"
                 )
-            if ready == 0:
-                raise RolloutError(
-                    f"{policy} version {version} (the {role}) has no ready worker in TorchServe"
-                )
+            if entry.ready_workers == 0:
+                raise RolloutError(f"{policy} version {version} (the {role}) has no ready worker")
+        default = described.default_version(policy)
         if default != str(champion):
             raise RolloutError(
-                f"TorchServe answers {policy} with version {default}, but the registry's champion is "
-                f"{champion}; "
-                f"bring them in line first (rlops rollback, or restart serving)"
+                f"the server answers {policy} with version {default}, but the registry's champion is "
+                f"{champion}; bring them in line first (rlops rollback, or restart serving)"
             )
 
     def publish_split(self, split: Split | None) -> None:
-        assert self.run_dir is not None
+        if self.run_dir is None:
+            raise RolloutError("no local server to publish the traffic split to")
         write_split(self.run_dir, split)
 
     def make_default(self, policy: str, version: int) -> None:
-        serving = self._serving()
         try:
-            serving.call("PUT", f"/models/{policy}/{version}/set-default")
-        except actions.ActionError as e:
+            self._backend().set_default(policy, str(version))
+        except ServeError as e:
             raise RolloutError(str(e)) from None
 
     def record_aliases(self, policy: str, aliases: dict[str, int]) -> None:
-        self._serving().record_aliases(policy, aliases)
+        self._backend().record_aliases(policy, aliases)
 
 
 RollbackFn = Callable[..., actions.ActionResult]

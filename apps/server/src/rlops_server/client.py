@@ -102,7 +102,7 @@ class PolicyClient:
 
     ``retries`` counts extra attempts after a safe failure; the n-th waits ``backoff * 2**(n-1)``
     seconds, within the deadline. ``token`` is TorchServe's inference key, sent as a bearer token, or a
-    function returning the current key (e.g. :func:`rlops_server.process.inference_token` over a run
+    function returning the current key (e.g. :func:`rlops_server.serving.inference_token` over a run
     directory): TorchServe makes new keys at every start, and a client given a function follows them.
     """
 

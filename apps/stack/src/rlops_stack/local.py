@@ -55,9 +55,9 @@ from rlops_contracts.metrics import (
     PORT_TRAINER_METRICS,
     PORT_TS_METRICS,
 )
+from rlops_server.http import request_json
 
 from rlops_stack import prometheus
-from rlops_stack.http import request_json
 
 DEFAULT_ROOT = Path(".rlops/stack")
 ALERTS_ENV = "RLOPS_ALERTS_DIR"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
-from rlops_stack.http import request_json
+from rlops_server.http import request_json
 
 
 class PrometheusError(RuntimeError):

@@ -23,8 +23,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlops_server.http import request_json
+
 from rlops_stack import prometheus
-from rlops_stack.http import request_json
 
 DEFAULT_WINDOW_S = 3600.0
 DEFAULT_SCRAPE_S = 15.0

@@ -7,8 +7,8 @@ policy version is not repeated within the cooldown, which makes the repeats Aler
 alert keeps firing harmless; rollback is idempotent on its own (it only moves a champion that is the
 named version), scale-up is bounded by its maximum.
 
-``GET /metrics`` (Prometheus) counts the actions by outcome and reports, read from TorchServe's
-management API at scrape time, the workers and ready workers of every served version. ``GET /healthz``
+``GET /metrics`` (Prometheus) counts the actions by outcome and reports, asked of the serving backend
+at scrape time, the workers and ready workers of every served version. ``GET /healthz``
 answers once the app runs.
 
 A bad payload is answered 400 with what was wrong and where; a missing or wrong bearer token 401.
@@ -33,7 +33,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from rlops_contracts.metrics import ACTIONS_TAKEN, SERVING_READY_WORKERS, SERVING_WORKERS
-from rlops_server import process
+from rlops_server import serving
+from rlops_server.backend import ServeError, ServingBackend
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -112,35 +113,32 @@ def parse_payload(body: bytes) -> list[Alert]:
     return alerts
 
 
-def serving_of(settings: WebhookSettings) -> actions.Serving:
-    """The TorchServe the webhook acts on: by management URL (cluster) or local run directory."""
+def serving_of(settings: WebhookSettings) -> ServingBackend:
+    """The server the webhook acts on: by management URL (cluster) or local run directory."""
     if settings.management_url:
-        return actions.Serving.at(settings.management_url, settings.management_token_file)
-    return actions.Serving.find(Path(settings.serve_run_dir))
+        return serving.remote(settings.management_url, settings.management_token_file)
+    return actions.local_serving(Path(settings.serve_run_dir))
 
 
 class WorkersCollector(Collector):
-    """Workers and ready workers per served version, asked of TorchServe at scrape time."""
+    """Workers and ready workers per served version, asked of the serving backend at scrape time."""
 
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         labels = ["policy", "version"]
-        workers = GaugeMetricFamily(SERVING_WORKERS, "TorchServe workers per policy version", labels=labels)
+        workers = GaugeMetricFamily(SERVING_WORKERS, "Serving workers per policy version", labels=labels)
         ready = GaugeMetricFamily(
-            SERVING_READY_WORKERS, "TorchServe workers in state READY per policy version", labels=labels
+            SERVING_READY_WORKERS, "Serving workers ready to answer per policy version", labels=labels
         )
         try:
-            serving = serving_of(self.settings)
-            described = [(name, entry) for name in serving.models() for entry in serving.versions(name)]
-        except (actions.ActionError, process.ServeError, OSError):
+            described = serving_of(self.settings).describe().versions
+        except (actions.ActionError, ServeError, OSError):
             described = []  # no server: no samples (the torchserve target is down instead)
-        for name, entry in described:
-            values = [name, str(entry.get("modelVersion"))]
-            states = [w.get("status") for w in entry.get("workers") or []]
-            workers.add_metric(values, len(states))
-            ready.add_metric(values, states.count("READY"))
+        for v in described:
+            workers.add_metric([v.name, v.version], v.workers)
+            ready.add_metric([v.name, v.version], v.ready_workers)
         yield workers
         yield ready
 
@@ -203,11 +201,11 @@ class Dispatcher:
         ).inc()
         return result
 
-    def _serving(self) -> actions.Serving | None:
+    def _serving(self) -> ServingBackend | None:
         """The server to act on by its management URL (cluster); None: the local run directory's."""
         if not self.settings.management_url:
             return None
-        return actions.Serving.at(self.settings.management_url, self.settings.management_token_file)
+        return serving.remote(self.settings.management_url, self.settings.management_token_file)
 
     def _scale_up(self, policy: str, version: str, reason: str) -> actions.ActionResult:
         return actions.scale_up(
@@ -217,7 +215,7 @@ class Dispatcher:
             step=self.settings.scale_step,
             max_workers=self.settings.max_workers,
             reason=reason,
-            serving=self._serving(),
+            backend=self._serving(),
         )
 
     def _rollback(self, policy: str, version: str, reason: str) -> actions.ActionResult:
@@ -235,7 +233,7 @@ class Dispatcher:
             reason=reason,
             from_version=int(version),
             serve_run_dir=self.settings.serve_run_dir,
-            serving=self._serving(),
+            backend=self._serving(),
             who="alertmanager",
         )
 

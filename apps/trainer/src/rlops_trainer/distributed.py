@@ -33,10 +33,10 @@ import pyarrow as pa
 import torch
 
 from rlops_trainer.datasets import COLUMNS, Transitions
+from rlops_trainer.hyperparams import LoopConfig
 from rlops_trainer.policy import Selection
 from rlops_trainer.training import (
     METRICS_FILE,
-    LoopConfig,
     MetricWindow,
     RunOptions,
     TensorData,

@@ -51,13 +51,13 @@ import torch
 from torch import nn
 
 from rlops_trainer.datasets import Transitions
+from rlops_trainer.hyperparams import ESTIMATORS, FQEConfig
 from rlops_trainer.policy import Selection, mlp
 from rlops_trainer.training import adam
 
 ProbsFn = Callable[[np.ndarray], np.ndarray]
 """A target policy: observations ``[N, obs_dim]`` to action probabilities ``[N, n_actions]``."""
 
-ESTIMATORS: tuple[str, ...] = ("pdis", "wpdis", "fqe", "dr", "wdr")
 NEEDS_PROPENSITIES: frozenset[str] = frozenset({"pdis", "wpdis", "dr", "wdr"})
 NEEDS_MODEL: frozenset[str] = frozenset({"fqe", "dr", "wdr"})
 
@@ -98,54 +98,6 @@ class Estimate:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Estimate:
         return cls(**{**d, "warnings": list(d.get("warnings", []))})
-
-
-@dataclass
-class FQEConfig:
-    """Fitted Q evaluation. Defaults suit CartPole-sized problems (gamma 0.99, 50k–100k transitions)."""
-
-    hidden: tuple[int, ...] = (64, 64)
-    """Widths of the Q network's hidden layers (ReLU)."""
-    lr: float = 1e-3
-    """Adam learning rate (before the decay)."""
-    steps: int = 24000
-    """Gradient steps in total. A candidate that survives much longer than the logged episodes needs
-    values carried back over long horizons: on the offline benchmark's CartPole logs (docs/benchmarks.md)
-    12,000 steps left such a candidate 19 % too high, 24,000 brought it to 4 %."""
-    batch_size: int = 256
-    """Transitions per gradient step, sampled uniformly with replacement."""
-    target_update: int = 10
-    """Gradient steps between copies of the Q network into the target network. Each copy is one
-    Bellman backup; information travels about ``steps / target_update`` steps back in time, so keep
-    that ratio well above the effective horizon ``1 / (1 - gamma)`` (here 2400 against 100)."""
-    lr_decay_from: float = 0.5
-    """Fraction of ``steps`` after which the learning rate decays linearly to 0. The constant phase
-    propagates values; the decay removes minibatch noise from the final Q, which matters to the doubly
-    robust estimators: they multiply its Bellman residuals by the importance weights. 1: no decay."""
-    clip_targets: bool = True
-    """Clip regression targets to the range of returns the logged rewards allow (see
-    :func:`value_range`); keeps extrapolation errors from compounding through the target network."""
-    seed: int = 0
-    """Seeds the network initialisation and the minibatch order (member ``k`` of the ensemble uses
-    ``seed + k``)."""
-    ensemble: int = 3
-    """Q networks fitted independently. Their mean is the estimate and their disagreement widens the
-    interval; 1 fits a single network whose interval covers only the spread of initial states."""
-    max_spread: float = 0.1
-    """Warn when the ensemble's values (max - min) differ by more than this fraction of the value."""
-
-    def __post_init__(self) -> None:
-        if not self.max_spread > 0:
-            raise ValueError(f"FQEConfig.max_spread must be > 0, got {self.max_spread}")
-        for name in ("steps", "batch_size", "target_update", "ensemble"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"FQEConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.lr_decay_from <= 1.0:
-            raise ValueError(f"FQEConfig.lr_decay_from must be in [0, 1], got {self.lr_decay_from}")
-        if not self.lr > 0:
-            raise ValueError(f"FQEConfig.lr must be > 0, got {self.lr}")
-        if not self.hidden or any(int(w) < 1 for w in self.hidden):
-            raise ValueError(f"FQEConfig.hidden must be positive widths, got {self.hidden}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,21 +35,18 @@ weights as the uninterrupted run. On CUDA, results can differ in the last bits b
 from __future__ import annotations
 
 import abc
-import ast
 import copy
 import dataclasses
-import inspect
 import json
 import random
 import re
-import textwrap
 import time
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -65,6 +62,7 @@ from rlops_contracts.durable import atomic_file
 from torch import nn
 
 from rlops_trainer.datasets import DatasetError, Transitions
+from rlops_trainer.hyperparams import LoopConfig
 from rlops_trainer.policy import PolicyModule, Selection
 
 CHECKPOINT_DIR = "checkpoints"
@@ -111,88 +109,6 @@ class TrainResult:
     final_metrics: dict[str, float]
     metrics_path: Path | None
     device: str
-
-
-class LoopConfig(Protocol):
-    """Fields every algorithm config has; the shared loop reads only these."""
-
-    steps: int
-    batch_size: int
-    seed: int
-    max_grad_norm: float
-    serve_temperature: float
-    serve_epsilon: float
-
-
-def check_config(
-    algorithm: str,
-    cfg: LoopConfig,
-    *,
-    positive: tuple[str, ...] = (),
-    widths: tuple[str, ...] = (),
-    unit: tuple[str, ...] = (),
-) -> None:
-    """Raise ValueError naming the field when a config value is out of range.
-
-    Checks the fields every config has, plus ``positive`` (> 0), ``widths`` (non-empty tuples of
-    positive ints) and ``unit`` (in [0, 1)) fields named by the algorithm.
-    """
-
-    def bad(name: str, rule: str) -> ValueError:
-        return ValueError(f"{algorithm}: {name} must be {rule}, got {getattr(cfg, name)!r}")
-
-    for name in ("steps", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise bad(name, ">= 1")
-    if cfg.max_grad_norm < 0:
-        raise bad("max_grad_norm", ">= 0 (0 turns clipping off)")
-    if not 0 <= cfg.serve_epsilon <= 1:
-        raise bad("serve_epsilon", "in [0, 1]")
-    if cfg.serve_temperature < 0:
-        raise bad("serve_temperature", ">= 0 (0 is greedy)")
-    for name in positive:
-        if not getattr(cfg, name) > 0:
-            raise bad(name, "> 0")
-    for name in widths:
-        value = getattr(cfg, name)
-        if not value or any(int(w) < 1 for w in value):
-            raise bad(name, "one or more positive layer widths")
-    for name in unit:
-        if not 0 <= getattr(cfg, name) < 1:
-            raise bad(name, "in [0, 1)")
-
-
-@dataclass(frozen=True)
-class ConfigField:
-    """One hyperparameter of an algorithm config, as shown by ``rlops train config``."""
-
-    name: str
-    type: Any
-    default: Any
-    doc: str
-
-
-def config_fields(cls: type[Any]) -> list[ConfigField]:
-    """The fields of a config dataclass with their resolved types, defaults and docstrings.
-
-    The docstrings are the string literals written under each field in the class body.
-    """
-    hints = typing.get_type_hints(cls)
-    docs: dict[str, str] = {}
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
-    if isinstance(body, ast.ClassDef):
-        for node, after in zip(body.body, body.body[1:], strict=False):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return [
-        ConfigField(f.name, hints[f.name], f.default, docs.get(f.name, "")) for f in dataclasses.fields(cls)
-    ]
 
 
 class Batch(NamedTuple):

@@ -20,12 +20,13 @@ from rich.markup import escape
 from rich.table import Table
 from rlops_contracts.registry import DEFAULT_REGISTRY, REGISTRY_ENV
 from rlops_server.commands import err_console, fail, group
-from rlops_server.commands.serve import DEFAULT_DECISION_LOG_DIR
-from rlops_server.process import DEFAULT_RUN_DIR, ServeError
+from rlops_server.plan import DEFAULT_DECISION_LOG_DIR
+from rlops_server.serving import DEFAULT_RUN_DIR, ServeError
 from rlops_stack import prometheus
 from rlops_trainer.registry import RegistryError
 
 from rlops_delivery import analysis, loop, opegate, records
+from rlops_delivery import config as loop_config
 from rlops_delivery.commands import analysis_path, prometheus_url
 from rlops_delivery.rollout import LocalServing, Rollout, RolloutError, RolloutSettings
 from rlops_delivery.serving import ServingError, restart_with_candidate
@@ -80,7 +81,7 @@ def run_once(
     if canary_mode not in ("local", "none"):
         fail(f"--canary {canary_mode!r}: accepted: local, none")
     try:
-        cfg = loop.load_config(config)
+        cfg = loop_config.load_config(config)
         spec = analysis.load(analysis_path(analysis_file))
         settings = RolloutSettings.from_analysis(
             spec,
@@ -89,7 +90,7 @@ def run_once(
             step_min_s=cfg.canary.step_min_s,
             step_timeout_s=cfg.canary.step_timeout_s,
         )
-    except (loop.LoopError, analysis.AnalysisError, ValueError) as e:
+    except (loop_config.LoopError, analysis.AnalysisError, ValueError) as e:
         fail(str(e))
     if not logs.is_dir():
         fail(
@@ -121,7 +122,7 @@ def run_once(
     try:
         result = the_loop.run_once()
     except (
-        loop.LoopError,
+        loop_config.LoopError,
         opegate.OPEGateError,
         RolloutError,
         RegistryError,
@@ -154,9 +155,9 @@ def status(
 ) -> None:
     """The loop's iterations: when, how much data, what the gate and the canary decided."""
     try:
-        cfg = loop.load_config(config)
+        cfg = loop_config.load_config(config)
         state = loop.LoopState.read(state_dir / cfg.policy / loop.STATE_FILE, cfg.policy)
-    except loop.LoopError as e:
+    except loop_config.LoopError as e:
         fail(str(e))
     if as_json:
         console.print_json(

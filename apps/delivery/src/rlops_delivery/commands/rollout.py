@@ -20,15 +20,16 @@ from rich.markup import escape
 from rich.table import Table
 from rlops_contracts.registry import DEFAULT_REGISTRY, REGISTRY_ENV
 from rlops_server.commands import fail, group
-from rlops_server.process import DEFAULT_RUN_DIR, ServeError
+from rlops_server.serving import DEFAULT_RUN_DIR, ServeError
 from rlops_stack import prometheus
 from rlops_trainer.card import utc_now
 from rlops_trainer.registry import Registry, RegistryError
 
 from rlops_delivery import analysis, records
 from rlops_delivery.commands import analysis_path, prometheus_url
+from rlops_delivery.config import parse_steps
 from rlops_delivery.opegate import OPEGateError, OPESettings, gate_on_logs
-from rlops_delivery.rollout import LocalServing, Rollout, RolloutError, RolloutSettings, parse_steps
+from rlops_delivery.rollout import LocalServing, Rollout, RolloutError, RolloutSettings
 from rlops_delivery.serving import ServingError, restart_with_candidate, served_versions
 from rlops_delivery.split import read_split, write_split
 

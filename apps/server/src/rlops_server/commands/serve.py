@@ -12,18 +12,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from rlops_contracts import CANDIDATE, CHAMPION
 from rlops_contracts.card import ArtifactError
 from rlops_contracts.registry import DEFAULT_REGISTRY, REGISTRY_ENV, RegistryReader
 
-from rlops_server import process
-from rlops_server.archive import ArchiveError, build_archive
+from rlops_server import serving
 from rlops_server.commands import fail as _fail
 from rlops_server.commands import group
 from rlops_server.commands.traffic import traffic
-from rlops_server.process import DEFAULT_RUN_DIR, ModelVersionState, ServeError
-from rlops_server.runtime import ServingSettings
-from rlops_server.tsconfig import ADAPTIVE, DELAY, METRICS_FILE, ModelSettings, ServedModel, ServerConfig
+from rlops_server.plan import ADAPTIVE, DEFAULT_DECISION_LOG_DIR, DEFAULT_RUN_DIR, DELAY, ServePlan
+from rlops_server.serving import ServeError
+from rlops_server.settings import ServingSettings
+from rlops_server.torchserve.archive import ArchiveError, build_archive
+from rlops_server.torchserve.config import ModelSettings
 
 console = Console()
 
@@ -32,9 +32,6 @@ app = group(
     "Serve registry policies on TorchServe: archives, start, stop, status.",
 )
 
-
-DEFAULT_DECISION_LOG_DIR = Path(".rlops/logs")
-"""Log root shared with the reward service and the join: decisions go to <root>/decisions/."""
 
 RegistryOption = Annotated[
     Path,
@@ -67,7 +64,7 @@ class Batcher(StrEnum):
     delay = DELAY
 
 
-DEFAULT_BATCHER = Batcher(ModelSettings.batcher)
+DEFAULT_BATCHER = Batcher(ServePlan.batcher)
 
 BatcherOption = Annotated[
     Batcher,
@@ -176,65 +173,33 @@ def start(
 ) -> None:
     """Start TorchServe with the champion (default version) and the candidate, if set, of one policy."""
     with _user_errors():
-        name = name or _only_policy(registry)
-        aliases = RegistryReader(registry).aliases(name)
-        if CHAMPION not in aliases:
-            _fail(
-                f"policy {name!r} has no champion to serve; promote a version first (rlops registry "
-                "promote). "
-                f"Aliases: {', '.join(f'{a} → {v}' for a, v in sorted(aliases.items())) or 'none'}"
-            )
-        run_dir = run_dir.resolve()
-        if process.running_state(run_dir) is not None:
-            _fail(
-                f"a server from {run_dir} is already running; stop it first "
-                f"(rlops serve stop --run-dir {run_dir})"
-            )
-        settings = ModelSettings(
-            batch_size=batch_size,
-            max_batch_delay_ms=max_batch_delay_ms,
-            min_workers=workers,
-            max_workers=workers,
-            batcher=batcher.value,
-        )
-        serving = ServingSettings(max_batch_observations=max_batch_observations)
-        store = run_dir / "model-store"
-        served: list[ModelVersionState] = []
-        models: list[ServedModel] = []
-        wanted = [(CHAMPION, aliases[CHAMPION])]
-        if aliases.get(CANDIDATE) not in (None, aliases[CHAMPION]):
-            wanted.append((CANDIDATE, aliases[CANDIDATE]))
-        for alias, version in wanted:
-            built = build_archive(registry, name, version, store, model_settings=settings, serving=serving)
-            served.append(ModelVersionState(name, str(version), alias, built.path.name, settings.batcher))
-            models.append(ServedModel(name, str(version), built.path.name, settings))
-        config = ServerConfig(
-            model_store=store,
-            metrics_config=run_dir / METRICS_FILE,
-            models=tuple(models),
-            inference_host=host,
-            inference_port=port,
+        plan = ServePlan(
+            policy=name or _only_policy(registry),
+            registry=registry,
+            run_dir=run_dir,
+            host=host,
+            port=port,
             management_port=management_port,
             metrics_host=metrics_host,
             metrics_port=metrics_port,
-            grpc_inference_port=grpc_port,
-            grpc_management_port=grpc_port + 1,
-            default_workers_per_model=workers,
-        )
-        state = process.start(
-            run_dir,
-            config,
-            served,
+            grpc_port=grpc_port,
+            workers=workers,
+            batch_size=batch_size,
+            max_batch_delay_ms=max_batch_delay_ms,
+            batcher=batcher.value,
+            max_batch_observations=max_batch_observations,
             decision_log_dir=None if no_decision_log else decision_log_dir,
             access_log=access_log,
             timeout_s=timeout,
         )
-    versions = ", ".join(f"{m.version} ({m.alias})" for m in state.models)
+        started = serving.start(plan)
+    versions = ", ".join(f"{v.version} ({v.alias})" for v in started.versions)
     console.print(
-        f"serving {name} versions {versions} at {state.inference_url}/predictions/{name}", highlight=False
+        f"serving {plan.policy} versions {versions} at {started.inference_url}/predictions/{plan.policy}",
+        highlight=False,
     )
     console.print(
-        f"metrics: {state.metrics_url}; stop with: rlops serve stop --run-dir {run_dir}", highlight=False
+        f"metrics: {started.metrics_url}; stop with: rlops serve stop --run-dir {run_dir}", highlight=False
     )
 
 
@@ -247,7 +212,7 @@ def stop(
 ) -> None:
     """Stop the server started from the run directory (waits for workers to write their decisions)."""
     with _user_errors():
-        console.print(process.stop(run_dir, timeout_s=timeout), highlight=False)
+        console.print(serving.stop(run_dir, timeout_s=timeout), highlight=False)
 
 
 @app.command()
@@ -257,25 +222,28 @@ def status(
 ) -> None:
     """Health, served versions and their workers, and the URLs of the running server."""
     with _user_errors():
-        report = process.status(run_dir)
+        report = serving.status(run_dir)
     if as_json:
-        console.print_json(json.dumps(report))
+        console.print_json(json.dumps(report.to_json()))
         return
     console.print(
-        f"{'healthy' if report['healthy'] else 'UNHEALTHY'}  pid {report['pid']}  "
-        f"inference {report['inference_url']}  metrics {report['metrics_url']}",
+        f"{'healthy' if report.healthy else 'UNHEALTHY'}  {report.backend}  pid {report.pid}  "
+        f"inference {report.inference_url}  metrics {report.metrics_url}",
         highlight=False,
     )
-    table = Table("model", "version", "alias", "workers ready", "batch size", "batcher", "max delay ms")
-    for v in report["versions"]:
+    table = Table(
+        "model", "version", "alias", "default", "workers ready", "batch size", "batcher", "max delay ms"
+    )
+    for v in report.versions:
         table.add_row(
-            v["name"],
-            str(v["version"]),
-            v["alias"] or "",
-            f"{v['ready_workers']}/{v['workers']}",
-            str(v["batch_size"]),
-            v["batcher"],
-            str(v["max_batch_delay_ms"]) if v["batcher"] == DELAY else "",
+            v.name,
+            v.version,
+            v.alias or "",
+            "yes" if v.default else "",
+            f"{v.ready_workers}/{v.workers}",
+            str(v.batch_size),
+            v.batcher or "",
+            str(v.max_batch_delay_ms) if v.batcher == DELAY else "",
         )
     console.print(table)
 

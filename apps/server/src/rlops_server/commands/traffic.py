@@ -17,7 +17,7 @@ from rich.table import Table
 from rlops_server.client import DEFAULT_TIMEOUT_S, PolicyClient
 from rlops_server.commands import err_console
 from rlops_server.commands import fail as _fail
-from rlops_server.process import DEFAULT_RUN_DIR, ServeError, inference_token, read_keys
+from rlops_server.serving import DEFAULT_RUN_DIR, ServeError, inference_token
 from rlops_server.traffic import RewardSender, TrafficError, TrafficSummary, run_traffic
 
 INFERENCE_TOKEN_ENV = "RLOPS_INFERENCE_TOKEN"
@@ -28,16 +28,14 @@ console = Console()
 
 
 def traffic_token(run_dir: Path) -> str | Callable[[], str | None]:
-    """The inference token for a traffic client: ``$RLOPS_INFERENCE_TOKEN`` as given, else the key in
-    ``run_dir``'s key file, read afresh whenever the server refuses it, so that the traffic survives a
-    restart of the server (TorchServe makes new keys at every start). A broken key file raises
-    :class:`rlops_server.process.ServeError` now rather than costing every request a fallback; without
-    a key file (token authorization off) requests carry no token.
+    """The inference token for a traffic client: ``$RLOPS_INFERENCE_TOKEN`` as given, else the local
+    server's key, read afresh whenever the server refuses it, so that the traffic survives a restart of
+    the server (TorchServe makes new keys at every start). A broken key file raises ServeError now rather
+    than costing every request a fallback; without one (token authorization off) requests carry no token.
     """
     token = os.environ.get(INFERENCE_TOKEN_ENV) or None
     if token is not None:
         return token
-    read_keys(run_dir)
     return inference_token(run_dir)
 
 

@@ -9,41 +9,14 @@ returns about 80, the behaviour's own level.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rlops_trainer.datasets import Transitions
+from rlops_trainer.hyperparams import BCConfig
 from rlops_trainer.policy import mlp
-from rlops_trainer.training import Batch, Learner, RunOptions, TrainResult, adam, check_config, fit
-
-
-@dataclass
-class BCConfig:
-    """Hyperparameters of behaviour cloning."""
-
-    steps: int = 5_000
-    """Gradient steps."""
-    batch_size: int = 256
-    """Transitions per gradient step."""
-    lr: float = 3e-4
-    """Adam learning rate."""
-    hidden: tuple[int, ...] = (256, 256)
-    """Hidden layer widths of the policy network."""
-    max_grad_norm: float = 0.0
-    """Clip the gradient norm to this value; 0 turns clipping off."""
-    serve_temperature: float = 0.0
-    """Served selection: 0 is greedy; > 0 samples from softmax(logits / temperature)."""
-    serve_epsilon: float = 0.0
-    """Served selection: probability mass spread uniformly over actions."""
-    seed: int = 0
-    """Seeds weights, minibatch sampling and every RNG."""
-
-    def __post_init__(self) -> None:
-        check_config("bc", self, positive=("lr",), widths=("hidden",))
-
+from rlops_trainer.training import Batch, Learner, RunOptions, TrainResult, adam, fit
 
 # ----------------------------------------------------------------------------------------------------
 # Loss

@@ -12,13 +12,13 @@ with a small epsilon.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rlops_trainer.datasets import Transitions
+from rlops_trainer.hyperparams import CQLConfig
 from rlops_trainer.policy import mlp
 from rlops_trainer.training import (
     Batch,
@@ -27,51 +27,8 @@ from rlops_trainer.training import (
     TargetSync,
     TrainResult,
     adam,
-    check_config,
     fit,
 )
-
-
-@dataclass
-class CQLConfig:
-    """Hyperparameters of discrete CQL."""
-
-    steps: int = 10_000
-    """Gradient steps."""
-    batch_size: int = 256
-    """Transitions per gradient step."""
-    lr: float = 3e-4
-    """Adam learning rate."""
-    gamma: float = 0.99
-    """Discount factor."""
-    hidden: tuple[int, ...] = (256, 256)
-    """Hidden layer widths of the Q-network."""
-    alpha: float = 1.0
-    """Weight of the conservative penalty logsumexp_a Q(s, a) - Q(s, a_data)."""
-    tau: float = 0.005
-    """Target network update rate: target <- (1 - tau) * target + tau * online (1.0 copies)."""
-    target_update_every: int = 1
-    """Gradient steps between target network updates (use with tau=1.0 for periodic hard copies)."""
-    huber: bool = True
-    """Huber (smooth L1) TD loss instead of squared error: large TD errors early on stay bounded."""
-    max_grad_norm: float = 0.0
-    """Clip the gradient norm to this value; 0 turns clipping off."""
-    serve_temperature: float = 0.0
-    """Served selection: 0 is greedy in Q; > 0 samples from softmax(Q / temperature)."""
-    serve_epsilon: float = 0.01
-    """Served selection: probability mass spread uniformly over actions (keeps propensities > 0)."""
-    seed: int = 0
-    """Seeds weights, minibatch sampling and every RNG."""
-
-    def __post_init__(self) -> None:
-        check_config("cql", self, positive=("lr",), widths=("hidden",), unit=("gamma",))
-        if self.alpha < 0:
-            raise ValueError(f"cql: alpha must be >= 0, got {self.alpha}")
-        if not 0 < self.tau <= 1:
-            raise ValueError(f"cql: tau must be in (0, 1], got {self.tau}")
-        if self.target_update_every < 1:
-            raise ValueError(f"cql: target_update_every must be >= 1, got {self.target_update_every}")
-
 
 # ----------------------------------------------------------------------------------------------------
 # Losses

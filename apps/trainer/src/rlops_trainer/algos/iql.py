@@ -14,13 +14,13 @@ greedy in the policy logits.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rlops_trainer.datasets import Transitions
+from rlops_trainer.hyperparams import IQLConfig
 from rlops_trainer.policy import mlp
 from rlops_trainer.training import (
     Batch,
@@ -29,51 +29,8 @@ from rlops_trainer.training import (
     TargetSync,
     TrainResult,
     adam,
-    check_config,
     fit,
 )
-
-
-@dataclass
-class IQLConfig:
-    """Hyperparameters of discrete IQL."""
-
-    steps: int = 10_000
-    """Gradient steps."""
-    batch_size: int = 256
-    """Transitions per gradient step."""
-    lr: float = 3e-4
-    """Adam learning rate (critics, value and policy)."""
-    gamma: float = 0.99
-    """Discount factor."""
-    hidden: tuple[int, ...] = (256, 256)
-    """Hidden layer widths of every network."""
-    expectile: float = 0.7
-    """Expectile of Q that V estimates; 0.5 is the mean (SARSA), towards 1 the best data action."""
-    beta: float = 3.0
-    """Inverse temperature of the advantage weights exp(beta * A)."""
-    max_weight: float = 100.0
-    """Upper clip of the advantage weights."""
-    tau: float = 0.005
-    """Target critic update rate: target <- (1 - tau) * target + tau * online."""
-    max_grad_norm: float = 0.0
-    """Clip the gradient norm to this value; 0 turns clipping off."""
-    serve_temperature: float = 0.0
-    """Served selection: 0 is greedy; > 0 samples from softmax(logits / temperature)."""
-    serve_epsilon: float = 0.0
-    """Served selection: probability mass spread uniformly over actions."""
-    seed: int = 0
-    """Seeds weights, minibatch sampling and every RNG."""
-
-    def __post_init__(self) -> None:
-        check_config("iql", self, positive=("lr", "max_weight"), widths=("hidden",), unit=("gamma",))
-        if not 0 < self.expectile < 1:
-            raise ValueError(f"iql: expectile must be in (0, 1), got {self.expectile}")
-        if self.beta < 0:
-            raise ValueError(f"iql: beta must be >= 0, got {self.beta}")
-        if not 0 < self.tau <= 1:
-            raise ValueError(f"iql: tau must be in (0, 1], got {self.tau}")
-
 
 # ----------------------------------------------------------------------------------------------------
 # Losses

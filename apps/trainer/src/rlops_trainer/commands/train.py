@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -19,7 +17,8 @@ from rlops_contracts.metrics import PORT_TRAINER_METRICS
 from rlops_trainer.algos import ALGORITHMS
 from rlops_trainer.commands import err_console, group
 from rlops_trainer.commands import fail as _fail
-from rlops_trainer.training import RunOptions, TrainResult, config_fields, resolve_device
+from rlops_trainer.hyperparams import apply_overrides, config_fields, type_name
+from rlops_trainer.training import RunOptions, TrainResult, resolve_device
 
 if TYPE_CHECKING:
     from rlops_trainer.online.run import OnlineResult
@@ -36,59 +35,6 @@ app = group(
 
 # --------------------------------------------------------------------------------------------------
 # --set key=value
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is tuple:
-        (item, *_rest) = typing.get_args(tp)
-        return f"comma-separated {item.__name__}s"
-    return str(getattr(tp, "__name__", tp))
-
-
-def _convert(text: str, tp: Any) -> Any:
-    """Parse ``text`` as a value of the config field type ``tp``; ValueError names what is accepted."""
-    if tp is bool:
-        lowered = text.strip().lower()
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        raise ValueError("expected true or false")
-    if tp is int:
-        return int(text)
-    if tp is float:
-        return float(text)
-    if tp is str:
-        return text
-    if typing.get_origin(tp) is tuple:
-        item = typing.get_args(tp)[0]
-        parts = [p for p in text.replace(" ", "").split(",") if p]
-        if not parts:
-            raise ValueError("expected one or more comma-separated values")
-        return tuple(_convert(p, item) for p in parts)
-    if isinstance(tp, types.UnionType):
-        raise ValueError(f"fields of type {tp} cannot be set from the command line")
-    return tp(text)
-
-
-def apply_overrides(cfg: Any, items: list[str]) -> Any:
-    """A copy of ``cfg`` with ``key=value`` overrides, type-checked; ValueError says what was wrong."""
-    fields = {f.name: f for f in config_fields(type(cfg))}
-    changes: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-4")
-        if key not in fields:
-            raise ValueError(f"--set {item!r}: unknown field '{key}'; valid fields: {', '.join(fields)}")
-        try:
-            changes[key] = _convert(value, fields[key].type)
-        except ValueError as exc:
-            raise ValueError(
-                f"--set {item!r}: '{value}' is not a valid {_type_name(fields[key].type)} for '{key}' ({exc})"
-            ) from exc
-    return dataclasses.replace(cfg, **changes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,8 +247,8 @@ def _show_online_config(algorithm: str) -> None:
         table = Table(title=f"{algorithm} online config: {name}", title_justify="left")
         for column in ("key", "type", "default", "meaning"):
             table.add_column(column, style="bold" if column == "key" else None)
-        for key, type_name, default, doc in rows:
-            table.add_row(key, type_name, _fmt(default), doc)
+        for key, kind, default, doc in rows:
+            table.add_row(key, kind, _fmt(default), doc)
         console.print(table)
 
 
@@ -330,7 +276,7 @@ def show_config(
     table.add_column("default", justify="right")
     table.add_column("meaning")
     for field in config_fields(ALGORITHMS[algorithm][0]):
-        table.add_row(field.name, _type_name(field.type), _fmt(field.default), field.doc)
+        table.add_row(field.name, type_name(field.type), _fmt(field.default), field.doc)
     console.print(table)
 
 

@@ -2,10 +2,10 @@
 
 The archive holds ``policy.pt``, ``model-card.json`` and ``SHA256SUMS`` as they are in the registry (every
 file, the card included, is checked against its sha256 before packing and again by the handler when a
-worker starts, so a byte changed in the registry or in the archive stops the version), the handler module
-(``rlops_server/handler.py``), and ``model-config.yaml`` with TorchServe's per-model settings and the
-handler's settings. Archive name and version are the policy's name and registry version, so two
-versions of one policy load side by side as two versions of one TorchServe model.
+worker starts, so a byte changed in the registry or in the archive stops the version), the handler
+module (``rlops_server/torchserve/handler.py``), and ``model-config.yaml`` with TorchServe's per-model
+settings and the handler's settings. Archive name and version are the policy's name and registry
+version, so two versions of one policy load side by side as two versions of one TorchServe model.
 
 The rest of ``rlops_server`` is not packed: the worker runs in the Python environment TorchServe was
 started from, where ``rlops_server`` and its dependencies (torch, numpy, jsonschema) are installed
@@ -37,8 +37,8 @@ from rlops_contracts.card import ArtifactError
 from rlops_contracts.durable import fsync_path
 from rlops_contracts.registry import RegistryReader
 
-from rlops_server.runtime import ServingSettings
-from rlops_server.tsconfig import ModelSettings
+from rlops_server.settings import ServingSettings
+from rlops_server.torchserve.config import ModelSettings
 
 HANDLER_FILE = "handler.py"
 MODEL_CONFIG_FILE = "model-config.yaml"
@@ -72,9 +72,9 @@ def archive_file_name(name: str, version: int) -> str:
 
 
 def handler_source() -> Path:
-    spec = importlib.util.find_spec("rlops_server.handler")
+    spec = importlib.util.find_spec("rlops_server.torchserve.handler")
     if spec is None or spec.origin is None:
-        raise ArchiveError("rlops_server.handler is not importable; is rlops-server installed?")
+        raise ArchiveError("rlops_server.torchserve.handler is not importable; is rlops-server installed?")
     return Path(spec.origin)
 
 

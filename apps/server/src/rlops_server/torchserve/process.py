@@ -2,9 +2,9 @@
 
 Everything of one server lives in its run directory::
 
-    <run_dir>/config.properties   server config (rlops_server.tsconfig)
-    <run_dir>/metrics.yaml        metrics config (rlops_server.metrics)
-    <run_dir>/log4j2.xml          the frontend's logging, quiet on the request path (rlops_server.tsconfig)
+    <run_dir>/config.properties   server config (.config)
+    <run_dir>/metrics.yaml        metrics config (.metrics_config)
+    <run_dir>/log4j2.xml          the frontend's logging, quiet on the request path (.config)
     <run_dir>/model-store/        the archives it loads
     <run_dir>/key_file.json       TorchServe's token keys (written by TorchServe, mode 0600)
     <run_dir>/logs/               TorchServe's logs (ts_log.log, model_log.log, access_log.log …)
@@ -27,18 +27,15 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 from rlops_contracts.durable import replace_atomic
 
-from rlops_server.metrics import write_metrics_config
-from rlops_server.tsconfig import (
+from rlops_server.backend import ServeError
+from rlops_server.torchserve.config import (
     ADAPTIVE,
     DELAY,
     LOG_CONFIG_FILE,
@@ -48,16 +45,12 @@ from rlops_server.tsconfig import (
     write_log_config,
     write_properties,
 )
+from rlops_server.torchserve.metrics_config import write_metrics_config
 
 STATE_FILE = "state.json"
 KEY_FILE = "key_file.json"
 CONSOLE_FILE = "torchserve.out"
-DEFAULT_RUN_DIR = Path(".rlops/serve")
 FRONTEND_CLASS = "org.pytorch.serve.ModelServer"
-
-
-class ServeError(RuntimeError):
-    """The server could not be started, reached or stopped; the message says why and where to look."""
 
 
 @dataclass
@@ -67,7 +60,7 @@ class ModelVersionState:
     alias: str | None
     archive: str
     batcher: str
-    """How its workers batch: one of rlops_server.tsconfig.BATCHERS."""
+    """How its workers batch: one of rlops_server.torchserve.config.BATCHERS."""
 
 
 @dataclass
@@ -123,21 +116,6 @@ def inference_token(run_dir: Path) -> Callable[[], str | None]:
     """The inference key of the server in ``run_dir`` as a function that reads it afresh: a
     :class:`rlops_server.client.PolicyClient` given it keeps working across a restart."""
     return lambda: read_keys(run_dir).get("inference")
-
-
-def http_json(url: str, *, token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
-    """GET ``url``; (status, parsed JSON or text). Connection problems raise OSError."""
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    text = raw.decode("utf-8", errors="replace")
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text
 
 
 # --- processes -------------------------------------------------------------------------------------
@@ -216,9 +194,9 @@ def start(
     *,
     decision_log_dir: Path | None = None,
     access_log: bool = False,
-    timeout_s: float = 120.0,
+    wait_ready: Callable[[ServerState], None],
 ) -> ServerState:
-    """Start TorchServe with ``config`` and wait until every model version has a ready worker.
+    """Start TorchServe with ``config``; ``wait_ready(state)`` returns once it serves (or raises).
 
     ``config.model_store`` must already hold the archives. On failure the server is stopped again
     and the error carries the tail of its logs.
@@ -286,7 +264,7 @@ def start(
     except psutil.Error:
         raise ServeError(f"torchserve exited right after starting\n{log_tail(run_dir)}") from None
     try:
-        _wait_ready(run_dir, state, timeout_s)
+        wait_ready(state)
     except BaseException:
         _terminate(run_dir, state, timeout_s=15.0)
         raise
@@ -294,66 +272,9 @@ def start(
     return state
 
 
-def _wait_ready(run_dir: Path, state: ServerState, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    problem = "no answer yet"
-    while time.monotonic() < deadline:
-        if _frontend(state) is None:
-            raise ServeError(f"torchserve exited while starting\n{log_tail(run_dir)}")
-        try:
-            report = status(run_dir, state)
-        except (OSError, ServeError) as e:
-            problem = str(e)
-        else:
-            if report["healthy"] and all(v["ready_workers"] > 0 for v in report["versions"]):
-                return
-            problem = json.dumps(report["versions"])
-        time.sleep(0.25)
-    raise ServeError(f"torchserve was not ready within {timeout_s:.0f} s ({problem})\n{log_tail(run_dir)}")
-
-
-def status(run_dir: Path, state: ServerState | None = None) -> dict[str, Any]:
-    """Ping, the served versions with their workers, and the URLs of a running server."""
-    run_dir = Path(run_dir).resolve()
-    state = state or running_state(run_dir)
-    if state is None:
-        raise ServeError(f"no server is running from {run_dir} (start one with rlops serve start)")
-    keys = read_keys(run_dir)
-    code, ping = http_json(f"{state.inference_url}/ping", token=keys.get("inference"))
-    versions = []
-    for name in sorted({m.name for m in state.models}):
-        code_m, described = http_json(
-            f"{state.management_url}/models/{name}/all", token=keys.get("management")
-        )
-        if code_m != 200 or not isinstance(described, list):
-            raise ServeError(f"describing model {name} failed ({code_m}): {described}")
-        aliases = {m.version: m.alias for m in state.models if m.name == name}
-        for entry in described:
-            workers = entry.get("workers", [])
-            versions.append(
-                {
-                    "name": name,
-                    "version": entry.get("modelVersion"),
-                    "alias": aliases.get(str(entry.get("modelVersion"))),
-                    "workers": len(workers),
-                    "ready_workers": sum(1 for w in workers if w.get("status") == "READY"),
-                    "batch_size": entry.get("batchSize"),
-                    "max_batch_delay_ms": entry.get("maxBatchDelay"),
-                    # The flag selects rlops' batcher, which start() installs with it.
-                    "batcher": ADAPTIVE if entry.get("continuousBatching") else DELAY,
-                }
-            )
-    return {
-        "healthy": code == 200 and isinstance(ping, dict) and ping.get("status") == "Healthy",
-        "pid": state.pid,
-        "run_dir": state.run_dir,
-        "inference_url": state.inference_url,
-        "management_url": state.management_url,
-        "metrics_url": state.metrics_url,
-        "key_file": state.key_file,
-        "decision_log_dir": state.decision_log_dir,
-        "versions": versions,
-    }
+def alive(state: ServerState) -> bool:
+    """The server's frontend process still runs."""
+    return _frontend(state) is not None
 
 
 def _workers(frontend: psutil.Process) -> list[psutil.Process]:

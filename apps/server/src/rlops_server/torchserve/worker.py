@@ -1,7 +1,7 @@
 """What an rlops handler changes in TorchServe 0.12's Python worker, and why (measured in docs/benchmarks.md).
 
 TorchServe is final upstream (0.12.0), so the worker code these replace will not change under them;
-they are installed by :meth:`rlops_server.handler.PolicyHandler.initialize`, checked against
+they are installed by :meth:`rlops_server.torchserve.handler.PolicyHandler.initialize`, checked against
 TorchServe's own reader in the unit tests and against a real TorchServe in the integration tests.
 """
 

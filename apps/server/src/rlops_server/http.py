@@ -1,5 +1,5 @@
-"""One small JSON-over-HTTP helper for everything this package talks to (Prometheus, Alertmanager,
-TorchServe's management API, the actions webhook), on the standard library."""
+"""One small JSON-over-HTTP helper, on the standard library, for what rlops talks to as a client: a model
+server's management API, Prometheus, Alertmanager, the actions webhook."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ must define exactly one class); everything else comes from the ``rlops_server`` 
 the worker's Python environment.
 
 Settings come from the ``handler:`` section of the archive's model-config yaml
-(:class:`rlops_server.runtime.ServingSettings`); ``RLOPS_DECISION_LOG_DIR`` overrides where decisions are
+(:class:`rlops_server.settings.ServingSettings`); ``RLOPS_DECISION_LOG_DIR`` overrides where decisions are
 logged.
 """
 
@@ -34,18 +34,12 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from rlops_server import metrics as m
-from rlops_server import worker
-from rlops_server.archive import VERSION_KEY, server_version
 from rlops_server.decision_log import DecisionLog
-from rlops_server.runtime import (
-    Decisions,
-    ParsedRequest,
-    PolicyLoadError,
-    PolicyRuntime,
-    RequestError,
-    ServingSettings,
-    uuid4_batch,
-)
+from rlops_server.requests import ParsedRequest, RequestError
+from rlops_server.runtime import Decisions, PolicyLoadError, PolicyRuntime, uuid4_batch
+from rlops_server.settings import ServingSettings
+from rlops_server.torchserve import worker
+from rlops_server.torchserve.archive import VERSION_KEY, server_version
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +70,7 @@ def _emitter(metrics_cache: Any) -> m.Emit:
             raise PolicyLoadError(
                 f"metric {spec.name} ({spec.kind}) is not declared in TorchServe's metrics config; start "
                 "TorchServe with the metrics_config that rlops writes "
-                "(rlops_server.metrics.write_metrics_config)"
+                "(rlops_server.torchserve.metrics_config.write_metrics_config)"
             ) from e
 
     def emit(name: str, value: float, labels: list[str]) -> None:

@@ -33,17 +33,15 @@ from typing import Any
 
 from rlops_contracts.durable import replace_atomic
 
-from rlops_server.runtime import ServingSettings
+from rlops_server.plan import ADAPTIVE, BATCHERS, DELAY, ServePlan
+from rlops_server.settings import ServingSettings
+
+__all__ = ["ADAPTIVE", "BATCHERS", "DELAY"]  # re-exported: the batchers are TorchServe settings here
 
 PROPERTIES_FILE = "config.properties"
 METRICS_FILE = "metrics.yaml"
 LOG_CONFIG_FILE = "log4j2.xml"
 
-ADAPTIVE = "adaptive"
-DELAY = "delay"
-BATCHERS = (ADAPTIVE, DELAY)
-"""``adaptive``: rlops' batcher, which waits for a batch to fill only when requests were already waiting;
-``delay``: TorchServe's, which waits up to ``maxBatchDelay`` for every batch that is not full."""
 
 BATCHER_CLASS = Path("org/pytorch/serve/wlm/ContinuousBatching.class")
 """Where the frontend looks for rlops' batcher, relative to its working directory."""
@@ -54,17 +52,17 @@ BATCHER_BUILT = Path(__file__).parent / "frontend" / BATCHER_CLASS.name
 class ModelSettings:
     """TorchServe's per-model settings for one policy version."""
 
-    batch_size: int = 16
+    batch_size: int = ServePlan.batch_size
     """Most requests a worker takes at once (1: no batching)."""
-    max_batch_delay_ms: int = 1
+    max_batch_delay_ms: int = ServePlan.max_batch_delay_ms
     """How long a worker waits for a batch to fill (TorchServe's minimum is 1): with the ``delay``
     batcher for every batch that is not full, with ``adaptive`` only when requests were already waiting."""
-    min_workers: int = 1
-    max_workers: int = 1
+    min_workers: int = ServePlan.workers
+    max_workers: int = ServePlan.workers
     response_timeout_s: int = 30
     """A worker that takes longer than this on one batch is restarted."""
-    batcher: str = ADAPTIVE
-    """How a worker fills its batch: one of :data:`BATCHERS`."""
+    batcher: str = ServePlan.batcher
+    """How a worker fills its batch: one of :data:`rlops_server.plan.BATCHERS`."""
 
     def __post_init__(self) -> None:
         if self.batcher not in BATCHERS:
@@ -252,7 +250,7 @@ def _escape(value: str) -> str:
 
 
 def render_properties(config: ServerConfig) -> str:
-    lines = ["# Written by rlops (rlops_server.tsconfig); regenerated on every start, do not edit."]
+    lines = ["# Written by rlops (rlops_server.torchserve.config); regenerated on every start, do not edit."]
     lines += [f"{key}={_escape(value)}" for key, value in config.properties().items()]
     return "\n".join(lines) + "\n"
 
@@ -277,7 +275,7 @@ def read_properties(path: Path) -> dict[str, str]:
 # org.pytorch.serve logger also feeds the root logger), plus two per metric update the worker prints.
 # This one keeps startup, worker lifecycle, warnings and errors, and the access log only on request.
 _LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by rlops (rlops_server.tsconfig); regenerated on every start, do not edit. -->
+<!-- Written by rlops (rlops_server.torchserve.config); regenerated on every start, do not edit. -->
 <Configuration>
   <Appenders>
     <Console name="STDOUT" target="SYSTEM_OUT">

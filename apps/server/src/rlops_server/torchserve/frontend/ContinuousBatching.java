@@ -13,7 +13,7 @@
  * this class under the name of the one that `continuousBatching: true` selects. rlops starts the
  * frontend in a directory that holds this class; the launcher puts "." first on the class path, so
  * it is loaded in place of TorchServe's own. rlops models never stream, which is what TorchServe's
- * class is for. rlops_server.tsconfig installs it and sets the flag. Built with
+ * class is for. rlops_server.torchserve.config installs it and sets the flag. Built with
  * `make frontend-class`; the test suite checks that the shipped class is built from this file.
  */
 package org.pytorch.serve.wlm;
