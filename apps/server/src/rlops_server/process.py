@@ -1,16 +1,22 @@
 """Start, stop and inspect a local TorchServe (Java 17) that serves rlops archives.
 
-Everything of one server lives in its run directory::
+Everything of one server lives in its run directory (mode 0700: it holds the keys)::
 
     <run_dir>/config.properties   server config (rlops_server.tsconfig)
     <run_dir>/metrics.yaml        metrics config (rlops_server.metrics)
     <run_dir>/log4j2.xml          the frontend's logging, quiet on the request path (rlops_server.tsconfig)
     <run_dir>/model-store/        the archives it loads
     <run_dir>/key_file.json       TorchServe's token keys (written by TorchServe, mode 0600)
-    <run_dir>/logs/               TorchServe's logs (ts_log.log, model_log.log, access_log.log …)
-    <run_dir>/torchserve.out      the launcher's and the frontend's console output
+    <run_dir>/logs/               TorchServe's logs (ts_log.log, model_log.log, access_log.log …), each
+                                  rolled over by size into ``<name>.<date>.<n>.log.gz`` (tsconfig)
+    <run_dir>/torchserve.out      the launcher's and the frontend's console output; the previous start's
+                                  is torchserve.out.1 (… .5, older ones deleted)
     <run_dir>/tmp/                TorchServe's pid file and unpacked archives
     <run_dir>/state.json          what rlops started: pid, URLs, models (written once ready)
+
+Configs, state and logs are mode 0640: the owner writes, the group reads, others nothing. TorchServe runs
+with umask 027, so what it writes (logs, unpacked archives, the decision log of its workers) is not
+readable by others either.
 
 TorchServe's launcher keeps its pid file in the temporary directory, one per machine by default, and
 ``torchserve --stop`` stops whatever that file names. Giving every server its own ``TMPDIR`` (and
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging.handlers
 import os
 import shutil
 import subprocess
@@ -32,7 +39,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psutil
 
@@ -41,6 +48,7 @@ from rlops_server.tsconfig import (
     ADAPTIVE,
     DELAY,
     LOG_CONFIG_FILE,
+    LOG_MAX_BYTES,
     PROPERTIES_FILE,
     ServerConfig,
     install_batcher,
@@ -53,6 +61,17 @@ KEY_FILE = "key_file.json"
 CONSOLE_FILE = "torchserve.out"
 DEFAULT_RUN_DIR = Path(".rlops/serve")
 FRONTEND_CLASS = "org.pytorch.serve.ModelServer"
+
+CONFIG_MODE = 0o640
+"""Configs, state files and logs: the owner writes, the group reads, others nothing."""
+DIR_MODE = 0o750
+"""Folders of configs and logs: the group may read them, others nothing."""
+PRIVATE_DIR_MODE = 0o700
+"""A folder that holds secrets (the run directory, which holds TorchServe's keys)."""
+RUN_UMASK = 0o027
+"""The umask of every process rlops starts: nothing it creates is readable by others."""
+CONSOLE_BACKUPS = 5
+"""Console logs of earlier starts kept beside the current one (``<log>.1`` is the newest)."""
 
 
 class ServeError(RuntimeError):
@@ -103,6 +122,7 @@ class ServerState:
         path = run_dir / STATE_FILE
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        tmp.chmod(CONFIG_MODE)
         tmp.replace(path)
 
 
@@ -193,6 +213,24 @@ def _env(run_dir: Path, decision_log_dir: Path | None) -> dict[str, str]:
     return env
 
 
+def open_console_log(path: Path, keep: int = CONSOLE_BACKUPS) -> BinaryIO:
+    """A fresh console log for a process about to start, mode :data:`CONFIG_MODE`, opened for appending.
+
+    The previous start's log, if it holds anything, becomes ``<path>.1``, the one before it ``.2`` and so
+    on up to ``.<keep>``; older ones are deleted. The same names as :mod:`logging.handlers`'
+    ``RotatingFileHandler``, which does the renaming, so a process that also rotates its log by size
+    continues the same series.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size > 0:
+        rotator = logging.handlers.RotatingFileHandler(path, backupCount=keep, delay=True)
+        rotator.doRollover()
+        rotator.close()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, CONFIG_MODE)
+    os.fchmod(fd, CONFIG_MODE)
+    return os.fdopen(fd, "ab")
+
+
 def log_tail(run_dir: Path, lines: int = 40) -> str:
     """The last lines of the server's console output and logs, for error messages."""
     parts = []
@@ -218,6 +256,7 @@ def start(
     *,
     decision_log_dir: Path | None = None,
     access_log: bool = False,
+    log_max_bytes: int = LOG_MAX_BYTES,
     timeout_s: float = 120.0,
 ) -> ServerState:
     """Start TorchServe with ``config`` and wait until every model version has a ready worker.
@@ -228,8 +267,11 @@ def start(
     run_dir = Path(run_dir).resolve()
     if running_state(run_dir) is not None:
         raise ServeError(f"a server from {run_dir} is already running; stop it first (rlops serve stop)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(PRIVATE_DIR_MODE)
     for sub in ("tmp", "logs"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (run_dir / sub).mkdir(exist_ok=True)
+        (run_dir / sub).chmod(DIR_MODE)
     (run_dir / STATE_FILE).unlink(missing_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     (run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
@@ -239,7 +281,9 @@ def start(
     except OSError as e:
         raise ServeError(f"cannot install rlops' batcher for TorchServe in {run_dir}: {e}") from e
     properties = write_properties(run_dir / PROPERTIES_FILE, config)
-    log_config = write_log_config(run_dir / LOG_CONFIG_FILE, access_log=access_log)
+    log_config = write_log_config(run_dir / LOG_CONFIG_FILE, access_log=access_log, max_bytes=log_max_bytes)
+    for written in (config.metrics_config, properties, log_config):
+        written.chmod(CONFIG_MODE)
     cmd = [
         _torchserve(),
         "--start",
@@ -251,7 +295,7 @@ def start(
         "--ts-config",
         str(properties),
     ]
-    with open(run_dir / CONSOLE_FILE, "ab") as out:
+    with open_console_log(run_dir / CONSOLE_FILE) as out:
         launcher = subprocess.Popen(
             cmd,
             cwd=run_dir,
@@ -260,6 +304,7 @@ def start(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            umask=RUN_UMASK,
         )
     try:
         launcher.wait(timeout=60)

@@ -28,7 +28,15 @@ from rlops_server.commands import group
 from rlops_server.commands.traffic import traffic
 from rlops_server.process import DEFAULT_RUN_DIR, ModelVersionState, ServeError
 from rlops_server.runtime import ServingSettings
-from rlops_server.tsconfig import ADAPTIVE, DELAY, METRICS_FILE, ModelSettings, ServedModel, ServerConfig
+from rlops_server.tsconfig import (
+    ADAPTIVE,
+    DELAY,
+    LOG_MAX_BYTES,
+    METRICS_FILE,
+    ModelSettings,
+    ServedModel,
+    ServerConfig,
+)
 
 console = Console()
 
@@ -175,6 +183,14 @@ def start(
     access_log: Annotated[
         bool, typer.Option("--access-log", help="Have TorchServe log every request (costs latency).")
     ] = False,
+    log_max_bytes: Annotated[
+        int,
+        typer.Option(
+            "--log-max-bytes",
+            min=1,
+            help="Size at which each of TorchServe's logs (RUN_DIR/logs) rolls over into a numbered archive.",
+        ),
+    ] = LOG_MAX_BYTES,
     timeout: Annotated[
         float, typer.Option("--timeout", min=1, help="Seconds to wait until it is ready.")
     ] = 120.0,
@@ -232,6 +248,7 @@ def start(
             served,
             decision_log_dir=None if no_decision_log else decision_log_dir,
             access_log=access_log,
+            log_max_bytes=log_max_bytes,
             timeout_s=timeout,
         )
     versions = ", ".join(f"{m.version} ({m.alias})" for m in state.models)
