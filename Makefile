@@ -54,10 +54,10 @@ frontend-class: $(STAMP) system
 	  -d "$$tmp" $(FRONTEND_SRC) && cp "$$tmp/org/pytorch/serve/wlm/ContinuousBatching.class" $(dir $(FRONTEND_SRC))
 
 # OS packages: TorchServe needs Java 17 (and its compiler, for the batcher's build check); the local monitoring stack and the rule tests need Prometheus,
-# promtool, Alertmanager and amtool. Installed with apt where it is available and we are root;
-# otherwise say what is missing.
+# promtool, Alertmanager and amtool; the testinfra checks of the running stack read ss and ps. Installed with apt where it is
+# available and we are root; otherwise say what is missing.
 APT_NEEDS := java:openjdk-17-jre-headless javac:openjdk-17-jdk-headless prometheus:prometheus promtool:prometheus \
-	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager
+	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager ss:iproute2 ps:procps
 system:
 	@missing=""; for need in $(APT_NEEDS); do \
 	  command -v "$${need%%:*}" >/dev/null 2>&1 || missing="$$missing $${need#*:}"; \

@@ -162,6 +162,16 @@ def test_log_config_is_quiet_on_the_request_path() -> None:
     assert appenders == {"ts_log", "model_log", "access_log"}
 
 
+def test_every_roll_over_of_a_log_gets_its_own_archive() -> None:
+    root = ET.fromstring(render_log_config(max_bytes=4096))
+    for appender in root.iter("RollingFile"):
+        # A date alone would name every roll-over of one day alike, each overwriting the one before.
+        assert appender.get("filePattern", "").endswith(f"/{appender.get('name')}.%d{{yyyy-MM-dd}}.%i.log.gz")
+        assert [p.get("size") for p in appender.iter("SizeBasedTriggeringPolicy")] == ["4096"]
+    with pytest.raises(ValueError, match="bytes >= 1"):
+        render_log_config(max_bytes=0)
+
+
 def test_metrics_config_keeps_torchserve_metrics_and_adds_ours(tmp_path: Path) -> None:
     default = yaml.safe_load(mc.torchserve_default_metrics_config().read_text())
     written = yaml.safe_load(mc.write_metrics_config(tmp_path / "metrics.yaml").read_text())

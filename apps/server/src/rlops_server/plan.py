@@ -64,6 +64,8 @@ class ServePlan:
     """Log root for decisions; None: decisions are not logged."""
     access_log: bool = False
     """Log every request (costs latency)."""
+    log_max_bytes: int = 100 << 20
+    """Size at which each of the server's logs rolls over into a numbered archive."""
     timeout_s: float = 120.0
     """Seconds to wait until every served version has a ready worker."""
     backend: str = "torchserve"
@@ -88,6 +90,8 @@ class ServePlan:
             if not isinstance(value, str) or not value or any(c.isspace() or c in "/[]" for c in value):
                 raise ValueError(f"{name} must be an address such as 127.0.0.1 or 0.0.0.0, got {value!r}")
         self.serving_settings()  # checks max_batch_observations
+        if type(self.log_max_bytes) is not int or self.log_max_bytes < 1:
+            raise ValueError(f"log_max_bytes must be an integer >= 1, got {self.log_max_bytes!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s!r}")
 

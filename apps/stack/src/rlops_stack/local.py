@@ -14,13 +14,20 @@ Alertmanager config is the cluster's with three local differences, each a settin
 Everything of one stack lives under its root (default ``.rlops/stack``)::
 
     <root>/prometheus.yml, rules/*.yaml     generated Prometheus config and rule copies
-    <root>/alertmanager.yml                 generated Alertmanager config
-    <root>/secrets/                         receiver secrets (the webhook token is created here)
+    <root>/alertmanager.yml                 generated Alertmanager config (mode 0600: the source's
+                                            receivers may hold secrets inline)
+    <root>/secrets/                         receiver secrets (mode 0700; the webhook token is created
+                                            here, mode 0600)
     <root>/data/prometheus, data/alertmanager   their storage
-    <root>/logs/<component>.log             console output of each process
+    <root>/logs/<component>.log             console output of each process; the previous start's is
+                                            <component>.log.1 (… .5, older ones deleted); the webhook's
+                                            also rolls over by size (``webhook_log_max_bytes``)
     <root>/<component>.pid                  pid of each process
     <root>/actions.jsonl                    what the webhook did (rlops_stack.webhook)
     <root>/state.json                       what rlops started: pids, URLs, settings (written once ready)
+
+Nothing under the root is for other users: the root and its folders are mode 0750, configs, state and
+logs 0640, and the processes run with umask 027, so their storage is not readable by others either.
 """
 
 from __future__ import annotations
@@ -56,6 +63,15 @@ from rlops_contracts.metrics import (
     PORT_TS_METRICS,
 )
 from rlops_server.http import request_json
+from rlops_server.runfiles import (
+    CONFIG_MODE,
+    CONSOLE_BACKUPS,
+    DIR_MODE,
+    PRIVATE_DIR_MODE,
+    RUN_UMASK,
+    SECRET_MODE,
+    open_console_log,
+)
 
 from rlops_stack import prometheus
 
@@ -73,6 +89,10 @@ LOCAL_ENVIRONMENT = "local"
 PROMETHEUS = "prometheus"
 ALERTMANAGER = "alertmanager"
 WEBHOOK = "webhook"
+
+LOG_BACKUPS = CONSOLE_BACKUPS
+"""Earlier logs of each process kept beside the current one (``<component>.log.1`` is the newest)."""
+WEBHOOK_LOG_MAX_BYTES = 10 << 20
 
 APT_PACKAGES = {  # binary -> the Debian/Ubuntu package that has it (make system installs them)
     "prometheus": "prometheus",
@@ -175,6 +195,8 @@ class StackSettings:
     webhook: WebhookSettings | None = field(default_factory=WebhookSettings)
     """None: no webhook; the actions receiver then notifies nobody."""
     retention: str = "7d"
+    webhook_log_max_bytes: int = WEBHOOK_LOG_MAX_BYTES
+    """The webhook's log rolls over at this size (``LOG_BACKUPS`` kept)."""
 
     def __post_init__(self) -> None:
         for name in ("scrape_interval", "evaluation_interval"):
@@ -193,6 +215,10 @@ class StackSettings:
                 raise StackError(f"{name} must be a TCP port (1-65535), got {port!r}")
         if len(set(ports.values())) != len(ports):
             raise StackError(f"the stack's ports must differ, got {ports}")
+        if type(self.webhook_log_max_bytes) is not int or self.webhook_log_max_bytes < 1:
+            raise StackError(
+                f"webhook_log_max_bytes must be a number of bytes >= 1, got {self.webhook_log_max_bytes!r}"
+            )
 
     @property
     def scrape_targets(self) -> tuple[Target, ...]:
@@ -236,10 +262,17 @@ class StackState:
             raise StackError(f"{path}: not a stack state file ({e}); remove it if no stack runs there") from e
 
     def write(self, root: Path) -> None:
-        replace_atomic(root / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
+        replace_atomic(root / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n", mode=CONFIG_MODE)
 
 
 # --- files ---------------------------------------------------------------------------------------------
+
+
+def _private_dirs(top: Path, mode: int) -> None:
+    """``top`` and every folder under it get ``mode``."""
+    top.mkdir(parents=True, exist_ok=True)
+    for folder in (top, *(p for p in top.rglob("*") if p.is_dir())):
+        folder.chmod(mode)
 
 
 def alerts_dir(explicit: Path | None = None) -> Path:
@@ -472,8 +505,7 @@ def _spawn(
     root: Path, name: str, cmd: list[str], url: str, ready_path: str, env: dict[str, str] | None = None
 ) -> Component:
     log = root / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    with open_console_log(log, keep=LOG_BACKUPS) as out:
         proc = subprocess.Popen(
             cmd,
             cwd=root,
@@ -482,8 +514,9 @@ def _spawn(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
+            umask=RUN_UMASK,
         )
-    replace_atomic(root / f"{name}.pid", f"{proc.pid}\n")
+    replace_atomic(root / f"{name}.pid", f"{proc.pid}\n", mode=CONFIG_MODE)
     try:
         create_time = psutil.Process(proc.pid).create_time()
     except psutil.Error:
@@ -553,6 +586,7 @@ def up(
     group_interval: float | None = None,
     repeat_interval: float | None = None,
     webhook: WebhookSettings | None = WebhookSettings(),
+    webhook_log_max_bytes: int = WEBHOOK_LOG_MAX_BYTES,
     alerts: Path | None = None,
     timeout_s: float = 60.0,
 ) -> StackState:
@@ -573,6 +607,7 @@ def up(
         group_interval=group_interval,
         repeat_interval=repeat_interval,
         webhook=webhook,
+        webhook_log_max_bytes=webhook_log_max_bytes,
     )
     return start(Path(root), settings, alerts=alerts, timeout_s=timeout_s)
 
@@ -594,13 +629,24 @@ def start(
         _check_port_free(settings.webhook_port, "the actions webhook", "--webhook-port")
 
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(DIR_MODE)
+    for folder in ("logs", "data"):
+        (root / folder).mkdir(exist_ok=True)
+        (root / folder).chmod(DIR_MODE)
+    _private_dirs(root / "secrets", PRIVATE_DIR_MODE)
     (root / STATE_FILE).unlink(missing_ok=True)
     rules_dir = root / RULES_SUBDIR
     if rules_dir.is_dir():
         shutil.rmtree(rules_dir)
+    rules_dir.mkdir()
+    rules_dir.chmod(DIR_MODE)
     for path in rule_files(source):
-        replace_atomic(rules_dir / f"{path.stem}.yaml", render_rules(path, settings.alert_for))
-    prom_config = replace_atomic(root / "prometheus.yml", render_prometheus(settings, rules_dir))
+        replace_atomic(
+            rules_dir / f"{path.stem}.yaml", render_rules(path, settings.alert_for), mode=CONFIG_MODE
+        )
+    prom_config = replace_atomic(
+        root / "prometheus.yml", render_prometheus(settings, rules_dir), mode=CONFIG_MODE
+    )
     am_text, silent, token_file = render_alertmanager(source / ALERTMANAGER_FILE, settings, root / "secrets")
     if settings.webhook is not None:
         if token_file is None:
@@ -609,8 +655,9 @@ def start(
                 f"(http_config.authorization.credentials_file under {CLUSTER_SECRETS_DIR}/)"
             )
         if not token_file.is_file():
-            replace_atomic(token_file, secrets.token_urlsafe(32) + "\n", mode=0o600)
-    am_config = replace_atomic(root / "alertmanager.yml", am_text)
+            replace_atomic(token_file, secrets.token_urlsafe(32) + "\n", mode=SECRET_MODE)
+        _private_dirs(root / "secrets", PRIVATE_DIR_MODE)
+    am_config = replace_atomic(root / "alertmanager.yml", am_text, mode=SECRET_MODE)
 
     prometheus_url = f"http://127.0.0.1:{settings.prometheus_port}"
     alertmanager_url = f"http://127.0.0.1:{settings.alertmanager_port}"
@@ -630,6 +677,9 @@ def start(
                 "--max-workers", str(hook.max_workers),
                 "--scale-step", str(hook.scale_step),
                 "--cooldown", f"{hook.cooldown_s:g}",
+                "--log-file", str(root / "logs" / f"{WEBHOOK}.log"),
+                "--log-max-bytes", str(settings.webhook_log_max_bytes),
+                "--log-backups", str(LOG_BACKUPS),
             ]  # fmt: skip
             if hook.management_url:
                 cmd += ["--management-url", hook.management_url]

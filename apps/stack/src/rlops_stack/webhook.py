@@ -13,6 +13,10 @@ answers once the app runs.
 
 A bad payload is answered 400 with what was wrong and where; a missing or wrong bearer token 401.
 Actions run one at a time, off the event loop.
+
+Started by ``rlops stack up``, it logs to a file that rolls over by size (``--log-file``,
+``--log-max-bytes``): ``webhook.log.1`` … ``.<backups>`` beside it, the names its earlier starts' logs
+get too (:func:`rlops_server.runfiles.open_console_log`). Its stdout and stderr follow the current file.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import contextlib
 import hmac
 import json
 import logging
+import logging.handlers
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -42,7 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rlops_stack import actions
-from rlops_stack.local import WebhookSettings
+from rlops_stack.local import LOG_BACKUPS, WEBHOOK_LOG_MAX_BYTES, WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -303,11 +310,59 @@ def read_token(path: Path | None) -> str | None:
     return token
 
 
+class RotatingConsoleLog(logging.handlers.RotatingFileHandler):
+    """A log file that rolls over by size, with the process's stdout and stderr pointed at the current file:
+    what is printed rather than logged (a traceback, a warning) lands beside the log lines, not in an
+    earlier file."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self._follow()
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        self._follow()
+
+    def _follow(self) -> None:
+        if self.stream is None:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        for fd in (1, 2):
+            os.dup2(self.stream.fileno(), fd)
+
+
 def serve(
-    settings: WebhookSettings, *, host: str, port: int, token: str | None, record_to: Path | None
+    settings: WebhookSettings,
+    *,
+    host: str,
+    port: int,
+    token: str | None,
+    record_to: Path | None,
+    log_file: Path | None = None,
+    log_max_bytes: int = WEBHOOK_LOG_MAX_BYTES,
+    log_backups: int = LOG_BACKUPS,
 ) -> None:
-    """Run the webhook in the foreground until interrupted."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Run the webhook in the foreground until interrupted; logs to stderr, or to ``log_file``, rolled
+    over at ``log_max_bytes`` with ``log_backups`` earlier files kept."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    options: dict[str, Any] = {}
+    if log_file is None:
+        logging.basicConfig(level=logging.INFO, format=fmt)
+    else:
+        handler = RotatingConsoleLog(log_file, log_max_bytes, log_backups)
+        handler.setFormatter(logging.Formatter(fmt))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+        options["log_config"] = None  # uvicorn's loggers reach the file through the root logger
     app = create_app(settings, token=token, record_to=record_to)
+    serving = settings.management_url or f"the one of {settings.serve_run_dir}"
+    log.info(
+        "actions webhook on http://%s:%d/alerts: registry %s, TorchServe %s",
+        host,
+        port,
+        settings.registry,
+        serving,
+    )
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, **options)

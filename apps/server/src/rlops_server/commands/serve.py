@@ -167,6 +167,14 @@ def start(
     access_log: Annotated[
         bool, typer.Option("--access-log", help="Have TorchServe log every request (costs latency).")
     ] = False,
+    log_max_bytes: Annotated[
+        int,
+        typer.Option(
+            "--log-max-bytes",
+            min=1,
+            help="Size at which each of the server's logs (RUN_DIR/logs) rolls over into a numbered archive.",
+        ),
+    ] = ServePlan.log_max_bytes,
     timeout: Annotated[
         float, typer.Option("--timeout", min=1, help="Seconds to wait until it is ready.")
     ] = 120.0,
@@ -190,6 +198,7 @@ def start(
             max_batch_observations=max_batch_observations,
             decision_log_dir=None if no_decision_log else decision_log_dir,
             access_log=access_log,
+            log_max_bytes=log_max_bytes,
             timeout_s=timeout,
         )
         started = serving.start(plan)

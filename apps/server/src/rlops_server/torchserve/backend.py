@@ -23,7 +23,13 @@ from rlops_server.http import request_json
 from rlops_server.plan import ADAPTIVE, DELAY, ServePlan
 from rlops_server.torchserve import process
 from rlops_server.torchserve.archive import build_archive
-from rlops_server.torchserve.config import METRICS_FILE, ModelSettings, ServedModel, ServerConfig
+from rlops_server.torchserve.config import (
+    LOG_MAX_BYTES,
+    METRICS_FILE,
+    ModelSettings,
+    ServedModel,
+    ServerConfig,
+)
 
 NAME = "torchserve"
 
@@ -301,6 +307,7 @@ def start(plan: ServePlan) -> ServerStatus:
         served,
         decision_log_dir=plan.decision_log_dir,
         access_log=plan.access_log,
+        log_max_bytes=plan.log_max_bytes,
         timeout_s=plan.timeout_s,
     )
     return TorchServeBackend.local(Path(state.run_dir)).describe()
@@ -313,6 +320,7 @@ def start_server(
     *,
     decision_log_dir: Path | None = None,
     access_log: bool = False,
+    log_max_bytes: int = LOG_MAX_BYTES,
     timeout_s: float = 120.0,
 ) -> process.ServerState:
     """Start TorchServe with ``config`` (its archives already in the model store) and wait until every
@@ -329,7 +337,13 @@ def start_server(
         _wait_ready(backend, state, timeout_s)
 
     return process.start(
-        run_dir, config, served, decision_log_dir=decision_log_dir, access_log=access_log, wait_ready=ready
+        run_dir,
+        config,
+        served,
+        decision_log_dir=decision_log_dir,
+        access_log=access_log,
+        log_max_bytes=log_max_bytes,
+        wait_ready=ready,
     )
 
 

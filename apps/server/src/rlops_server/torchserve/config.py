@@ -11,6 +11,8 @@ Choices, for a small machine first (2 cores: one worker per policy version, one 
   model store, so nothing outside the store can ever be loaded;
 - environment variables cannot override the config (``enable_envvars_config=false``): the file is
   the whole truth;
+- the frontend's logs (``log4j2.xml``) roll over daily and at ``LOG_MAX_BYTES`` (``--log-max-bytes``)
+  into numbered archives, so no roll-over overwrites another;
 - batching is per model (``batchSize``). TorchServe 0.12's own batcher fills a batch by waiting up to
   ``maxBatchDelay`` (at least 1 ms: it reads 0 as "not set" and uses 100 ms) for more requests
   whenever fewer than ``batchSize`` are queued, so at low load every request pays the delay. rlops'
@@ -34,6 +36,7 @@ from typing import Any
 from rlops_contracts.durable import replace_atomic
 
 from rlops_server.plan import ADAPTIVE, BATCHERS, DELAY, ServePlan
+from rlops_server.runfiles import CONFIG_MODE
 from rlops_server.settings import ServingSettings
 
 __all__ = ["ADAPTIVE", "BATCHERS", "DELAY"]  # re-exported: the batchers are TorchServe settings here
@@ -41,6 +44,8 @@ __all__ = ["ADAPTIVE", "BATCHERS", "DELAY"]  # re-exported: the batchers are Tor
 PROPERTIES_FILE = "config.properties"
 METRICS_FILE = "metrics.yaml"
 LOG_CONFIG_FILE = "log4j2.xml"
+LOG_MAX_BYTES = ServePlan.log_max_bytes
+"""Size at which each of TorchServe's logs rolls over (``rlops serve start --log-max-bytes``)."""
 
 
 BATCHER_CLASS = Path("org/pytorch/serve/wlm/ContinuousBatching.class")
@@ -274,6 +279,9 @@ def read_properties(path: Path) -> dict[str, str]:
 # TorchServe's own log4j2.xml logs about ten lines per request at INFO/DEBUG, most of them twice (its
 # org.pytorch.serve logger also feeds the root logger), plus two per metric update the worker prints.
 # This one keeps startup, worker lifecycle, warnings and errors, and the access log only on request.
+# Each log rolls over at midnight and whenever it reaches max_bytes, into <name>.<date>.<n>.log.gz: the
+# counter %i gives every roll-over of a day its own archive (with a date alone, a second roll-over the
+# same day would overwrite the first). At most five archives a day per log (DefaultRolloverStrategy max).
 _LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
 <!-- Written by rlops (rlops_server.torchserve.config); regenerated on every start, do not edit. -->
 <Configuration>
@@ -311,26 +319,28 @@ _LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 _ROLLING = """    <RollingFile name="{name}" fileName="${{env:LOG_LOCATION:-logs}}/{name}.log"
-                 filePattern="${{env:LOG_LOCATION:-logs}}/{name}.%d{{yyyy-MM-dd}}.log.gz">
+                 filePattern="${{env:LOG_LOCATION:-logs}}/{name}.%d{{yyyy-MM-dd}}.%i.log.gz">
       <PatternLayout pattern="{pattern}"/>
       <Policies>
-        <SizeBasedTriggeringPolicy size="100 MB"/>
+        <SizeBasedTriggeringPolicy size="{max_bytes}"/>
         <TimeBasedTriggeringPolicy/>
       </Policies>
       <DefaultRolloverStrategy max="5"/>
     </RollingFile>"""
 
 
-def render_log_config(access_log: bool = False) -> str:
+def render_log_config(access_log: bool = False, max_bytes: int = LOG_MAX_BYTES) -> str:
     """log4j2.xml for TorchServe's frontend: quiet on the request path (see the comment above)."""
+    if type(max_bytes) is not int or max_bytes < 1:
+        raise ValueError(f"the log size limit must be a number of bytes >= 1, got {max_bytes!r}")
     detailed = "%d{ISO8601} [%-5p] %t %c - %m%n"
     appenders = [
-        _ROLLING.format(name="ts_log", pattern=detailed),
-        _ROLLING.format(name="model_log", pattern=detailed),
-        _ROLLING.format(name="access_log", pattern="%d{ISO8601} - %m%n"),
+        _ROLLING.format(name="ts_log", pattern=detailed, max_bytes=max_bytes),
+        _ROLLING.format(name="model_log", pattern=detailed, max_bytes=max_bytes),
+        _ROLLING.format(name="access_log", pattern="%d{ISO8601} - %m%n", max_bytes=max_bytes),
     ]
     return _LOG_CONFIG.format(appenders="\n".join(appenders), access_level="info" if access_log else "off")
 
 
-def write_log_config(path: Path, access_log: bool = False) -> Path:
-    return replace_atomic(path, render_log_config(access_log))
+def write_log_config(path: Path, access_log: bool = False, max_bytes: int = LOG_MAX_BYTES) -> Path:
+    return replace_atomic(path, render_log_config(access_log, max_bytes), mode=CONFIG_MODE)

@@ -1,16 +1,22 @@
 """Start, stop and inspect a local TorchServe (Java 17) that serves rlops archives.
 
-Everything of one server lives in its run directory::
+Everything of one server lives in its run directory (mode 0700: it holds the keys)::
 
     <run_dir>/config.properties   server config (.config)
     <run_dir>/metrics.yaml        metrics config (.metrics_config)
     <run_dir>/log4j2.xml          the frontend's logging, quiet on the request path (.config)
     <run_dir>/model-store/        the archives it loads
     <run_dir>/key_file.json       TorchServe's token keys (written by TorchServe, mode 0600)
-    <run_dir>/logs/               TorchServe's logs (ts_log.log, model_log.log, access_log.log …)
-    <run_dir>/torchserve.out      the launcher's and the frontend's console output
+    <run_dir>/logs/               TorchServe's logs (ts_log.log, model_log.log, access_log.log …), each
+                                  rolled over by size into ``<name>.<date>.<n>.log.gz`` (.config)
+    <run_dir>/torchserve.out      the launcher's and the frontend's console output; the previous start's
+                                  is torchserve.out.1 (… .5, older ones deleted)
     <run_dir>/tmp/                TorchServe's pid file and unpacked archives
     <run_dir>/state.json          what rlops started: pid, URLs, models (written once ready)
+
+Configs, state and logs are mode 0640: the owner writes, the group reads, others nothing. TorchServe runs
+with umask 027, so what it writes (logs, unpacked archives, the decision log of its workers) is not
+readable by others either (:mod:`rlops_server.runfiles`).
 
 TorchServe's launcher keeps its pid file in the temporary directory, one per machine by default, and
 ``torchserve --stop`` stops whatever that file names. Giving every server its own ``TMPDIR`` (and
@@ -35,10 +41,12 @@ import psutil
 from rlops_contracts.durable import replace_atomic
 
 from rlops_server.backend import ServeError
+from rlops_server.runfiles import CONFIG_MODE, DIR_MODE, PRIVATE_DIR_MODE, RUN_UMASK, open_console_log
 from rlops_server.torchserve.config import (
     ADAPTIVE,
     DELAY,
     LOG_CONFIG_FILE,
+    LOG_MAX_BYTES,
     PROPERTIES_FILE,
     ServerConfig,
     install_batcher,
@@ -94,7 +102,7 @@ class ServerState:
             ) from e
 
     def write(self, run_dir: Path) -> None:
-        replace_atomic(run_dir / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
+        replace_atomic(run_dir / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n", mode=CONFIG_MODE)
 
 
 # --- HTTP ------------------------------------------------------------------------------------------
@@ -194,6 +202,7 @@ def start(
     *,
     decision_log_dir: Path | None = None,
     access_log: bool = False,
+    log_max_bytes: int = LOG_MAX_BYTES,
     wait_ready: Callable[[ServerState], None],
 ) -> ServerState:
     """Start TorchServe with ``config``; ``wait_ready(state)`` returns once it serves (or raises).
@@ -204,8 +213,11 @@ def start(
     run_dir = Path(run_dir).resolve()
     if running_state(run_dir) is not None:
         raise ServeError(f"a server from {run_dir} is already running; stop it first (rlops serve stop)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(PRIVATE_DIR_MODE)
     for sub in ("tmp", "logs"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (run_dir / sub).mkdir(exist_ok=True)
+        (run_dir / sub).chmod(DIR_MODE)
     (run_dir / STATE_FILE).unlink(missing_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     (run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
@@ -215,7 +227,9 @@ def start(
     except OSError as e:
         raise ServeError(f"cannot install rlops' batcher for TorchServe in {run_dir}: {e}") from e
     properties = write_properties(run_dir / PROPERTIES_FILE, config)
-    log_config = write_log_config(run_dir / LOG_CONFIG_FILE, access_log=access_log)
+    log_config = write_log_config(run_dir / LOG_CONFIG_FILE, access_log=access_log, max_bytes=log_max_bytes)
+    for written in (config.metrics_config, properties, log_config):
+        written.chmod(CONFIG_MODE)
     cmd = [
         _torchserve(),
         "--start",
@@ -227,7 +241,7 @@ def start(
         "--ts-config",
         str(properties),
     ]
-    with open(run_dir / CONSOLE_FILE, "ab") as out:
+    with open_console_log(run_dir / CONSOLE_FILE) as out:
         launcher = subprocess.Popen(
             cmd,
             cwd=run_dir,
@@ -236,6 +250,7 @@ def start(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            umask=RUN_UMASK,
         )
     try:
         launcher.wait(timeout=60)

@@ -110,6 +110,15 @@ def up(
     max_workers: MaxWorkersOption = WebhookSettings.max_workers,
     scale_step: ScaleStepOption = WebhookSettings.scale_step,
     cooldown: CooldownOption = WebhookSettings.cooldown_s,
+    webhook_log_max_bytes: Annotated[
+        int,
+        typer.Option(
+            "--webhook-log-max-bytes",
+            min=1,
+            help=f"Size at which the webhook's log (ROOT/logs/webhook.log) rolls over; {local.LOG_BACKUPS} "
+            "earlier logs are kept.",
+        ),
+    ] = local.WEBHOOK_LOG_MAX_BYTES,
     alerts: Annotated[
         Path | None,
         typer.Option("--alerts-dir", help="The alerts/ folder (default: the repository's).", file_okay=False),
@@ -136,6 +145,7 @@ def up(
             webhook=None
             if no_webhook
             else WebhookSettings(registry, serve_run_dir, max_workers, scale_step, cooldown),
+            webhook_log_max_bytes=webhook_log_max_bytes,
             alerts=alerts,
             timeout_s=timeout,
         )
@@ -229,6 +239,18 @@ def webhook(
             "--management-token-file", help="File holding TorchServe's management key.", dir_okay=False
         ),
     ] = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-file", help="Log to this file (rolled over by size) instead of stderr.", dir_okay=False
+        ),
+    ] = None,
+    log_max_bytes: Annotated[
+        int, typer.Option("--log-max-bytes", min=1, help="Size at which --log-file rolls over.")
+    ] = local.WEBHOOK_LOG_MAX_BYTES,
+    log_backups: Annotated[
+        int, typer.Option("--log-backups", min=1, help="Earlier log files kept (FILE.1 is the newest).")
+    ] = local.LOG_BACKUPS,
 ) -> None:
     """Run the actions webhook in the foreground (rlops stack up starts it for you)."""
     from rlops_stack import webhook as hook
@@ -241,7 +263,16 @@ def webhook(
         )
         token = hook.read_token(token_file)
         hook.read_token(management_token_file)
-    hook.serve(settings, host=host, port=port, token=token, record_to=record)
+    hook.serve(
+        settings,
+        host=host,
+        port=port,
+        token=token,
+        record_to=record,
+        log_file=log_file,
+        log_max_bytes=log_max_bytes,
+        log_backups=log_backups,
+    )
 
 
 if __name__ == "__main__":
