@@ -24,6 +24,7 @@ from rlops_contracts.durable import replace_atomic
 
 from rlops_server.backend import ServeError, ServerStatus, ServingBackend
 from rlops_server.plan import DEFAULT_RUN_DIR, ServePlan
+from rlops_server.runfiles import CONFIG_MODE
 
 BACKENDS: dict[str, str] = {"torchserve": "rlops_server.torchserve.backend"}
 """Backend name → module."""
@@ -82,7 +83,9 @@ def _absolute(plan: ServePlan) -> ServePlan:
 
 
 def _store(plan: ServePlan) -> None:
-    replace_atomic(Path(plan.run_dir) / PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n")
+    replace_atomic(
+        Path(plan.run_dir) / PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n", mode=CONFIG_MODE
+    )
 
 
 def stop(run_dir: Path = DEFAULT_RUN_DIR, timeout_s: float = 30.0) -> str:
