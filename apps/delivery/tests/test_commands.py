@@ -27,7 +27,7 @@ def test_start_names_bad_steps_and_missing_servers(registry: Path, tmp_path: Pat
     assert "strictly increasing percentages" in result.output
     result = runner.invoke(app, [*args, "--serve-run-dir", str(tmp_path / "nothing"), "--interval", "1s"])
     assert result.exit_code == 2
-    assert "no TorchServe is running from" in result.output
+    assert "no server is running from" in result.output
 
 
 def test_status_of_a_policy_without_rollouts(registry: Path) -> None:

@@ -77,6 +77,6 @@ def test_scale_command_without_a_server_fails_clearly(tmp_path: Path) -> None:
     args = ["cartpole", "1", "--workers", "2", "--serve-run-dir", str(tmp_path / "serve")]
     result = CliRunner().invoke(app(scale_command), [*args, "--record", str(tmp_path / "a.jsonl")])
     assert result.exit_code == 1
-    assert "no TorchServe is running from" in result.output
+    assert "no server is running from" in result.output
     result = CliRunner().invoke(app(scale_command), ["cartpole", "1", "--workers", "0"])
     assert result.exit_code == 2

@@ -204,5 +204,5 @@ def test_scale_up_without_a_server_fails_with_the_reason(hook: Hook) -> None:
     assert status == 200
     [result] = body["results"]
     assert result["outcome"] == "failed"
-    assert "no TorchServe is running from" in result["message"]
+    assert "no server is running from" in result["message"]
     assert 'rlops_alert_actions_total{action="scale_up",outcome="failed"} 1.0' in hook.metrics()

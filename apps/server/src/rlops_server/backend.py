@@ -51,6 +51,8 @@ class ServerStatus:
     pid: int | None = None
     run_dir: str | None = None
     decision_log_dir: str | None = None
+    key_file: str | None = None
+    """Where a local server keeps its access keys (inference, management); None: no keys."""
     plan: ServePlan | None = None
     """What it was started with (a local server only)."""
 

@@ -59,7 +59,7 @@ class TorchServeBackend:
         state = process.running_state(run_dir)
         if state is None:
             raise ServeError(
-                f"no TorchServe is running from {run_dir} (rlops serve status --run-dir {run_dir})"
+                f"no server is running from {run_dir} (start one with rlops serve start --run-dir {run_dir})"
             )
         return cls(
             state.management_url,
@@ -166,6 +166,7 @@ class TorchServeBackend:
             pid=state.pid if state else None,
             run_dir=state.run_dir if state else None,
             decision_log_dir=state.decision_log_dir if state else None,
+            key_file=state.key_file if state else None,
         )
 
     def set_default(self, policy: str, version: str) -> None:
