@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rlops_trainer.checkpoints import load_checkpoint, restore, resume_checkpoint, save_checkpoint
 from rlops_trainer.datasets import COLUMNS, Transitions
 from rlops_trainer.hyperparams import LoopConfig
 from rlops_trainer.policy import Selection
@@ -45,12 +46,8 @@ from rlops_trainer.training import (
     check_data,
     check_finite,
     gradient_step,
-    load_checkpoint,
     metric_names,
     observation_stats,
-    restore,
-    resume_checkpoint,
-    save_checkpoint,
     seed_everything,
     start_metrics,
 )

@@ -1,11 +1,12 @@
 """The training loop every algorithm shares, written once.
 
-An algorithm module (``algos/bc.py``, ``algos/cql.py``, ``algos/iql.py``) defines a config dataclass,
-its loss functions and a :class:`Learner`: an ``nn.Module`` holding its networks whose ``forward(batch)``
-returns the total loss and the metrics of one minibatch. Everything else lives here: device choice,
-seeding, the dataset as tensors on the device, minibatch sampling, the gradient step, metrics,
-checkpoints and resume. The Ray Train path (``distributed.py``) calls the same :func:`gradient_step`
-on the same learner wrapped in DistributedDataParallel.
+An algorithm module (``algos/bc.py``, ``algos/cql.py``, ``algos/iql.py``) trains with its config dataclass
+(:mod:`rlops_trainer.hyperparams`), defines its loss functions and a :class:`Learner`: an ``nn.Module``
+holding its networks whose ``forward(batch)`` returns the total loss and the metrics of one minibatch.
+Everything else lives here: device choice, seeding, the dataset as tensors on the device, minibatch
+sampling, the gradient step, metrics, and resume from checkpoints (:mod:`rlops_trainer.checkpoints`).
+The Ray Train path (``distributed.py``) calls the same :func:`gradient_step` on the same learner wrapped
+in DistributedDataParallel.
 
 Metrics (``metrics.jsonl`` in the run directory, one JSON object per ``log_every`` steps, each value
 the mean over the steps since the previous record; the same name means the same thing in every
@@ -41,7 +42,6 @@ import json
 import random
 import re
 import time
-import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,18 +58,14 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rlops_contracts.durable import atomic_file
 from torch import nn
 
+from rlops_trainer.checkpoints import load_checkpoint, restore, resume_checkpoint, save_checkpoint
 from rlops_trainer.datasets import DatasetError, Transitions
 from rlops_trainer.hyperparams import LoopConfig
 from rlops_trainer.policy import PolicyModule, Selection
 
-CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FORMAT = 1
-_CHECKPOINT_RE = re.compile(r"^step-(\d{9})\.pt$")
-_KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -354,151 +350,6 @@ class MetricWindow:
     def reset(self) -> None:
         self.total.zero_()
         self.count = 0
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_dir(out_dir: Path) -> Path:
-    return out_dir / CHECKPOINT_DIR
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    folder = checkpoint_dir(out_dir)
-    if not folder.is_dir():
-        return None
-    found = sorted(p for p in folder.iterdir() if _CHECKPOINT_RE.match(p.name))
-    return found[-1] if found else None
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, rename: a crash never leaves half a file."""
-    with atomic_file(path) as f:
-        torch.save(obj, f)
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    # Plain lists and tensors only, so that the file loads with torch.load(weights_only=True).
-    name, keys, pos, has_gauss, cached = typing.cast(tuple[Any, ...], np.random.get_state(legacy=True))
-    version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "sampler": generator.get_state(),
-        "torch": torch.get_rng_state(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "python": [version, list(internal), gauss_next],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
-    if generator is not None:
-        generator.set_state(state["sampler"])
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    out_dir: Path,
-    *,
-    algorithm: str,
-    config: dict[str, Any],
-    fingerprint: str,
-    step: int,
-    learner: Learner,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    window: MetricWindow,
-) -> Path:
-    path = checkpoint_dir(out_dir) / f"step-{step:09d}.pt"
-    atomic_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "algorithm": algorithm,
-            "config": config,
-            "dataset_fingerprint": fingerprint,
-            "step": step,
-            "learner": learner.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(generator),
-            "window": {"names": window.names, "total": window.total.cpu(), "count": window.count},
-        },
-        path,
-    )
-    for old in sorted(p for p in path.parent.iterdir() if _CHECKPOINT_RE.match(p.name))[:-_KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint(
-    path: Path, *, algorithm: str, config: dict[str, Any], fingerprint: str
-) -> dict[str, Any]:
-    """Read a checkpoint and check that it belongs to this run (same algorithm, data and config)."""
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from exc
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"checkpoint {path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}"
-        )
-    if state["algorithm"] != algorithm:
-        raise ValueError(f"checkpoint {path} was written by '{state['algorithm']}', not '{algorithm}'")
-    if state["dataset_fingerprint"] != fingerprint:
-        raise ValueError(
-            f"checkpoint {path} was trained on dataset {state['dataset_fingerprint']}, "
-            f"but this run's dataset is {fingerprint}"
-        )
-    # A longer run may continue a shorter one; every other hyperparameter must match.
-    differ = sorted(k for k in config if k != "steps" and state["config"].get(k) != config[k])
-    if differ:
-        detail = ", ".join(f"{k}: {state['config'].get(k)!r} -> {config[k]!r}" for k in differ)
-        raise ValueError(f"checkpoint {path} was trained with other hyperparameters ({detail})")
-    return state
-
-
-def restore(
-    state: dict[str, Any],
-    learner: Learner,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator | None,
-    window: MetricWindow,
-) -> int:
-    """Load a checkpoint into the run's objects and return its step.
-
-    ``generator=None`` leaves the minibatch stream alone (the Ray path re-seeds each worker's).
-    """
-    learner.load_state_dict(state["learner"])
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"], generator)
-    if state["window"]["names"] == window.names:
-        window.total.copy_(state["window"]["total"])
-        window.count = int(state["window"]["count"])
-    return int(state["step"])
-
-
-def resume_checkpoint(run: RunOptions) -> Path | None:
-    """The checkpoint this run continues from, if any; creates ``run.out_dir``.
-
-    Refuses to start afresh over an earlier run's checkpoints: a later resume would mix the two.
-    """
-    if run.out_dir is None:
-        return None
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    latest = latest_checkpoint(run.out_dir)
-    if latest is not None and not run.resume:
-        raise ValueError(
-            f"{run.out_dir} already holds checkpoints of an earlier run (latest {latest.name}); "
-            "resume it (--resume) or choose another output directory"
-        )
-    return latest
 
 
 # ----------------------------------------------------------------------------------------------------

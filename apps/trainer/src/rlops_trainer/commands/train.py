@@ -217,7 +217,7 @@ def _offline_telemetry(
 
 
 def _checkpoint_step(out: Path) -> int:
-    from rlops_trainer.training import latest_checkpoint
+    from rlops_trainer.checkpoints import latest_checkpoint
 
     latest = latest_checkpoint(out)
     return int(latest.stem.split("-")[1]) if latest is not None else 0
