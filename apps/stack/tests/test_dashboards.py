@@ -18,9 +18,9 @@ import pytest
 import yaml
 from rlops_contracts import metrics
 from rlops_stack import dashboards
+from rlops_stack.boards import read_board, substitute
 from rlops_stack.commands.dashboards import app
 from rlops_stack.dashboards import DashboardError
-from rlops_stack.report import read_board, substitute
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[3]

@@ -19,20 +19,11 @@ from typing import Any
 import pytest
 import typer
 from rlops_stack import dashboards
+from rlops_stack.boards import ReportError, parse_overrides, read_board, substitute
 from rlops_stack.commands.report import report as report_command
 from rlops_stack.dashboards import Column, Q, label_variable, make_dashboard, row, stat, table, timeseries
-from rlops_stack.report import (
-    ReportError,
-    collect,
-    format_duration,
-    format_value,
-    legend_name,
-    parse_duration,
-    parse_overrides,
-    read_board,
-    render_html,
-    substitute,
-)
+from rlops_stack.report import collect, format_duration, legend_name, parse_duration
+from rlops_stack.report_page import format_value, render_html
 from typer.testing import CliRunner
 
 T0 = 1_700_000_000.0

@@ -11,16 +11,11 @@ from rlops_contracts.durable import replace_atomic
 from rlops_contracts.metrics import PORT_ALERTMANAGER, PORT_PROMETHEUS
 
 from rlops_stack import dashboards, local, prometheus
+from rlops_stack.boards import ReportError, parse_overrides, read_board
 from rlops_stack.commands import err_console, fail
 from rlops_stack.dashboards import BUILD_SUBDIR, DashboardError
-from rlops_stack.report import (
-    ReportError,
-    collect,
-    parse_duration,
-    parse_overrides,
-    read_board,
-    render_html,
-)
+from rlops_stack.report import collect, parse_duration
+from rlops_stack.report_page import render_html
 
 console = Console(soft_wrap=True)
 
