@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 from rlops_stack import dashboards
+from rlops_stack import grafana as grafana_push
 from rlops_stack.commands.dashboards import app
-from rlops_stack.dashboards import GrafanaError, push, upsert_payload
+from rlops_stack.grafana import GrafanaError, push, upsert_payload
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[3]
@@ -213,7 +214,7 @@ def test_an_unreachable_grafana_says_so() -> None:
 )
 def test_bad_urls_and_missing_credentials(url: str, token: str | None, message: str) -> None:
     with pytest.raises(GrafanaError, match=message):
-        dashboards.client(url, token)
+        grafana_push.client(url, token)
 
 
 def test_push_command_prints_where_the_dashboards_are(grafana: tuple[FakeGrafana, str]) -> None:

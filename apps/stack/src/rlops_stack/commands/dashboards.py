@@ -9,9 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rlops_stack import dashboards
+from rlops_stack import dashboards, grafana
 from rlops_stack.commands import fail, group
-from rlops_stack.dashboards import BUILD_SUBDIR, TOKEN_ENV, DashboardError, GrafanaError
+from rlops_stack.dashboards import BUILD_SUBDIR, DashboardError
+from rlops_stack.grafana import TOKEN_ENV, GrafanaError
 
 console = Console(soft_wrap=True)
 
@@ -115,7 +116,7 @@ def push(
             fail(f"--uid {', '.join(unknown)}: no such dashboard; built: {', '.join(known)}")
         boards = [b for b in boards if b["uid"] in uid]
     try:
-        results = dashboards.push(
+        results = grafana.push(
             boards, url, token, folder=folder or None, message=message, timeout=timeout, verify=not insecure
         )
     except GrafanaError as e:
