@@ -256,3 +256,37 @@ def test_a_dead_process_tmp_file_is_sealed_by_the_next_log(tmp_path: Path) -> No
     log.close()
     assert read_back(tmp_path / "decisions") == [{"i": 0}, {"i": 1}]
     assert other_host.exists(), "files of another host belong to that host's writer"
+
+
+_KILLED_WRITER = (
+    "import sys\n"
+    "from rlops_server.decision_log import DecisionLog\n"
+    "log = DecisionLog(sys.argv[1], flush_seconds=60, rotate_seconds=600, write_through=sys.argv[2] == '1')\n"
+    "for start in range(0, 3000, 10):\n"
+    "    log.encode_and_write([{'i': i} for i in range(start, start + 10)])\n"
+    "print('answered', flush=True)\n"
+    "sys.stdin.read()\n"  # stay alive, as a worker between requests, until killed
+)
+
+
+@pytest.mark.parametrize("write_through", [True, False])
+def test_a_killed_writer_keeps_what_write_through_handed_over(tmp_path: Path, write_through: bool) -> None:
+    env = {**os.environ, "PYTHONPATH": _src_path()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path), "1" if write_through else "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "answered"
+    proc.kill()  # SIGKILL: no atexit, no flush, no close
+    proc.wait(timeout=30)
+    DecisionLog(tmp_path).close()  # the next log seals what the dead one left open
+    kept = [r["i"] for r in read_back(tmp_path / "decisions")]
+    if write_through:
+        assert kept == list(range(3000))
+    else:
+        # Queued and buffered in the dead process: with a 60 s flush nothing had reached the file.
+        assert len(kept) < 3000

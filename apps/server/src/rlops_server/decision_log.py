@@ -17,6 +17,13 @@ host that died is sealed (cut back to its last complete line) by the next log op
 
 :meth:`DecisionLog.close` stops accepting records, writes every record still queued and seals the file;
 it runs at interpreter exit too (atexit), and a second call does nothing.
+
+``write_through=True`` (what serving uses) hands the lines to the operating system before
+:meth:`DecisionLog.encode_and_write` returns, in one unbuffered ``write`` per call on the caller's thread:
+a process killed right after it answered (SIGKILL, an out-of-memory kill) loses no decision it answered,
+since the kernel holds the bytes; only a crash of the machine itself can (files are fsynced when sealed).
+It costs the request path one system call per server batch. Rotation and sealing stay on the writer
+thread, which shares one lock with the callers for the open file.
 """
 
 from __future__ import annotations
@@ -120,6 +127,7 @@ class DecisionLog:
         flush_seconds: float = 1.0,
         stream: str = DECISIONS_STREAM,
         file_prefix: str = "",
+        write_through: bool = False,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
@@ -136,12 +144,15 @@ class DecisionLog:
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
         self.flush_seconds = flush_seconds
+        self.write_through = write_through
         self._prefix = f"{file_prefix}{socket.gethostname().replace('/', '_')}-{os.getpid()}-"
         self._start = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         self._seq = 0
 
         self._queue: collections.deque[dict[str, Any] | bytes] = collections.deque()
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
+        """Held by whoever touches the open file: the writer thread, or a caller in write-through mode."""
         self._closed = False
         self._dropped = 0
         self._written = 0
@@ -174,7 +185,10 @@ class DecisionLog:
         """Queue ``record`` for writing; ``False`` (and one more :attr:`dropped`) when full or closed.
 
         The record is serialised later on the writer thread: do not mutate it after handing it over.
+        In write-through mode it is written now (:meth:`encode_and_write`).
         """
+        if self.write_through:
+            return self.encode_and_write([record]) == 1
         with self._lock:
             if self._closed or len(self._queue) >= self.max_queue:
                 self._dropped += 1
@@ -201,6 +215,15 @@ class DecisionLog:
             except (TypeError, ValueError) as e:
                 with self._lock:
                     self._count_failed(e)
+        if self.write_through:
+            with self._io_lock:
+                if self._closed:
+                    with self._lock:
+                        self._dropped += len(lines)
+                    return 0
+                failed = self._failed
+                self._write_batch(list(lines))
+                return len(lines) - (self._failed - failed)
         with self._lock:
             room = 0 if self._closed else max(self.max_queue - len(self._queue), 0)
             accepted = lines[:room]
@@ -245,7 +268,7 @@ class DecisionLog:
 
         Returns ``True`` when nothing queued was left unwritten (within ``timeout`` seconds).
         """
-        with self._lock:
+        with self._io_lock, self._lock:
             already = self._closed
             self._closed = True
         if not already:
@@ -265,8 +288,9 @@ class DecisionLog:
         if not self._done.is_set():
             # The writer died (the error was logged); whoever closes writes what is left.
             self._done.set()
-            self._drain_all()
-            self._seal()
+            with self._io_lock:
+                self._drain_all()
+                self._seal()
         return not self._queue
 
     def __enter__(self) -> DecisionLog:
@@ -282,14 +306,16 @@ class DecisionLog:
         try:
             while True:
                 stopping = self._stop.is_set()
-                wrote = self._drain_all()
-                self._maintain()
+                with self._io_lock:
+                    wrote = self._drain_all()
+                    self._maintain()
                 if stopping:
                     break
                 if not wrote:
                     self._wake.wait(poll)
                     self._wake.clear()
-            self._seal()
+            with self._io_lock:
+                self._seal()
             self._done.set()
         except BaseException as e:  # pragma: no cover - disk or interpreter failure
             self._error = e
@@ -332,7 +358,7 @@ class DecisionLog:
                 end += 1
             try:
                 f = self._file if self._file is not None else self._open()
-                f.write(b"".join(lines[start:end]))
+                _write_all(f, b"".join(lines[start:end]))
             except OSError as e:
                 lost = len(lines) - start
                 with self._lock:
@@ -375,7 +401,8 @@ class DecisionLog:
             except FileExistsError:
                 continue
             break
-        f = os.fdopen(fd, "wb", buffering=1 << 20)
+        # Write-through: no buffer of our own, every write() reaches the kernel at once.
+        f = os.fdopen(fd, "wb", buffering=0 if self.write_through else 1 << 20)
         self._file = f
         self._tmp, self._final = tmp, final
         with _ACTIVE_LOCK:
@@ -448,6 +475,14 @@ class DecisionLog:
             )
             recovered.append(final)
         return recovered
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    # An unbuffered file may take part of the bytes in one call (a signal, a full pipe): write the rest.
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        view = view[n if n is not None else len(view) :]
 
 
 def _today() -> str:

@@ -343,6 +343,7 @@ def create_app(
         rotate_seconds=rotate_seconds,
         stream=REWARDS_STREAM,
         file_prefix=REWARD_FILE_PREFIX,
+        write_through=True,
     )
     metrics = FeedbackMetrics(reward_log)
     expected = f"Bearer {token}".encode() if token else None
@@ -378,12 +379,10 @@ def create_app(
         except RewardsRejected as e:
             return reject(e)
         now = time.time()
-        accepted = 0
         for r in records:
             r["time"] = now
-            if not reward_log.write(r):
-                break
-            accepted += 1
+        # Written through to the operating system before the answer: an accepted reward survives a kill.
+        accepted = await run_in_threadpool(reward_log.encode_and_write, records)
         metrics.accepted(records[:accepted])
         if accepted < len(records):
             metrics.rejected.labels("queue_full").inc(len(records) - accepted)

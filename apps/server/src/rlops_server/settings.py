@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -31,6 +31,10 @@ class ServingSettings:
     no variable: decisions are not logged."""
     decision_log_max_queue: int = 10000
     """Decisions waiting to be written before new ones are dropped (and counted)."""
+    decision_log_write_through: bool = True
+    """Hand a batch's decision lines to the operating system before answering it, so that a worker killed
+    right after answering loses none (one system call per batch); false: a background thread writes
+    them a moment later, and a killed worker loses what it had not written yet."""
     worker_log_level: str = "WARNING"
     """Level of the worker's root logger. TorchServe's worker logs a line per batch at INFO and its
     frontend copies every worker line into its own logs; metrics and rlops messages stay at INFO."""
@@ -57,6 +61,10 @@ class ServingSettings:
         ):
             problems.append(
                 f"decision_log_dir must be a non-empty path or null, got {self.decision_log_dir!r}"
+            )
+        if not isinstance(cast(object, self.decision_log_write_through), bool):  # from yaml: any type
+            problems.append(
+                f"decision_log_write_through must be true or false, got {self.decision_log_write_through!r}"
             )
         if type(self.decision_log_max_queue) is not int or self.decision_log_max_queue < 1:
             problems.append(

@@ -111,7 +111,13 @@ class PolicyHandler(BaseHandler):
             )
         log_dir = os.environ.get(DECISION_LOG_ENV) or settings.decision_log_dir
         self.decision_log = (
-            DecisionLog(Path(log_dir), max_queue=settings.decision_log_max_queue) if log_dir else None
+            DecisionLog(
+                Path(log_dir),
+                max_queue=settings.decision_log_max_queue,
+                write_through=settings.decision_log_write_through,
+            )
+            if log_dir
+            else None
         )
         worker.without_prediction_time(context.metrics)
         worker.install_frame_reader()
