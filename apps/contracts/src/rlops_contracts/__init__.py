@@ -17,7 +17,7 @@ CHAMPION = "champion"
 CANDIDATE = "candidate"
 ALIASES: tuple[str, ...] = (CHAMPION, CANDIDATE)
 
-# The transition dataset (DESIGN.md, "Dataset"): Parquet, one row per transition, dataset metadata as
+# The transition dataset: Parquet, one row per transition (rlops_contracts.dataset), dataset metadata as
 # JSON in the schema metadata under DATASET_METADATA_KEY. Written by the trainer (collect, import) and
 # by the server's reward join; read by the trainer.
 DATASET_SCHEMA_VERSION = 1
@@ -34,7 +34,7 @@ DATASET_COLUMNS: dict[str, str] = {
     "behavior_logp": "float32, null when unknown",
 }
 
-# The decision log (DESIGN.md, "Decision log"): one JSON record per decision, written by serving; the
+# The decision log: one JSON record per decision, written by serving (rlops_server.decision_log); the
 # rewards that arrive later, keyed by decision_id. The reward join turns both into the dataset above.
 DECISION_FIELDS: tuple[str, ...] = (
     "decision_id",  # str: the client's id, or a uuid4 made by the server

@@ -1,7 +1,8 @@
 """The transition dataset: one row per transition, stored as Parquet.
 
-Columns and metadata follow the dataset contract in DESIGN.md. Everything that loads data
-returns a validated :class:`Transitions`; everything that writes data takes one.
+Columns and metadata follow the dataset contract (``rlops_contracts.DATASET_COLUMNS``, written through
+``rlops_contracts.dataset``). Everything that loads data returns a validated :class:`Transitions`;
+everything that writes data takes one.
 """
 
 from __future__ import annotations
