@@ -625,6 +625,8 @@ class InferenceFuzzer(Fuzzer):
             ("observation is a string", {"observation": "0,0,0,0"}),
             ("temperature as a string", {"temperature": "0.5"}), ("temperature true", {"temperature": True}),
             ("temperature 11 (above 10)", {"temperature": 11}), ("temperature -1", {"temperature": -1}),
+            ("temperature a 400-digit integer", {"temperature": 10**400}),
+            ("epsilon a 400-digit integer", {"epsilon": -(10**400)}),
             ("epsilon 2", {"epsilon": 2}), ("epsilon null", {"epsilon": None}),
             ("deterministic as a string", {"deterministic": "true"}),
             ("deterministic 1", {"deterministic": 1}),
@@ -963,6 +965,8 @@ class RewardFuzzer(Fuzzer):
             ("version 0", r | {"version": 0}), ("version true", r | {"version": True}),
             ("version 1.5", r | {"version": 1.5}), ("a reward is a list", {"rewards": [[1, 2]]}),
             ("version of 30 digits (accepted or refused)", r | {"version": 10**30}),
+            ("reward a 400-digit integer", r | {"reward": 10**400}),
+            ("next_observation with a 400-digit integer", r | {"next_observation": [0.5, -(10**400)]}),
             ("rewards a string", {"rewards": "x"}),
             ("one bad reward of ten", {"rewards": [self.reward() for _ in range(9)] + [r | {"reward": "x"}]}),
         ]  # fmt: skip
