@@ -139,6 +139,8 @@ def test_non_finite_numbers_are_refused() -> None:
     ("body", "status", "reason"),
     [
         (b"{not json", 400, "invalid_json"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+        (b'{"rewards": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json"),
         (b"[1, 2]", 400, "invalid_shape"),
         (b'{"rewards": []}', 400, "invalid_shape"),
         (b'{"rewards": {"decision_id": "a"}}', 400, "invalid_shape"),

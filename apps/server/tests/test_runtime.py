@@ -194,6 +194,24 @@ def test_error_names_the_offending_position(runtime: PolicyRuntime) -> None:
         runtime.parse({"observations": [OBS, [0.0, 0.0, float("nan"), 0.0]]})
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b"[" * 100_000,
+        b'{"observation": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}",
+        '{"observation": [0, 0, 0, 0], "decision_id": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}",
+    ],
+    ids=["array", "unclosed", "observation", "decision_id text"],
+)
+def test_json_nested_too_deeply_is_a_bad_request(runtime: PolicyRuntime, body: bytes | str) -> None:
+    # Python's json parser gives up with RecursionError, which is not a ValueError.
+    with pytest.raises(RequestError) as e:
+        runtime.parse(body)
+    assert (e.value.status, e.value.reason) == (400, "malformed_json")
+    assert "nested too deeply" in e.value.message
+
+
 def test_json_text_and_bytes_bodies(runtime: PolicyRuntime) -> None:
     for body in (json.dumps({"observation": OBS}), json.dumps({"observation": OBS}).encode()):
         req = runtime.parse(body)

@@ -201,6 +201,8 @@ def parse_rewards(body: bytes) -> list[dict[str, Any]]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RewardsRejected(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RewardsRejected(400, "invalid_json", "the body is JSON nested too deeply to be read") from None
     if isinstance(payload, dict) and "rewards" in payload:
         extra = sorted(set(payload) - {"rewards"})
         items = payload["rewards"]

@@ -235,6 +235,10 @@ def decode_body(body: Any) -> dict[str, Any]:
             raise _reject(400, m.R_MALFORMED_JSON, f"the body is not UTF-8 text: {e}", ACCEPTED_BODY) from e
         except ValueError as e:
             raise _reject(400, m.R_MALFORMED_JSON, f"the body is not valid JSON: {e}", ACCEPTED_BODY) from e
+        except RecursionError as e:
+            raise _reject(
+                400, m.R_MALFORMED_JSON, "the body is JSON nested too deeply to be read", ACCEPTED_BODY
+            ) from e
     if not isinstance(body, dict):
         raise _reject(
             400,
