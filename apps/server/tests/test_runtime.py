@@ -212,6 +212,37 @@ def test_json_nested_too_deeply_is_a_bad_request(runtime: PolicyRuntime, body: b
     assert "nested too deeply" in e.value.message
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"decision_id": [0] * 1_000_000},
+        {"episode_id": ["é" * 100] * 10_000},
+        {"step": "x" * 1_000_000},
+        {"deterministic": "y" * 1_000_000},
+        {"return": ["x"] * 1_000_000},
+        {"step": -(10**4000)},
+        {f"k{i}": 0 for i in range(100_000)},
+        {"é" * 1_000_000: 1},
+        {"decision_id": _nested(800)},
+    ],
+    ids=["list", "non-ascii list", "long string", "deterministic", "return", "huge integer", "many fields",
+         "long field name", "nested"],
+)  # fmt: skip
+def test_errors_show_what_was_sent_cut_short(runtime: PolicyRuntime, extra: dict[str, Any]) -> None:
+    # An answer above TorchServe's max_response_size (6.5 MB by default) makes the frontend drop the
+    # worker: a request of a few megabytes must not be echoed back in full, nor grow on the way.
+    with pytest.raises(RequestError) as e:
+        runtime.parse({"observation": OBS, **extra})
+    assert len(json.dumps(e.value.body())) < 2000, e.value.message[:300]
+
+
 def test_json_text_and_bytes_bodies(runtime: PolicyRuntime) -> None:
     for body in (json.dumps({"observation": OBS}), json.dumps({"observation": OBS}).encode()):
         req = runtime.parse(body)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import time
 import uuid
 import warnings
@@ -53,6 +54,18 @@ ACCEPTED_BODY = (
 )
 DRIFT_CHUNK_CELLS = 1 << 22
 """Comparisons per chunk when binning observations (bounds the temporary boolean array to 4 MiB)."""
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 40, 40, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+MAX_FIELDS_SHOWN = 10
+
+
+def _shown(value: Any) -> str:
+    """A value from a request as an error message shows it: cut short. An answer that echoed a request of
+    megabytes would exceed TorchServe's max_response_size, and the frontend drops the worker for it."""
+    return _SHORT.repr(value)
+
 
 _SINGLE_FIELDS = ("observation", "decision_id", "episode_id", "step", "action_mask")
 _BATCH_FIELDS = ("observations", "decision_ids", "episode_ids", "steps", "action_masks", "action_mask")
@@ -486,7 +499,8 @@ class PolicyRuntime:
             raise _reject(
                 400,
                 m.R_BAD_FIELD,
-                f"unknown field(s) {', '.join(repr(k) for k in sorted(unknown))}",
+                f"unknown field(s) {', '.join(_shown(k) for k in sorted(unknown)[:MAX_FIELDS_SHOWN])}"
+                + (f" and {len(unknown) - MAX_FIELDS_SHOWN} more" if len(unknown) > MAX_FIELDS_SHOWN else ""),
                 f"fields of a {'batch' if batch else 'single'} request: {', '.join(allowed)}",
             )
         obs = self._observations(req["observations"] if batch else req["observation"], batch)
@@ -606,7 +620,10 @@ class PolicyRuntime:
         deterministic = req.get("deterministic", False)
         if not isinstance(deterministic, bool):
             raise _reject(
-                422, m.R_BAD_OPTION, f"'deterministic' is {deterministic!r}", "'deterministic': true or false"
+                422,
+                m.R_BAD_OPTION,
+                f"'deterministic' is {_shown(deterministic)}",
+                "'deterministic': true or false",
             )
         temperature, epsilon = self.temperature, self.epsilon
         if "temperature" in req:
@@ -630,7 +647,7 @@ class PolicyRuntime:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' is a JSON {_json_type(value)}", accepted)
         if not (math.isfinite(value) and low <= value <= high):
-            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {value!r}, out of range", accepted)
+            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}, out of range", accepted)
         return float(value)
 
     @staticmethod
@@ -639,10 +656,10 @@ class PolicyRuntime:
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _reject(422, m.R_BAD_OPTION, f"'return' is {value!r}", accepted)
+            raise _reject(422, m.R_BAD_OPTION, f"'return' is {_shown(value)}", accepted)
         unknown = [v for v in value if v not in RETURN_OPTIONS]
         if unknown:
-            raise _reject(422, m.R_BAD_OPTION, f"'return' asks for unknown {unknown}", accepted)
+            raise _reject(422, m.R_BAD_OPTION, f"'return' asks for unknown {_shown(unknown)}", accepted)
         return tuple(value)
 
     @staticmethod
@@ -653,14 +670,14 @@ class PolicyRuntime:
         if allow_int and type(value) is int:
             return str(value)
         if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
-            shown = repr(value) if not isinstance(value, str) else f"a string of {len(value)} characters"
+            shown = _shown(value) if not isinstance(value, str) else f"a string of {len(value)} characters"
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {shown}", accepted)
         return value
 
     @staticmethod
     def _step(value: Any, name: str) -> int:
         if type(value) is not int or value < 0:
-            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {value!r}", f"'{name}': an integer >= 0")
+            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}", f"'{name}': an integer >= 0")
         return value
 
     @staticmethod
