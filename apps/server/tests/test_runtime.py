@@ -243,6 +243,17 @@ def test_errors_show_what_was_sent_cut_short(runtime: PolicyRuntime, extra: dict
     assert len(json.dumps(e.value.body())) < 2000, e.value.message[:300]
 
 
+@pytest.mark.parametrize(
+    "extra", [{"temperature": 10**400}, {"epsilon": -(10**400)}], ids=["temperature", "epsilon"]
+)
+def test_integers_beyond_a_float_are_out_of_range(runtime: PolicyRuntime, extra: dict[str, Any]) -> None:
+    # JSON integers have no size limit; math.isfinite raises OverflowError for one beyond a float.
+    with pytest.raises(RequestError) as e:
+        runtime.parse({"observation": OBS, **extra})
+    assert (e.value.status, e.value.reason) == (422, "bad_option")
+    assert "out of range" in e.value.message
+
+
 def test_json_text_and_bytes_bodies(runtime: PolicyRuntime) -> None:
     for body in (json.dumps({"observation": OBS}), json.dumps({"observation": OBS}).encode()):
         req = runtime.parse(body)

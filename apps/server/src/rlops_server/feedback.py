@@ -122,6 +122,13 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _is_finite(x: Any) -> bool:
+    try:
+        return _is_number(x) and math.isfinite(x)
+    except OverflowError:  # an integer beyond the range of a float (JSON integers have no limit)
+        return False
+
+
 def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None, list[FieldError]]:
     """Check one reward object; returns the record to write (without ``time``) or the errors found."""
     errors: list[FieldError] = []
@@ -145,7 +152,7 @@ def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None,
     reward: Any = obj.get("reward")
     if "reward" not in obj:
         bad("reward", "missing")
-    elif not _is_number(reward) or not math.isfinite(reward):
+    elif not _is_finite(reward):
         bad("reward", f"got {reward!r}")
 
     flags = {}
@@ -163,7 +170,7 @@ def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None,
             bad("next_observation", f"got {type(next_obs).__name__} of length {_length(next_obs)}")
         else:
             for i, v in enumerate(next_obs):
-                if not _is_number(v) or not math.isfinite(v):
+                if not _is_finite(v):
                     bad("next_observation", f"element {i} is {v!r}")
                     break
 

@@ -646,7 +646,11 @@ class PolicyRuntime:
         accepted = f"'{name}': a number in [{low:g}, {high:g}]"
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' is a JSON {_json_type(value)}", accepted)
-        if not (math.isfinite(value) and low <= value <= high):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond the range of a float (JSON integers have no limit)
+            finite = False
+        if not (finite and low <= value <= high):
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}, out of range", accepted)
         return float(value)
 
