@@ -134,6 +134,14 @@ def test_integers_beyond_a_float_are_refused() -> None:
     assert [(err.index, err.field) for err in info.value.errors] == [(0, "reward"), (1, "next_observation")]
 
 
+def test_values_the_reward_log_cannot_hold_are_refused() -> None:
+    # The log is UTF-8 JSON lines with 64-bit integers: a reward accepted but not written would be lost.
+    body = json.dumps({"rewards": [reward(0, decision_id="d-\ud800"), reward(1, version=2**63)]})
+    with pytest.raises(RewardsRejected) as info:
+        parse_rewards(body.encode())
+    assert [(err.index, err.field) for err in info.value.errors] == [(0, "decision_id"), (1, "version")]
+
+
 def test_non_finite_numbers_are_refused() -> None:
     # Python's json reads NaN / Infinity literals; they must not reach the log.
     body = b'{"rewards": [{"decision_id": "a", "reward": NaN}, {"decision_id": "b", "reward": 1,'

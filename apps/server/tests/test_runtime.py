@@ -254,6 +254,25 @@ def test_integers_beyond_a_float_are_out_of_range(runtime: PolicyRuntime, extra:
     assert "out of range" in e.value.message
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{"decision_id": "d-\ud800"}, {"episode_id": "\udfff"}, {"step": 2**63}],
+    ids=["lone surrogate id", "lone surrogate episode", "step beyond int64"],
+)
+def test_values_the_decision_log_cannot_hold_are_refused(
+    runtime: PolicyRuntime, extra: dict[str, Any]
+) -> None:
+    # A decision answered but not logged breaks the loop: the log (UTF-8 JSON lines, steps as int64)
+    # cannot hold a lone surrogate nor an integer beyond 64 bits, so the request is refused instead.
+    with pytest.raises(RequestError) as e:
+        runtime.parse(json.dumps({"observation": OBS, **extra}))
+    assert (e.value.status, e.value.reason) == (422, "bad_option")
+
+
+def test_largest_step_is_accepted(runtime: PolicyRuntime) -> None:
+    assert runtime.parse({"observation": OBS, "step": 2**63 - 1}).steps == [2**63 - 1]
+
+
 def test_json_text_and_bytes_bodies(runtime: PolicyRuntime) -> None:
     for body in (json.dumps({"observation": OBS}), json.dumps({"observation": OBS}).encode()):
         req = runtime.parse(body)

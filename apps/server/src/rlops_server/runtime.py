@@ -46,6 +46,8 @@ MAX_TEMPERATURE = 10.0
 """Largest temperature a request may ask for; above it the distribution is uniform in all but name."""
 MAX_ID_LENGTH = 128
 """Longest accepted ``decision_id`` / ``episode_id``."""
+MAX_STEP = 2**63 - 1
+"""Largest accepted ``step``: the decision log and the dataset hold steps as 64-bit integers."""
 RETURN_OPTIONS = ("probabilities", "scores")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ACCEPTED_BODY = (
@@ -59,6 +61,18 @@ _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 40, 40, 40
 _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
 MAX_FIELDS_SHOWN = 10
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which no UTF-8 log line can hold (the record would be answered but never written)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _shown(value: Any) -> str:
@@ -676,12 +690,16 @@ class PolicyRuntime:
         if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
             shown = _shown(value) if not isinstance(value, str) else f"a string of {len(value)} characters"
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {shown}", accepted)
+        if not _utf8(value):
+            raise _reject(422, m.R_BAD_OPTION, f"'{name}' holds a lone surrogate (\\ud800-\\udfff)", accepted)
         return value
 
     @staticmethod
     def _step(value: Any, name: str) -> int:
-        if type(value) is not int or value < 0:
-            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}", f"'{name}': an integer >= 0")
+        if type(value) is not int or not 0 <= value <= MAX_STEP:
+            raise _reject(
+                422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}", f"'{name}': an integer in [0, 2^63 - 1]"
+            )
         return value
 
     @staticmethod
