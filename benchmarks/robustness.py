@@ -1204,15 +1204,19 @@ class Tally:
     hangs: Counter[str] = field(default_factory=Counter)
     slowest: dict[str, float] = field(default_factory=dict)
     largest: dict[str, int] = field(default_factory=dict)
+    largest_variant: dict[str, str] = field(default_factory=dict)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     good: Counter[str] = field(default_factory=Counter)
     wrong_examples: list[dict[str, Any]] = field(default_factory=list)
+    variants: dict[str, dict[str, Counter[str]]] = field(default_factory=dict)
 
     def add(self, case: Case, reply: Reply, wrong: str | None) -> None:
         cat = case.category
         self.statuses.setdefault(cat, Counter())[reply.key] += 1
+        self.variants.setdefault(cat, {}).setdefault(case.variant, Counter())[reply.key] += 1
         self.slowest[cat] = max(self.slowest.get(cat, 0.0), reply.seconds)
-        self.largest[cat] = max(self.largest.get(cat, 0), len(reply.body))
+        if len(reply.body) >= self.largest.get(cat, 0):
+            self.largest[cat], self.largest_variant[cat] = len(reply.body), case.variant
         met = _meets(case.expect, reply)
         fivexx = any(s >= 500 for s in reply.statuses)
         hang = reply.outcome == "hang"
@@ -1258,7 +1262,9 @@ class Tally:
                     "hangs": self.hangs[c],
                     "slowest_s": round(self.slowest[c], 3),
                     "largest_answer_bytes": self.largest[c],
+                    "largest_answer_to": self.largest_variant[c],
                     "examples": self.examples.get(c, []),
+                    "variants": {v: dict(n) for v, n in sorted(self.variants[c].items())},
                 }
                 for c in cats
             },
@@ -2371,6 +2377,9 @@ def findings(parts: dict[str, Any]) -> list[str]:
                     bad = {e["variant"] for e in c["examples"] if e["got"][0] == "5" or e["got"] == "hang"}
                     out.append(f"fuzz {side}/{cat}: {c['server_errors']} 5xx, {c['hangs']} hangs; e.g. "
                                + "; ".join(sorted(bad)[:4]))  # fmt: skip
+                if c["largest_answer_bytes"] > 1 << 20:
+                    out.append(f"fuzz {side}/{cat}: an answer of {c['largest_answer_bytes']:,} bytes to "
+                               f"'{c['largest_answer_to']}'")  # fmt: skip
             wrong = f[side]["good"].get("wrong")
             if wrong:
                 out.append(
@@ -2484,6 +2493,17 @@ def _fuzz_table(r: dict[str, Any]) -> list[str]:
         answers = ", ".join(f"{k} × {v:,}" for k, v in c["statuses"].items())
         lines.append(f"| {cat} | {c['requests']:,} | {answers} | {c['unexpected']} | {c['server_errors']} | "
                      f"{c['hangs']} | {c['slowest_s']:.2f} | {c['largest_answer_bytes']:,} |")  # fmt: skip
+    lenient = [
+        f"{cat} / {escape_md(v)} ({sum(n for k, n in counts.items() if k.startswith('2'))})"
+        for cat, c in r["categories"].items()
+        if cat != "good"
+        for v, counts in c["variants"].items()
+        if any(k.startswith("2") for k in counts)
+    ]
+    lines += [
+        "",
+        "Malformed or unusual requests that were answered 2xx, by variant (times): " + "; ".join(lenient),
+    ]
     lines += ["", "Answers outside what a case expects, 5xx and hangs (the first three per category):", ""]
     for cat, c in r["categories"].items():
         for e in c["examples"][:3]:
