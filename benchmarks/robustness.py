@@ -1765,9 +1765,15 @@ def part_worker_kill(served: Served, settings: Settings, progress: Progress) -> 
         decision_dir = server.decision_dir
     failed = [s for s in samples if not s.ok]
     first_ok = min((s.t1 for s in samples if s.ok and s.t0 > kill_t), default=None)
-    # Around the kill: from a deadline before it until the first answer from the fresh worker.
-    window = (kill_t - settings.client_timeout_s, first_ok if first_ok is not None else float("inf"))
-    in_window = [s for s in failed if window[0] <= s.t0 <= window[1]]
+    # The burst of failures the kill caused: from a deadline before it until failures stop for a second
+    # after the first answer from the fresh worker (the requests queued meanwhile are answered late).
+    burst_end = first_ok if first_ok is not None else float("inf")
+    for t in sorted(s.t0 for s in failed if s.t0 >= kill_t):
+        if t > burst_end + 1.0:
+            break
+        burst_end = max(burst_end, t)
+    in_window = [s for s in failed if kill_t - settings.client_timeout_s <= s.t0 <= burst_end]
+    per_second = Counter(int(np.floor(s.t0 - kill_t)) for s in failed)
     n = len(samples)
     # Not a target of this part: what the killed worker had answered but not yet written.
     answered = {s.decision_id for s in samples if s.ok}
@@ -1791,6 +1797,8 @@ def part_worker_kill(served: Served, settings: Settings, progress: Progress) -> 
         "first_answer_after_kill_s": None if first_ok is None else first_ok - kill_t,
         "new_worker_process_s": None if new_worker_t is None else new_worker_t - kill_t,
         "workers_ready_s": None if ready_t is None else ready_t - kill_t,
+        "burst_end_s": None if burst_end == float("inf") else burst_end - kill_t,
+        "failures_per_second_from_kill": {str(k): v for k, v in sorted(per_second.items())},
         "answered_decisions": len(answered),
         "answered_decisions_missing_from_log": lost,
         "latency_ms": {
@@ -2573,14 +2581,19 @@ def _render_kill(k: dict[str, Any]) -> list[str]:
         f"(deadline {k['client_timeout_ms']:g} ms, retries as shipped); worker {k['killed_pid']} SIGKILLed "
         "halfway.",
         "",
-        "| requests | failed | failure rate | around the kill | elsewhere | reasons | kill → new worker "
-        "process | kill → first answer | kill → workers READY | p50 / p99 ms |",
+        "| requests | failed | failure rate | in the burst around the kill | elsewhere | reasons | kill → "
+        "new worker process | kill → first answer | kill → workers READY | p50 / p99 ms |",
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
         f"| {k['requests']:,} | {k['failed']:,} | {_pct_str(k['failure_rate'], 3)} | "
         f"{k['failed_around_kill']:,} | {k['failed_elsewhere']:,} | {k['failure_reasons']} | "
         f"{_fmt(k['new_worker_process_s'])} s | "
         f"{_fmt(k['first_answer_after_kill_s'])} s | {_fmt(k['workers_ready_s'])} s | {_fmt(lat['p50'])} / "
         f"{_fmt(lat['p99'])} |",
+        "",
+        "Failures per second, counted from the kill (second 0 starts at the kill): "
+        + ", ".join(f"{sec}: {n}" for sec, n in k["failures_per_second_from_kill"].items())
+        + f". The burst around the kill ends {_fmt(k['burst_end_s'])} s after it (then failures stop for a "
+        "second).",
         "",
         f"Workers before {k['workers_before']}, after {k['workers_after']}; wrong answers "
         f"{k['wrong_answers']}. Decisions answered {k['answered_decisions']:,}; of them not in the decision "
