@@ -45,6 +45,7 @@ Nothing here changes how a server behaves: what goes wrong is reported, not work
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -94,7 +95,7 @@ import serving as S  # the policy, the rlops server and its helpers, shared with
 
 DEFAULT_OUT = S.BENCH / "results" / "robustness"
 RLOPS = S.RLOPS
-RESULTS_SCHEMA = "rlops-robustness/1"
+RESULTS_SCHEMA = "rlops-robustness/2"
 
 TS_DEFAULT_MAX_REQUEST_SIZE = 6_553_500
 """TorchServe 0.12's ``max_request_size`` when config.properties does not set it (its ConfigManager)."""
@@ -152,6 +153,8 @@ class Settings:
     soak_rate: float
     soak_warmup_s: float
     sample_seconds: float
+    workers: int
+    """TorchServe workers per policy version (1 as shipped)."""
 
 
 # --- raw HTTP -------------------------------------------------------------------------------------------
@@ -1451,10 +1454,15 @@ def read_log_records(directory: Path, fields: Sequence[str], check: Callable[[An
     }
 
 
+def server_spec(workers: int) -> S.ServerSpec:
+    """``rlops serve start`` as shipped (adaptive batches of 16, decision log on), with ``workers``."""
+    return dataclasses.replace(next(s for s in S.SERVERS if s.key == "rlops"), workers=workers)
+
+
 @contextlib.contextmanager
-def rlops_serving(served: Served, key: str) -> Iterator[S.Running]:
-    """A fresh ``rlops serve start`` as shipped (one worker, adaptive batches of 16, decision log on)."""
-    spec = next(s for s in S.SERVERS if s.key == "rlops")
+def rlops_serving(served: Served, key: str, workers: int) -> Iterator[S.Running]:
+    """A fresh server of :func:`server_spec` in its own run directory, on free ports; stopped at the end."""
+    spec = server_spec(workers)
     run_dir, logs = served.work / key, served.work / f"{key}-logs"
     try:
         yield S.start_rlops(served.work, served.registry, served.name, spec, run_dir, logs, S._free_ports())
@@ -1559,7 +1567,7 @@ def _reasons(samples: Sequence[Sample]) -> dict[str, int]:
 def part_fuzz(served: Served, settings: Settings, progress: Progress) -> dict[str, Any]:
     rng = random.Random(settings.seed)
     out: dict[str, Any] = {}
-    with rlops_serving(served, "fuzz") as server:
+    with rlops_serving(served, "fuzz", settings.workers) as server:
         keys = read_keys(server.run_dir)
         target = Target(
             port=_port(server.inference_url),
@@ -1730,7 +1738,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -
 
 
 def part_worker_kill(served: Served, settings: Settings, progress: Progress) -> dict[str, Any]:
-    with rlops_serving(served, "worker-kill") as server:
+    with rlops_serving(served, "worker-kill", settings.workers) as server:
         workers_before = worker_pids(server.frontend_pid)
         if not workers_before:
             raise BenchError("TorchServe has no worker process to kill")
@@ -1838,7 +1846,7 @@ def _server_procs(frontend_pid: int) -> list[psutil.Process]:
 
 
 def part_restart(served: Served, settings: Settings, progress: Progress) -> dict[str, Any]:
-    spec = next(s for s in S.SERVERS if s.key == "rlops")
+    spec = server_spec(settings.workers)
     modes: dict[str, Any] = {}
     for mode in RESTART_MODES:
         run_dir, logs = served.work / f"restart-{mode}", served.work / f"restart-{mode}-logs"
@@ -2218,7 +2226,7 @@ def _worker_rss(pid: int) -> Callable[[dict[str, Any]], float | None]:
 def part_soak(served: Served, settings: Settings, progress: Progress) -> dict[str, Any]:
     duration = settings.soak_minutes * 60
     window = min(60.0, duration / 2)
-    with rlops_serving(served, "soak") as server:
+    with rlops_serving(served, "soak", settings.workers) as server:
         at_start = _rss(server.frontend_pid)
         console.print(
             f"part 5: {SOAK_CLIENTS} clients × {settings.soak_rate:g} requests/s for "
@@ -2458,8 +2466,10 @@ def escape_md(text: str) -> str:
 
 def _run_line(run: dict[str, Any]) -> str:
     quick = ", quick" if run["quick"] else ""
+    workers = run.get("workers", 1)
     return (f"{run['started_at']} – {run['ended_at']} ({run['wall_s'] / 60:.1f} min{quick}), commit "
-            f"{run['commit']}, seed {run['seed']}: `{run['command']}`")  # fmt: skip
+            f"{run['commit']}, seed {run['seed']}, {workers} worker{'s' if workers > 1 else ''} per version: "
+            f"`{run['command']}`")  # fmt: skip
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -2487,7 +2497,12 @@ def render_markdown(result: dict[str, Any]) -> str:
     for key in PARTS.values():
         if key in parts:
             lines += ["", f"## {TITLES[key]}", "", "Run " + _run_line(parts[key]["run"]), ""]
-            lines += RENDER[key](parts[key])
+            try:
+                lines += RENDER[key](parts[key])
+            except KeyError as e:  # kept from a run of an older version of this benchmark
+                lines.append(
+                    f"(recorded by an older version of this benchmark, without {e}: run the part again)"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -2781,6 +2796,9 @@ def main(
     train_steps: Annotated[
         int | None, typer.Option("--train-steps", min=1, help="BC steps of the served policy (default 100).")
     ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, max=8, help="TorchServe workers per version (1 as shipped).")
+    ] = 1,
     keep_work: Annotated[
         bool, typer.Option("--keep-work", help="Keep the working directory (servers' logs, decisions).")
     ] = False,
@@ -2805,6 +2823,7 @@ def main(
         soak_rate=25.0,
         soak_warmup_s=10.0 if quick else 60.0,
         sample_seconds=2.0 if quick else 5.0,
+        workers=workers,
     )
     torch.set_num_threads(1)
     # Every fallback is counted; the client's warning per fallback would only bury the progress display.
@@ -2815,6 +2834,7 @@ def main(
     work = Path(tempfile.mkdtemp(prefix="rlops-robustness-"))
     load_start = os.getloadavg()
     command = shlex.join([os.path.relpath(sys.executable, S.ROOT), *sys.argv])
+    commit = S._commit()  # at the start: what runs is what was checked out then
     console.print(f"working directory {work}; parts {wanted}; load average {load_start[0]:.2f}")
     started_all = time.monotonic()
     try:
@@ -2845,7 +2865,8 @@ def main(
                     "quick": quick,
                     "seed": seed,
                     "command": command,
-                    "commit": S._commit(),
+                    "commit": commit,
+                    "workers": workers,
                 }
                 results[key] = part
                 console.print(f"part {number} ({key}) done in {time.monotonic() - t0:.0f} s")
