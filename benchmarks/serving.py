@@ -712,12 +712,13 @@ def naive_server(work: Path, version_dir: Path, spec: ServerSpec) -> Iterator[Ru
         _kill_leftovers(run_dir)
 
 
-@contextlib.contextmanager
-def rlops_server(work: Path, registry: Path, name: str, spec: ServerSpec) -> Iterator[Running]:
-    """``rlops serve start`` with the spec's batching; decision log and metrics on; stopped on exit."""
-    run_dir = work / spec.key
-    decision_root = work / f"{spec.key}-logs"
-    ports = _free_ports()
+def start_rlops(
+    work: Path, registry: Path, name: str, spec: ServerSpec, run_dir: Path, decision_root: Path, ports: Ports
+) -> Running:
+    """``rlops serve start`` with the spec's batching, decision log and metrics on; returns when it is ready.
+
+    Also how a stopped or killed server is started again in the same run directory (robustness.py).
+    """
     cmd = [
         str(RLOPS), "serve", "start",
         "--name", name,
@@ -733,29 +734,41 @@ def rlops_server(work: Path, registry: Path, name: str, spec: ServerSpec) -> Ite
         "--batcher", spec.batcher,
         "--workers", str(spec.workers),
     ]  # fmt: skip
+    _run(cmd, f"rlops serve start ({spec.key})", timeout=START_TIMEOUT_S + 60, cwd=work)
+    state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
+    keys = read_keys(run_dir)
+    if "inference" not in keys:
+        raise BenchError(f"{run_dir / 'key_file.json'}: no inference key")
+    return Running(
+        spec=spec,
+        run_dir=run_dir,
+        inference_url=state["inference_url"],
+        management_url=state["management_url"],
+        metrics_url=state["metrics_url"],
+        predict_path=f"/predictions/{name}",
+        key=keys["inference"],
+        frontend_pid=int(state["pid"]),
+        model=name,
+        decision_dir=decision_root / "decisions",
+    )
+
+
+def stop_rlops(work: Path, run_dir: Path) -> None:
+    """``rlops serve stop`` (workers write their queued decisions), then kill whatever is left of it."""
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        subprocess.run([str(RLOPS), "serve", "stop", "--run-dir", str(run_dir)], capture_output=True,
+                       timeout=90, stdin=subprocess.DEVNULL, cwd=work)  # fmt: skip
+    _kill_leftovers(run_dir)
+
+
+@contextlib.contextmanager
+def rlops_server(work: Path, registry: Path, name: str, spec: ServerSpec) -> Iterator[Running]:
+    """``rlops serve start`` with the spec's batching; decision log and metrics on; stopped on exit."""
+    run_dir = work / spec.key
     try:
-        _run(cmd, f"rlops serve start ({spec.key})", timeout=START_TIMEOUT_S + 60, cwd=work)
-        state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
-        keys = read_keys(run_dir)
-        if "inference" not in keys:
-            raise BenchError(f"{run_dir / 'key_file.json'}: no inference key")
-        yield Running(
-            spec=spec,
-            run_dir=run_dir,
-            inference_url=state["inference_url"],
-            management_url=state["management_url"],
-            metrics_url=state["metrics_url"],
-            predict_path=f"/predictions/{name}",
-            key=keys["inference"],
-            frontend_pid=int(state["pid"]),
-            model=name,
-            decision_dir=decision_root / "decisions",
-        )
+        yield start_rlops(work, registry, name, spec, run_dir, work / f"{spec.key}-logs", _free_ports())
     finally:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            subprocess.run([str(RLOPS), "serve", "stop", "--run-dir", str(run_dir)], capture_output=True,
-                           timeout=90, stdin=subprocess.DEVNULL, cwd=work)  # fmt: skip
-        _kill_leftovers(run_dir)
+        stop_rlops(work, run_dir)
 
 
 # --- measuring ------------------------------------------------------------------------------------------

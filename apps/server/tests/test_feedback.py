@@ -126,6 +126,22 @@ def test_each_invalid_field_is_named_with_its_index(item: dict[str, Any], field:
     assert "1 of 2 rewards are invalid" in e.message
 
 
+def test_integers_beyond_a_float_are_refused() -> None:
+    # JSON integers have no size limit; math.isfinite raises OverflowError for one beyond a float.
+    body = json.dumps({"rewards": [reward(0, reward=10**400), reward(1, next_observation=[0.5, -(10**400)])]})
+    with pytest.raises(RewardsRejected) as info:
+        parse_rewards(body.encode())
+    assert [(err.index, err.field) for err in info.value.errors] == [(0, "reward"), (1, "next_observation")]
+
+
+def test_values_the_reward_log_cannot_hold_are_refused() -> None:
+    # The log is UTF-8 JSON lines with 64-bit integers: a reward accepted but not written would be lost.
+    body = json.dumps({"rewards": [reward(0, decision_id="d-\ud800"), reward(1, version=2**63)]})
+    with pytest.raises(RewardsRejected) as info:
+        parse_rewards(body.encode())
+    assert [(err.index, err.field) for err in info.value.errors] == [(0, "decision_id"), (1, "version")]
+
+
 def test_non_finite_numbers_are_refused() -> None:
     # Python's json reads NaN / Infinity literals; they must not reach the log.
     body = b'{"rewards": [{"decision_id": "a", "reward": NaN}, {"decision_id": "b", "reward": 1,'
@@ -139,6 +155,8 @@ def test_non_finite_numbers_are_refused() -> None:
     ("body", "status", "reason"),
     [
         (b"{not json", 400, "invalid_json"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+        (b'{"rewards": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json"),
         (b"[1, 2]", 400, "invalid_shape"),
         (b'{"rewards": []}', 400, "invalid_shape"),
         (b'{"rewards": {"decision_id": "a"}}', 400, "invalid_shape"),

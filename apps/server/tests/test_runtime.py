@@ -200,6 +200,85 @@ def test_error_names_the_offending_position(runtime: PolicyRuntime) -> None:
         runtime.parse({"observations": [OBS, [0.0, 0.0, float("nan"), 0.0]]})
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b"[" * 100_000,
+        b'{"observation": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}",
+        '{"observation": [0, 0, 0, 0], "decision_id": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}",
+    ],
+    ids=["array", "unclosed", "observation", "decision_id text"],
+)
+def test_json_nested_too_deeply_is_a_bad_request(runtime: PolicyRuntime, body: bytes | str) -> None:
+    # Python's json parser gives up with RecursionError, which is not a ValueError.
+    with pytest.raises(RequestError) as e:
+        runtime.parse(body)
+    assert (e.value.status, e.value.reason) == (400, "malformed_json")
+    assert "nested too deeply" in e.value.message
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"decision_id": [0] * 1_000_000},
+        {"episode_id": ["é" * 100] * 10_000},
+        {"step": "x" * 1_000_000},
+        {"deterministic": "y" * 1_000_000},
+        {"return": ["x"] * 1_000_000},
+        {"step": -(10**4000)},
+        {f"k{i}": 0 for i in range(100_000)},
+        {"é" * 1_000_000: 1},
+        {"decision_id": _nested(800)},
+    ],
+    ids=["list", "non-ascii list", "long string", "deterministic", "return", "huge integer", "many fields",
+         "long field name", "nested"],
+)  # fmt: skip
+def test_errors_show_what_was_sent_cut_short(runtime: PolicyRuntime, extra: dict[str, Any]) -> None:
+    # An answer above TorchServe's max_response_size (6.5 MB by default) makes the frontend drop the
+    # worker: a request of a few megabytes must not be echoed back in full, nor grow on the way.
+    with pytest.raises(RequestError) as e:
+        runtime.parse({"observation": OBS, **extra})
+    assert len(json.dumps(e.value.body())) < 2000, e.value.message[:300]
+
+
+@pytest.mark.parametrize(
+    "extra", [{"temperature": 10**400}, {"epsilon": -(10**400)}], ids=["temperature", "epsilon"]
+)
+def test_integers_beyond_a_float_are_out_of_range(runtime: PolicyRuntime, extra: dict[str, Any]) -> None:
+    # JSON integers have no size limit; math.isfinite raises OverflowError for one beyond a float.
+    with pytest.raises(RequestError) as e:
+        runtime.parse({"observation": OBS, **extra})
+    assert (e.value.status, e.value.reason) == (422, "bad_option")
+    assert "out of range" in e.value.message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"decision_id": "d-\ud800"}, {"episode_id": "\udfff"}, {"step": 2**63}],
+    ids=["lone surrogate id", "lone surrogate episode", "step beyond int64"],
+)
+def test_values_the_decision_log_cannot_hold_are_refused(
+    runtime: PolicyRuntime, extra: dict[str, Any]
+) -> None:
+    # A decision answered but not logged breaks the loop: the log (UTF-8 JSON lines, steps as int64)
+    # cannot hold a lone surrogate nor an integer beyond 64 bits, so the request is refused instead.
+    with pytest.raises(RequestError) as e:
+        runtime.parse(json.dumps({"observation": OBS, **extra}))
+    assert (e.value.status, e.value.reason) == (422, "bad_option")
+
+
+def test_largest_step_is_accepted(runtime: PolicyRuntime) -> None:
+    assert runtime.parse({"observation": OBS, "step": 2**63 - 1}).steps == [2**63 - 1]
+
+
 def test_json_text_and_bytes_bodies(runtime: PolicyRuntime) -> None:
     for body in (json.dumps({"observation": OBS}), json.dumps({"observation": OBS}).encode()):
         req = runtime.parse(body)

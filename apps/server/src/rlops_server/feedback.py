@@ -67,6 +67,8 @@ MAX_BODY_BYTES = 16 << 20
 MAX_REWARDS_PER_REQUEST = 10_000
 MAX_OBSERVATION_LENGTH = 100_000
 MAX_ERRORS_SHOWN = 20
+MAX_VERSION = 2**63 - 1
+"""Largest version label as a number: the reward log holds 64-bit integers."""
 MAX_LABEL_SETS = 1000
 """Distinct (policy, version) label pairs before further ones count as ``other``: labels come from
 producers, and unbounded label values would exhaust Prometheus."""
@@ -122,6 +124,21 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape such as \\ud800
+        return False
+    return True
+
+
+def _is_finite(x: Any) -> bool:
+    try:
+        return _is_number(x) and math.isfinite(x)
+    except OverflowError:  # an integer beyond the range of a float (JSON integers have no limit)
+        return False
+
+
 def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None, list[FieldError]]:
     """Check one reward object; returns the record to write (without ``time``) or the errors found."""
     errors: list[FieldError] = []
@@ -141,11 +158,13 @@ def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None,
         bad("decision_id", "missing")
     elif not isinstance(decision_id, str) or not decision_id or len(decision_id) > 200:
         bad("decision_id", f"got {decision_id!r}")
+    elif not _utf8(decision_id):
+        bad("decision_id", "holds a lone surrogate (\\ud800-\\udfff), which the UTF-8 reward log cannot hold")
 
     reward: Any = obj.get("reward")
     if "reward" not in obj:
         bad("reward", "missing")
-    elif not _is_number(reward) or not math.isfinite(reward):
+    elif not _is_finite(reward):
         bad("reward", f"got {reward!r}")
 
     flags = {}
@@ -163,7 +182,7 @@ def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None,
             bad("next_observation", f"got {type(next_obs).__name__} of length {_length(next_obs)}")
         else:
             for i, v in enumerate(next_obs):
-                if not _is_number(v) or not math.isfinite(v):
+                if not _is_finite(v):
                     bad("next_observation", f"element {i} is {v!r}")
                     break
 
@@ -172,7 +191,7 @@ def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None,
         bad("policy", f"got {policy!r}")
     version = obj.get("version")
     if version is not None and not (
-        (isinstance(version, int) and not isinstance(version, bool) and version >= 1)
+        (isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= MAX_VERSION)
         or (isinstance(version, str) and _LABEL_RE.match(version))
     ):
         bad("version", f"got {version!r}")
@@ -201,6 +220,8 @@ def parse_rewards(body: bytes) -> list[dict[str, Any]]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RewardsRejected(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RewardsRejected(400, "invalid_json", "the body is JSON nested too deeply to be read") from None
     if isinstance(payload, dict) and "rewards" in payload:
         extra = sorted(set(payload) - {"rewards"})
         items = payload["rewards"]

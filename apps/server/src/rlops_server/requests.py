@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,37 @@ MAX_TEMPERATURE = 10.0
 """Largest temperature a request may ask for; above it the distribution is uniform in all but name."""
 MAX_ID_LENGTH = 128
 """Longest accepted ``decision_id`` / ``episode_id``."""
+MAX_STEP = 2**63 - 1
+"""Largest accepted ``step``: the decision log and the dataset hold steps as 64-bit integers."""
 RETURN_OPTIONS = ("probabilities", "scores")
 ACCEPTED_BODY = (
     "a JSON object as the request body, sent with Content-Type: application/json, such as "
     '{"observation": [...]} or {"observations": [[...], ...]}'
 )
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 40, 40, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+MAX_FIELDS_SHOWN = 10
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which no UTF-8 log line can hold (the record would be answered but never written)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: Any) -> str:
+    """A value from a request as an error message shows it: cut short. An answer that echoed a request of
+    megabytes would exceed TorchServe's max_response_size, and the frontend drops the worker for it."""
+    return _SHORT.repr(value)
+
+
 _SINGLE_FIELDS = ("observation", "decision_id", "episode_id", "step", "action_mask")
 _BATCH_FIELDS = ("observations", "decision_ids", "episode_ids", "steps", "action_masks", "action_mask")
 _COMMON_FIELDS = ("deterministic", "temperature", "epsilon", "return")
@@ -103,6 +130,10 @@ def decode_body(body: Any) -> dict[str, Any]:
             raise _reject(400, m.R_MALFORMED_JSON, f"the body is not UTF-8 text: {e}", ACCEPTED_BODY) from e
         except ValueError as e:
             raise _reject(400, m.R_MALFORMED_JSON, f"the body is not valid JSON: {e}", ACCEPTED_BODY) from e
+        except RecursionError as e:
+            raise _reject(
+                400, m.R_MALFORMED_JSON, "the body is JSON nested too deeply to be read", ACCEPTED_BODY
+            ) from e
     if not isinstance(body, dict):
         raise _reject(
             400,
@@ -171,7 +202,8 @@ class RequestParser:
             raise _reject(
                 400,
                 m.R_BAD_FIELD,
-                f"unknown field(s) {', '.join(repr(k) for k in sorted(unknown))}",
+                f"unknown field(s) {', '.join(_shown(k) for k in sorted(unknown)[:MAX_FIELDS_SHOWN])}"
+                + (f" and {len(unknown) - MAX_FIELDS_SHOWN} more" if len(unknown) > MAX_FIELDS_SHOWN else ""),
                 f"fields of a {'batch' if batch else 'single'} request: {', '.join(allowed)}",
             )
         obs = self._observations(req["observations"] if batch else req["observation"], batch)
@@ -291,7 +323,10 @@ class RequestParser:
         deterministic = req.get("deterministic", False)
         if not isinstance(deterministic, bool):
             raise _reject(
-                422, m.R_BAD_OPTION, f"'deterministic' is {deterministic!r}", "'deterministic': true or false"
+                422,
+                m.R_BAD_OPTION,
+                f"'deterministic' is {_shown(deterministic)}",
+                "'deterministic': true or false",
             )
         temperature, epsilon = self.temperature, self.epsilon
         if "temperature" in req:
@@ -314,8 +349,12 @@ class RequestParser:
         accepted = f"'{name}': a number in [{low:g}, {high:g}]"
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' is a JSON {_json_type(value)}", accepted)
-        if not (math.isfinite(value) and low <= value <= high):
-            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {value!r}, out of range", accepted)
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond the range of a float (JSON integers have no limit)
+            finite = False
+        if not (finite and low <= value <= high):
+            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}, out of range", accepted)
         return float(value)
 
     @staticmethod
@@ -324,10 +363,10 @@ class RequestParser:
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _reject(422, m.R_BAD_OPTION, f"'return' is {value!r}", accepted)
+            raise _reject(422, m.R_BAD_OPTION, f"'return' is {_shown(value)}", accepted)
         unknown = [v for v in value if v not in RETURN_OPTIONS]
         if unknown:
-            raise _reject(422, m.R_BAD_OPTION, f"'return' asks for unknown {unknown}", accepted)
+            raise _reject(422, m.R_BAD_OPTION, f"'return' asks for unknown {_shown(unknown)}", accepted)
         return tuple(value)
 
     @staticmethod
@@ -338,14 +377,18 @@ class RequestParser:
         if allow_int and type(value) is int:
             return str(value)
         if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
-            shown = repr(value) if not isinstance(value, str) else f"a string of {len(value)} characters"
+            shown = _shown(value) if not isinstance(value, str) else f"a string of {len(value)} characters"
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {shown}", accepted)
+        if not _utf8(value):
+            raise _reject(422, m.R_BAD_OPTION, f"'{name}' holds a lone surrogate (\\ud800-\\udfff)", accepted)
         return value
 
     @staticmethod
     def _step(value: Any, name: str) -> int:
-        if type(value) is not int or value < 0:
-            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {value!r}", f"'{name}': an integer >= 0")
+        if type(value) is not int or not 0 <= value <= MAX_STEP:
+            raise _reject(
+                422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}", f"'{name}': an integer in [0, 2^63 - 1]"
+            )
         return value
 
     @staticmethod
