@@ -142,6 +142,16 @@ def test_values_the_reward_log_cannot_hold_are_refused() -> None:
     assert [(err.index, err.field) for err in info.value.errors] == [(0, "decision_id"), (1, "version")]
 
 
+def test_errors_show_bad_values_cut_short() -> None:
+    # An answer that echoed a value of megabytes would turn a large bad request into a larger answer.
+    body = json.dumps({"rewards": [reward(0, decision_id=[0] * 1_000_000), reward(1, policy="p" * 10**6)]})
+    with pytest.raises(RewardsRejected) as info:
+        parse_rewards(body.encode())
+    answer = json.dumps(info.value.to_json())
+    assert len(answer) < 2000
+    assert [(err.index, err.field) for err in info.value.errors] == [(0, "decision_id"), (1, "policy")]
+
+
 def test_non_finite_numbers_are_refused() -> None:
     # Python's json reads NaN / Infinity literals; they must not reach the log.
     body = b'{"rewards": [{"decision_id": "a", "reward": NaN}, {"decision_id": "b", "reward": 1,'

@@ -51,11 +51,12 @@ from prometheus_client.registry import Collector
 from rlops_contracts import REWARD_FIELDS
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rlops_server.decision_log import DecisionLog
+from rlops_server.requests import shown, writable_utf8
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +125,6 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape such as \\ud800
-        return False
-    return True
-
-
 def _is_finite(x: Any) -> bool:
     try:
         return _is_number(x) and math.isfinite(x)
@@ -151,27 +144,27 @@ def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None,
         bad(None, f"a reward must be a JSON object, got {type(obj).__name__}")
         return None, errors
     for key in sorted(set(obj) - _INPUT_FIELDS, key=str):
-        bad(key, f"unknown field {key!r}; accepted fields: {', '.join(sorted(_INPUT_FIELDS))}")
+        bad(key, f"unknown field {shown(key)}; accepted fields: {', '.join(sorted(_INPUT_FIELDS))}")
 
     decision_id = obj.get("decision_id")
     if "decision_id" not in obj:
         bad("decision_id", "missing")
     elif not isinstance(decision_id, str) or not decision_id or len(decision_id) > 200:
-        bad("decision_id", f"got {decision_id!r}")
-    elif not _utf8(decision_id):
+        bad("decision_id", f"got {shown(decision_id)}")
+    elif not writable_utf8(decision_id):
         bad("decision_id", "holds a lone surrogate (\\ud800-\\udfff), which the UTF-8 reward log cannot hold")
 
     reward: Any = obj.get("reward")
     if "reward" not in obj:
         bad("reward", "missing")
     elif not _is_finite(reward):
-        bad("reward", f"got {reward!r}")
+        bad("reward", f"got {shown(reward)}")
 
     flags = {}
     for key in ("terminated", "truncated"):
         value = obj.get(key, False)
         if not isinstance(value, bool):
-            bad(key, f"got {value!r}")
+            bad(key, f"got {shown(value)}")
         flags[key] = value is True
     if flags["terminated"] and flags["truncated"]:
         bad("truncated", "terminated and truncated are both true: an episode ends one way")
@@ -183,18 +176,18 @@ def validate_reward(obj: Any, index: int | None) -> tuple[dict[str, Any] | None,
         else:
             for i, v in enumerate(next_obs):
                 if not _is_finite(v):
-                    bad("next_observation", f"element {i} is {v!r}")
+                    bad("next_observation", f"element {i} is {shown(v)}")
                     break
 
     policy = obj.get("policy")
     if policy is not None and not (isinstance(policy, str) and _LABEL_RE.match(policy)):
-        bad("policy", f"got {policy!r}")
+        bad("policy", f"got {shown(policy)}")
     version = obj.get("version")
     if version is not None and not (
         (isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= MAX_VERSION)
         or (isinstance(version, str) and _LABEL_RE.match(version))
     ):
-        bad("version", f"got {version!r}")
+        bad("version", f"got {shown(version)}")
 
     if errors:
         return None, errors
@@ -389,11 +382,18 @@ def create_app(
                 RewardsRejected(413, "too_large", f"the body has {declared} bytes; at most {max_body_bytes}")
             )
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                return reject(RewardsRejected(413, "too_large", f"the body exceeds {max_body_bytes} bytes"))
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    return reject(
+                        RewardsRejected(413, "too_large", f"the body exceeds {max_body_bytes} bytes")
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:
+            # The producer went away mid-body: nothing was accepted and there is nobody to answer.
+            metrics.rejected.labels("client_disconnect").inc()
+            return Response(status_code=400)
         try:
             # Validating thousands of rewards takes milliseconds: keep it off the event loop.
             records = await run_in_threadpool(parse_rewards, b"".join(chunks))

@@ -42,7 +42,7 @@ _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
 MAX_FIELDS_SHOWN = 10
 
 
-def _utf8(text: str) -> bool:
+def writable_utf8(text: str) -> bool:
     """Whether ``text`` can be written as UTF-8: JSON's ``\\ud800`` escapes decode to lone surrogates,
     which no UTF-8 log line can hold (the record would be answered but never written)."""
     if text.isascii():
@@ -54,9 +54,10 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A value from a request as an error message shows it: cut short. An answer that echoed a request of
-    megabytes would exceed TorchServe's max_response_size, and the frontend drops the worker for it."""
+    megabytes would exceed a server's response limit (TorchServe's max_response_size: the frontend drops
+    the worker for it) or turn a large bad request into a larger answer."""
     return _SHORT.repr(value)
 
 
@@ -202,7 +203,7 @@ class RequestParser:
             raise _reject(
                 400,
                 m.R_BAD_FIELD,
-                f"unknown field(s) {', '.join(_shown(k) for k in sorted(unknown)[:MAX_FIELDS_SHOWN])}"
+                f"unknown field(s) {', '.join(shown(k) for k in sorted(unknown)[:MAX_FIELDS_SHOWN])}"
                 + (f" and {len(unknown) - MAX_FIELDS_SHOWN} more" if len(unknown) > MAX_FIELDS_SHOWN else ""),
                 f"fields of a {'batch' if batch else 'single'} request: {', '.join(allowed)}",
             )
@@ -325,7 +326,7 @@ class RequestParser:
             raise _reject(
                 422,
                 m.R_BAD_OPTION,
-                f"'deterministic' is {_shown(deterministic)}",
+                f"'deterministic' is {shown(deterministic)}",
                 "'deterministic': true or false",
             )
         temperature, epsilon = self.temperature, self.epsilon
@@ -354,7 +355,7 @@ class RequestParser:
         except OverflowError:  # an integer beyond the range of a float (JSON integers have no limit)
             finite = False
         if not (finite and low <= value <= high):
-            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}, out of range", accepted)
+            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {shown(value)}, out of range", accepted)
         return float(value)
 
     @staticmethod
@@ -363,10 +364,10 @@ class RequestParser:
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _reject(422, m.R_BAD_OPTION, f"'return' is {_shown(value)}", accepted)
+            raise _reject(422, m.R_BAD_OPTION, f"'return' is {shown(value)}", accepted)
         unknown = [v for v in value if v not in RETURN_OPTIONS]
         if unknown:
-            raise _reject(422, m.R_BAD_OPTION, f"'return' asks for unknown {_shown(unknown)}", accepted)
+            raise _reject(422, m.R_BAD_OPTION, f"'return' asks for unknown {shown(unknown)}", accepted)
         return tuple(value)
 
     @staticmethod
@@ -377,9 +378,9 @@ class RequestParser:
         if allow_int and type(value) is int:
             return str(value)
         if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
-            shown = _shown(value) if not isinstance(value, str) else f"a string of {len(value)} characters"
-            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {shown}", accepted)
-        if not _utf8(value):
+            what = shown(value) if not isinstance(value, str) else f"a string of {len(value)} characters"
+            raise _reject(422, m.R_BAD_OPTION, f"'{name}' is {what}", accepted)
+        if not writable_utf8(value):
             raise _reject(422, m.R_BAD_OPTION, f"'{name}' holds a lone surrogate (\\ud800-\\udfff)", accepted)
         return value
 
@@ -387,7 +388,7 @@ class RequestParser:
     def _step(value: Any, name: str) -> int:
         if type(value) is not int or not 0 <= value <= MAX_STEP:
             raise _reject(
-                422, m.R_BAD_OPTION, f"'{name}' is {_shown(value)}", f"'{name}': an integer in [0, 2^63 - 1]"
+                422, m.R_BAD_OPTION, f"'{name}' is {shown(value)}", f"'{name}': an integer in [0, 2^63 - 1]"
             )
         return value
 
