@@ -209,6 +209,18 @@ def test_token_is_required_when_configured(tmp_path: Path) -> None:
     assert [r["decision_id"] for r in read_rewards(tmp_path)] == ["d-1"]
 
 
+def test_a_header_block_over_the_limit_is_refused_431(tmp_path: Path) -> None:
+    # Read in one go, a 100 KB header block passes h11's own limit; the service measures it.
+    with serve_in_thread(tmp_path) as (url, _):
+        status, body = post(url, reward(0), {"X-Pad": "a" * 100_000})
+        assert post(url, reward(1), {"X-Pad": "a" * 8_000}) == (202, {"accepted": 1})
+        text = HTTP.request("GET", url + "/metrics").data.decode()
+    assert status == 431
+    assert "at most 16384" in body["error"]
+    assert metric(text, "rlops_rewards_rejected_total", reason="headers_too_large") == 1
+    assert [r["decision_id"] for r in read_rewards(tmp_path)] == ["d-1"]
+
+
 def test_full_reward_log_answers_503_and_counts(tmp_path: Path) -> None:
     with serve_in_thread(tmp_path, max_queue=1) as (url, app):
         app.state.log.close()  # a closed log refuses every record, as a full one does

@@ -65,6 +65,9 @@ REWARDS_STREAM = "rewards"
 REWARD_FILE_PREFIX = "part-"
 
 MAX_BODY_BYTES = 16 << 20
+MAX_HEADER_BYTES = 16 << 10
+"""Largest header block (names and values): h11 enforces its 16 KiB limit only on a block that arrives in
+pieces, so a block read in one go is measured here."""
 MAX_REWARDS_PER_REQUEST = 10_000
 MAX_OBSERVATION_LENGTH = 100_000
 MAX_ERRORS_SHOWN = 20
@@ -367,6 +370,16 @@ def create_app(
         return _error(e.status, e.to_json())
 
     async def post_rewards(request: Request) -> Response:
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.scope["headers"])
+        if header_bytes > MAX_HEADER_BYTES:
+            metrics.rejected.labels("headers_too_large").inc()
+            return _error(
+                431,
+                {
+                    "error": f"the request's headers have {header_bytes} bytes; at most {MAX_HEADER_BYTES}",
+                    "accepted": "a header block of at most 16 KiB",
+                },
+            )
         if expected is not None:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
