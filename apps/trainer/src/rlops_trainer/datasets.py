@@ -59,7 +59,8 @@ class DatasetMeta:
     """``{"type": "Box", "shape": [d], "low": [...], "high": [...]}``; JSON has no infinity, so an
     unbounded dimension is the string ``"inf"`` / ``"-inf"`` (see :func:`box_space`, :func:`space_bounds`)."""
     action_space: dict[str, Any]
-    """``{"type": "Discrete", "n": n}``; continuous action spaces come later."""
+    """``{"type": "Discrete", "n": n}``, or ``{"type": "Box", "shape": [k], "low": [...], "high": [...]}``
+    with finite bounds (``low < high`` in every dimension) for continuous actions."""
     behavior_policy: str
     """Human-readable description of the policy that chose the logged actions."""
     source: str
@@ -76,8 +77,27 @@ class DatasetMeta:
         return int(np.prod(self.observation_space["shape"]))
 
     @property
+    def is_continuous(self) -> bool:
+        """True for a Box action space (actions are float vectors), False for Discrete (integers)."""
+        return self.action_space.get("type") == "Box"
+
+    @property
     def n_actions(self) -> int:
+        """The number of discrete actions; a Box action space has none (see :attr:`action_dim`)."""
+        if self.is_continuous:
+            raise ValueError("a Box action space has no number of actions; use action_dim")
         return int(self.action_space["n"])
+
+    @property
+    def action_dim(self) -> int:
+        """Entries per action: ``k`` for Box([k]), 1 for Discrete (one integer)."""
+        return int(np.prod(self.action_space["shape"])) if self.is_continuous else 1
+
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)`` of a Box action space as float64 arrays of length :attr:`action_dim`."""
+        if not self.is_continuous:
+            raise ValueError("a Discrete action space has no bounds")
+        return space_bounds(self.action_space)
 
 
 @dataclass
@@ -87,7 +107,7 @@ class Transitions:
     episode_id: np.ndarray  # int64 [N]
     step: np.ndarray  # int64 [N]
     observation: np.ndarray  # float32 [N, obs_dim]
-    action: np.ndarray  # int64 [N]
+    action: np.ndarray  # int64 [N] (Discrete) or float32 [N, action_dim] (Box)
     reward: np.ndarray  # float32 [N]
     next_observation: np.ndarray  # float32 [N, obs_dim]
     terminated: np.ndarray  # bool [N]
@@ -216,31 +236,16 @@ def meta_from_json(text: str | bytes, path: str | None = None) -> DatasetMeta:
         raise bad(f"'extra' must be an object, got {type(extra).__name__}")
 
     obs = raw["observation_space"]
-    if not isinstance(obs, dict) or obs.get("type") != "Box":
-        raise bad(f"observation_space must be a Box space object, got {obs!r}")
-    shape = obs.get("shape")
-    if not (
-        isinstance(shape, list)
-        and shape
-        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-    ):
-        raise bad(f"observation_space.shape must be a list of positive integers, got {shape!r}")
-    dim = int(np.prod(shape))
-    for key in ("low", "high"):
-        bound = obs.get(key)
-        if not isinstance(bound, list) or len(bound) != dim:
-            raise bad(f"observation_space.{key} must be a list of {dim} numbers, got {bound!r}")
-        for v in bound:
-            ok_str = isinstance(v, str) and v in ("inf", "-inf")
-            if not (ok_str or (isinstance(v, int | float) and not isinstance(v, bool))):
-                raise bad(f'observation_space.{key} holds {v!r}; expected numbers or "inf" / "-inf"')
-
+    _check_box(obs, "observation_space", bad, finite=False)
     act = raw["action_space"]
-    if not isinstance(act, dict) or act.get("type") != "Discrete":
-        raise bad(f"only Discrete action spaces are supported for now, got {act!r}")
-    n = act.get("n")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise bad(f"action_space.n must be a positive integer, got {n!r}")
+    if isinstance(act, dict) and act.get("type") == "Box":
+        _check_box(act, "action_space", bad, finite=True)
+    elif isinstance(act, dict) and act.get("type") == "Discrete":
+        n = act.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise bad(f"action_space.n must be a positive integer, got {n!r}")
+    else:
+        raise bad(f"action_space must be a Discrete or Box space object, got {act!r}")
     return DatasetMeta(
         env_id=raw["env_id"],
         observation_space=obs,
@@ -250,6 +255,36 @@ def meta_from_json(text: str | bytes, path: str | None = None) -> DatasetMeta:
         schema_version=version,
         extra=extra,
     )
+
+
+def _check_box(space: Any, key: str, bad: Callable[[str], DatasetError], *, finite: bool) -> None:
+    """Check a Box space object; action spaces (``finite``) need finite bounds with low < high."""
+    if not isinstance(space, dict) or space.get("type") != "Box":
+        raise bad(f"{key} must be a Box space object, got {space!r}")
+    shape = space.get("shape")
+    if not (
+        isinstance(shape, list)
+        and shape
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise bad(f"{key}.shape must be a list of positive integers, got {shape!r}")
+    dim = int(np.prod(shape))
+    for bound in ("low", "high"):
+        values = space.get(bound)
+        if not isinstance(values, list) or len(values) != dim:
+            raise bad(f"{key}.{bound} must be a list of {dim} numbers, got {values!r}")
+        for v in values:
+            is_number = isinstance(v, int | float) and not isinstance(v, bool)
+            if finite and not (is_number and np.isfinite(v)):
+                raise bad(f"{key}.{bound} holds {v!r}; an action space needs finite numbers")
+            if not (is_number or (isinstance(v, str) and v in ("inf", "-inf"))):
+                raise bad(f'{key}.{bound} holds {v!r}; expected numbers or "inf" / "-inf"')
+    if finite:
+        low, high = space_bounds(space)
+        wrong = np.flatnonzero(~(low < high))
+        if wrong.size:
+            j = int(wrong[0])
+            raise bad(f"{key} dimension {j}: low {low[j]:g} must be below high {high[j]:g}")
 
 
 # --------------------------------------------------------------------------------------------------
