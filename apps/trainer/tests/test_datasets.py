@@ -241,7 +241,7 @@ def test_missing_metadata(tmp_path: Path, good_table: pa.Table) -> None:
                     "schema_version": 1,
                 }
             ).encode(),
-            "only Discrete action spaces",
+            r"action_space.low must be a list of 1 numbers",
         ),
         (
             json.dumps(
