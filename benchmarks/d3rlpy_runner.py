@@ -1,4 +1,8 @@
-"""Train one d3rlpy discrete algorithm on an rlops Parquet dataset and print one JSON line.
+"""Train one d3rlpy algorithm on an rlops Parquet dataset and print one JSON line.
+
+Discrete datasets (an integer ``action`` column) train DiscreteCQL or DiscreteBC; continuous ones (a
+list ``action`` column with a Box action space in the rlops metadata) train CQL, IQL, TD3+BC or BC,
+with the action bounds given to d3rlpy's MinMaxActionScaler and observations standardised as rlops does.
 
 This script runs inside the benchmark's own d3rlpy virtual environment (d3rlpy 2.8.1 pins
 gymnasium 1.0.0, which cannot share an environment with Ray), so it imports nothing from rlops:
@@ -30,13 +34,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-ALGORITHMS = ("cql", "bc")
+ALGORITHMS = ("cql", "bc", "iql", "td3bc")
+CONTINUOUS_ONLY = ("iql", "td3bc")
+NAMES = {
+    (False, "cql"): "DiscreteCQL",
+    (False, "bc"): "DiscreteBC",
+    (True, "cql"): "CQL",
+    (True, "iql"): "IQL",
+    (True, "td3bc"): "TD3PlusBC",
+    (True, "bc"): "BC",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", type=Path, required=True, help="rlops Parquet dataset")
-    p.add_argument("--algo", choices=ALGORITHMS, required=True, help="cql: DiscreteCQL, bc: DiscreteBC")
+    p.add_argument("--algo", choices=ALGORITHMS, required=True, help="cql, bc, iql, td3bc (Box only)")
     p.add_argument("--seed", type=int, required=True, help="seed for d3rlpy (python, numpy, torch)")
     p.add_argument("--steps", type=int, required=True, help="gradient steps")
     p.add_argument("--batch-size", type=int, required=True, help="transitions per gradient step")
@@ -62,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_dataset(path: Path) -> dict[str, np.ndarray]:
-    """The rlops columns d3rlpy needs, as numpy arrays (rows grouped by episode, ordered by step)."""
+def read_dataset(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+    """The rlops columns d3rlpy needs, as numpy arrays (rows grouped by episode, ordered by step), and the
+    Box action space from the rlops metadata (None for discrete data)."""
     table = pq.read_table(path)
     missing = {"observation", "action", "reward", "terminated", "truncated"} - set(table.column_names)
     if missing:
@@ -73,18 +87,75 @@ def read_dataset(path: Path) -> dict[str, np.ndarray]:
     observations = np.asarray(obs_col.flatten(), dtype=np.float32).reshape(n, -1)
     terminated = np.asarray(table.column("terminated"), dtype=bool)
     truncated = np.asarray(table.column("truncated"), dtype=bool)
+    action_col = table.column("action").combine_chunks()
+    box = None
+    if hasattr(action_col, "flatten"):
+        actions = np.asarray(action_col.flatten(), dtype=np.float32).reshape(n, -1)
+        meta = json.loads((table.schema.metadata or {}).get(b"rlops", b"{}"))
+        box = meta.get("action_space")
+        if not box or box.get("type") != "Box":
+            raise SystemExit(f"{path}: a list action column needs a Box action_space in the rlops metadata")
+    else:
+        actions = np.asarray(action_col, dtype=np.int64)
     return {
         "observations": observations,
-        "actions": np.asarray(table.column("action"), dtype=np.int64),
+        "actions": actions,
         "rewards": np.asarray(table.column("reward"), dtype=np.float32),
         "terminals": terminated.astype(np.float32),
         # d3rlpy refuses rows that are both terminal and timeout; a terminal row already ends the
         # episode and stops bootstrapping, so it wins.
         "timeouts": (truncated & ~terminated).astype(np.float32),
+    }, box
+
+
+def make_continuous(args: argparse.Namespace, d3rlpy: Any, box: dict[str, Any]) -> Any:
+    encoder = d3rlpy.models.VectorEncoderFactory(hidden_units=args.hidden_units)
+    settings: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "actor_encoder_factory": encoder,
+        "critic_encoder_factory": encoder,
+        "observation_scaler": d3rlpy.preprocessing.StandardObservationScaler(),
+        "action_scaler": d3rlpy.preprocessing.MinMaxActionScaler(
+            minimum=np.asarray(box["low"], dtype=np.float32),
+            maximum=np.asarray(box["high"], dtype=np.float32),
+        ),
     }
+    if args.align:
+        aligned = {"actor_learning_rate": args.lr, "critic_learning_rate": args.lr, "gamma": args.gamma}
+        settings |= {k: v for k, v in aligned.items() if v is not None}
+    if args.algo == "cql":
+        if args.align and args.alpha is not None:
+            settings["conservative_weight"] = args.alpha
+        return d3rlpy.algos.CQLConfig(**settings)
+    if args.algo == "iql":
+        return d3rlpy.algos.IQLConfig(**settings, value_encoder_factory=encoder)
+    if args.algo == "td3bc":
+        return d3rlpy.algos.TD3PlusBCConfig(**settings)
+    bc = {k: v for k, v in settings.items() if k not in ("actor_encoder_factory", "critic_encoder_factory")}
+    if "actor_learning_rate" in bc:
+        bc["learning_rate"] = bc.pop("actor_learning_rate")
+        bc.pop("critic_learning_rate")
+    bc.pop("gamma", None)
+    return d3rlpy.algos.BCConfig(**bc, encoder_factory=encoder, policy_type="deterministic")
 
 
-def make_algo(args: argparse.Namespace, d3rlpy: Any) -> tuple[Any, dict[str, Any]]:
+def make_algo(
+    args: argparse.Namespace, d3rlpy: Any, box: dict[str, Any] | None
+) -> tuple[Any, dict[str, Any]]:
+    if box is not None:
+        config = make_continuous(args, d3rlpy, box)
+        # The scalers are fitted on the dataset later, so d3rlpy cannot serialise them yet: show their names.
+        shown = {}
+        for key in config.__dataclass_fields__:
+            value = getattr(config, key)
+            if isinstance(value, int | float | str | bool):
+                shown[key] = value
+            elif key.endswith("_scaler") and value is not None:
+                shown[key] = type(value).__name__
+        shown["hidden_units"] = args.hidden_units
+        return config.create(device="cpu:0"), shown
+    if args.algo in CONTINUOUS_ONLY:
+        raise SystemExit(f"--algo {args.algo} needs a continuous (Box) dataset; this one is discrete")
     encoder = d3rlpy.models.VectorEncoderFactory(hidden_units=args.hidden_units)
     settings: dict[str, Any] = {"batch_size": args.batch_size, "encoder_factory": encoder}
     if args.align:
@@ -105,7 +176,7 @@ def make_algo(args: argparse.Namespace, d3rlpy: Any) -> tuple[Any, dict[str, Any
     return config.create(device="cpu:0"), shown
 
 
-def rollout(policy: Any, env_id: str, episodes: int, seed: int) -> list[float]:
+def rollout(policy: Any, env_id: str, episodes: int, seed: int, continuous: bool) -> list[float]:
     import gymnasium as gym
 
     env = gym.make(env_id)
@@ -114,7 +185,8 @@ def rollout(policy: Any, env_id: str, episodes: int, seed: int) -> list[float]:
         obs, _ = env.reset(seed=seed + i)
         total, done = 0.0, False
         while not done:
-            action = int(policy.predict(np.asarray(obs, dtype=np.float32)[None])[0])
+            predicted = policy.predict(np.asarray(obs, dtype=np.float32)[None])[0]
+            action = np.asarray(predicted, dtype=np.float32) if continuous else int(predicted)
             obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
             done = terminated or truncated
@@ -132,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         import d3rlpy
 
-        columns = read_dataset(args.dataset)
+        columns, box = read_dataset(args.dataset)
         d3rlpy.seed(args.seed)
-        dataset = d3rlpy.dataset.MDPDataset(**columns, action_space=d3rlpy.ActionSpace.DISCRETE)
-        algo, config = make_algo(args, d3rlpy)
+        space = d3rlpy.ActionSpace.CONTINUOUS if box is not None else d3rlpy.ActionSpace.DISCRETE
+        dataset = d3rlpy.dataset.MDPDataset(**columns, action_space=space)
+        algo, config = make_algo(args, d3rlpy, box)
         algo.build_with_dataset(dataset)
 
         marks: list[float] = []
@@ -158,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         # The steady-state rate between the first and the last step leaves out fit()'s setup.
         loop_rate = (args.steps - 1) / (marks[-1] - marks[0]) if len(marks) == 2 else math.nan
 
-        returns = rollout(algo, args.env_id, args.eval_episodes, args.eval_seed)
+        returns = rollout(algo, args.env_id, args.eval_episodes, args.eval_seed, box is not None)
         if args.export is not None:
             args.export.parent.mkdir(parents=True, exist_ok=True)
             algo.save_policy(str(args.export))
@@ -166,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "library": "d3rlpy",
         "version": d3rlpy.__version__,
-        "algorithm": {"cql": "DiscreteCQL", "bc": "DiscreteBC"}[args.algo],
+        "algorithm": NAMES[(box is not None, args.algo)],
         "seed": args.seed,
         "steps": args.steps,
         "fit_wall_s": fit_s,
