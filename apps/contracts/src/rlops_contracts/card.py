@@ -2,7 +2,8 @@
 applies before it serves one.
 
 ``model-card.schema.json`` says what each field is; :func:`validate_card` adds the rules that tie fields
-together (one reference entry per feature and per action, sorted finite drift bins …), so that a card the
+together (one reference entry per feature and per action, sorted finite drift bins, a policy output that
+fits the action space: scores per action for Discrete, the action itself for Box …), so that a card the
 trainer writes is exactly a card the server accepts. Errors name the file and the field
 (``card.reference.observation.bins[2].edges``) and say what is accepted.
 """
@@ -57,30 +58,73 @@ def _cross_field_problem(card: dict[str, Any]) -> str | None:
                 f"card.observation_space.{key}: {len(space[key])} entries, expected one per observation "
                 f"feature ({dim})"
             )
-    observation = card["reference"]["observation"]
-    for key in ("mean", "std", "min", "max", "bins"):
-        if len(observation[key]) != dim:
+    problem = _stats_problem(card["reference"]["observation"], dim, "observation", "observation feature")
+    if problem:
+        return problem
+    return _action_problem(card)
+
+
+def _stats_problem(stats: dict[str, Any], dim: int, key: str, what: str) -> str | None:
+    """The first inconsistency in per-feature reference statistics (``card.reference.<key>``) of ``dim``
+    features, or None."""
+    for field in ("mean", "std", "min", "max", "bins"):
+        if len(stats[field]) != dim:
             return (
-                f"card.reference.observation.{key}: {len(observation[key])} entries, expected one per "
-                f"observation feature ({dim})"
+                f"card.reference.{key}.{field}: {len(stats[field])} entries, expected one per {what} ({dim})"
             )
-    for j, b in enumerate(observation["bins"]):
+    for j, b in enumerate(stats["bins"]):
         edges = b["edges"]
         if len(b["proportions"]) != len(edges) + 1:
             return (
-                f"card.reference.observation.bins[{j}]: {len(edges)} edges need {len(edges) + 1} "
+                f"card.reference.{key}.bins[{j}]: {len(edges)} edges need {len(edges) + 1} "
                 f"proportions, got {len(b['proportions'])}"
             )
         if not all(math.isfinite(e) for e in edges) or any(b2 < b1 for b1, b2 in itertools.pairwise(edges)):
-            return f"card.reference.observation.bins[{j}].edges: must be finite and ascending, got {edges}"
-    n_actions = card["action_space"]["n"]
-    proportions = card["reference"]["actions"]["proportions"]
-    if len(proportions) != n_actions:
-        return (
-            f"card.reference.actions.proportions: {len(proportions)} entries, expected one per action "
-            f"({n_actions})"
-        )
+            return f"card.reference.{key}.bins[{j}].edges: must be finite and ascending, got {edges}"
     return None
+
+
+def _action_problem(card: dict[str, Any]) -> str | None:
+    """The first inconsistency between the action space, the policy's output kind, its selection and
+    the action reference statistics, or None."""
+    space = card["action_space"]
+    score_kind = card["policy"]["score_kind"]
+    actions = card["reference"]["actions"]
+    if space["type"] == "Discrete":
+        if score_kind == "action":
+            return (
+                "card.policy.score_kind: 'action' is for Box action spaces; a Discrete policy scores its "
+                "actions ('logits' or 'q_values')"
+            )
+        if card["policy"]["selection"].get("std", 0.0) != 0.0:
+            return "card.policy.selection.std: exploration noise is for Box action spaces; a Discrete policy has 0"
+        if "proportions" not in actions:
+            return "card.reference.actions: a Discrete action space needs {n, proportions}, one share per action"
+        n_actions = space["n"]
+        if len(actions["proportions"]) != n_actions:
+            return (
+                f"card.reference.actions.proportions: {len(actions['proportions'])} entries, expected one "
+                f"per action ({n_actions})"
+            )
+        return None
+    if score_kind != "action":
+        return (
+            f"card.policy.score_kind: a Box action space needs 'action' (the policy returns the action), "
+            f"got {score_kind!r}"
+        )
+    k = space["shape"][0]
+    for key in ("low", "high"):
+        if len(space[key]) != k:
+            return f"card.action_space.{key}: {len(space[key])} entries, expected one per action dimension ({k})"
+    bad = [j for j, (lo, hi) in enumerate(zip(space["low"], space["high"], strict=True)) if not lo < hi]
+    if bad:
+        return f"card.action_space: low must be below high in every dimension, not in dimension(s) {bad}"
+    if "bins" not in actions:
+        return (
+            "card.reference.actions: a Box action space needs per-dimension statistics "
+            "{n, mean, std, min, max, bins} like card.reference.observation"
+        )
+    return _stats_problem(actions, k, "actions", "action dimension")
 
 
 def validate_card(card: Any, source: str = "model card") -> dict[str, Any]:

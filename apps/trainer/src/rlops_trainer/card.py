@@ -3,7 +3,9 @@
 The card is plain JSON; its schema and cross-field rules are the artifact contract's
 (:func:`rlops_contracts.card.validate_card`), the one place trainer and server agree on it. This module
 builds the card of a trained policy. ``reference`` holds the training observations' per-feature statistics
-and quantile bins, which serving compares live traffic against (population stability index).
+and quantile bins, which serving compares live traffic against (population stability index), and the
+logged actions: their proportions for a Discrete space, the same per-dimension statistics and bins as
+the observations for a Box space (raw action units).
 """
 
 from __future__ import annotations
@@ -79,22 +81,32 @@ def _feature_bins(column: np.ndarray) -> dict[str, list[float]]:
     }
 
 
+def _feature_stats(values: np.ndarray) -> dict[str, Any]:
+    """Per-column mean, std, min, max and quantile bins of ``values`` ``[N, d]`` (the drift reference
+    format, shared by observations and continuous actions)."""
+    return {
+        "n": len(values),
+        "mean": [float(v) for v in values.mean(axis=0)],
+        "std": [float(v) for v in values.std(axis=0)],
+        "min": [float(v) for v in values.min(axis=0)],
+        "max": [float(v) for v in values.max(axis=0)],
+        "bins": [_feature_bins(values[:, j]) for j in range(values.shape[1])],
+    }
+
+
 def reference_stats(data: Transitions) -> dict[str, Any]:
-    """Per-feature mean, std, min, max and quantile bins of the observations; action proportions."""
+    """Per-feature mean, std, min, max and quantile bins of the observations; for the actions their
+    proportions (Discrete) or the same per-dimension statistics as the observations (Box, raw units)."""
     if len(data) == 0:
         raise CardError("reference statistics need at least one transition; the dataset is empty")
     obs = np.asarray(data.observation, dtype=np.float64).reshape(len(data), -1)
-    actions = np.bincount(np.asarray(data.action, dtype=np.int64), minlength=data.meta.n_actions)
+    if data.meta.is_continuous:
+        actions = np.asarray(data.action, dtype=np.float64).reshape(len(data), -1)
+        return {"observation": _feature_stats(obs), "actions": _feature_stats(actions)}
+    counts = np.bincount(np.asarray(data.action, dtype=np.int64), minlength=data.meta.n_actions)
     return {
-        "observation": {
-            "n": len(data),
-            "mean": [float(v) for v in obs.mean(axis=0)],
-            "std": [float(v) for v in obs.std(axis=0)],
-            "min": [float(v) for v in obs.min(axis=0)],
-            "max": [float(v) for v in obs.max(axis=0)],
-            "bins": [_feature_bins(obs[:, j]) for j in range(obs.shape[1])],
-        },
-        "actions": {"n": len(data), "proportions": [float(c) for c in actions / len(data)]},
+        "observation": _feature_stats(obs),
+        "actions": {"n": len(data), "proportions": [float(c) for c in counts / len(data)]},
     }
 
 
@@ -116,9 +128,33 @@ def observation_space(data: Transitions) -> dict[str, Any]:
 
 def action_space(data: Transitions) -> dict[str, Any]:
     space = data.meta.action_space
-    if space.get("type") != "Discrete":
-        raise CardError(f"action space must be Discrete, got {space.get('type')!r}")
-    return {"type": "Discrete", "n": data.meta.n_actions}
+    if space.get("type") == "Discrete":
+        return {"type": "Discrete", "n": data.meta.n_actions}
+    if space.get("type") != "Box":
+        raise CardError(f"action space must be Discrete or Box, got {space.get('type')!r}")
+    low, high = data.meta.action_bounds()
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        # Serving squashes actions into the bounds: an unbounded Box has no squashing to record.
+        raise CardError(f"a Box action space needs finite bounds, got low {low.tolist()} high {high.tolist()}")
+    return {
+        "type": "Box",
+        "shape": [data.meta.action_dim],
+        "dtype": "float32",
+        "low": [float(v) for v in low],
+        "high": [float(v) for v in high],
+    }
+
+
+def selection(result: TrainResult, continuous: bool) -> dict[str, float]:
+    """``policy.selection``: the arguments serving passes to the policy (``std`` only for Box policies,
+    so discrete cards stay as they were)."""
+    out = {
+        "temperature": float(result.selection.temperature),
+        "epsilon": float(result.selection.epsilon),
+    }
+    if continuous:
+        out["std"] = float(result.selection.std)
+    return out
 
 
 def build_card(result: TrainResult, data: Transitions, name: str) -> dict[str, Any]:
@@ -146,10 +182,7 @@ def build_card(result: TrainResult, data: Transitions, name: str) -> dict[str, A
             "file": POLICY_FILE,
             "score_kind": result.policy.score_kind,
             "input": {"dtype": "float32", "shape": [-1, data.meta.obs_dim]},
-            "selection": {
-                "temperature": float(result.selection.temperature),
-                "epsilon": float(result.selection.epsilon),
-            },
+            "selection": selection(result, data.meta.is_continuous),
             "torch_version": torch.__version__,
         },
         "training": {
