@@ -2,9 +2,11 @@
 ``SHA256SUMS`` (the artifact contract, :mod:`rlops_contracts.artifact`).
 
 ``policy.pt`` holds the observation preprocessing and the action-selection rule, so it loads and runs
-with plain torch: ``m = torch.jit.load(path)``, ``m(obs)`` gives per-action scores and
-``m.action_probs(obs, temperature, epsilon)`` the action distribution. Before anything is written in
-place, the reloaded file must agree with the eager model on a probe set (parity check). Directories
+with plain torch: ``m = torch.jit.load(path)``. A Discrete policy gives per-action scores from ``m(obs)``
+and the action distribution from ``m.action_probs(obs, temperature, epsilon)``; a Box policy gives the
+deterministic action from ``m(obs)``, an explored action and its log-density from ``m.act(obs, std)``
+and the log-density of given actions from ``m.log_prob(obs, action, std)``. Before anything is written
+in place, the reloaded file must agree with the eager model on a probe set (parity check). Directories
 are written beside the target and renamed into place, so a crash never leaves a half-written one.
 """
 
@@ -30,7 +32,7 @@ from rlops_contracts.durable import install_dir, write_new
 
 from rlops_trainer.card import build_card
 from rlops_trainer.datasets import Transitions
-from rlops_trainer.policy import PolicyModule, Selection
+from rlops_trainer.policy import ContinuousPolicyModule, PolicyModule, Selection
 
 if TYPE_CHECKING:
     from rlops_trainer.training import TrainResult
@@ -39,6 +41,9 @@ PARITY_TOL = 1e-5
 """Largest allowed difference between exported and eager outputs (scores relative to max(1, |score|))."""
 PROBE_ROWS = 256
 """Rows per kind of probe input (dataset sample, perturbed, uniform, corners)."""
+PROBE_STD = 0.3
+"""Exploration noise (pre-squash units) at which a Box policy's ``act`` and ``log_prob`` are compared
+besides the card's own ``std``: a card with ``std`` 0 would otherwise leave them untested."""
 
 
 class ExportError(RuntimeError):
@@ -115,6 +120,85 @@ def check_parity(
     return deviations
 
 
+def probe_actions(low: np.ndarray, high: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
+    """Deterministic actions strictly inside the Box ``[low, high]``, one per probe row."""
+    rng = np.random.default_rng(seed)
+    # 0.999 of the width: log-densities blow up at the bounds, where nothing useful is compared.
+    mid, half = (high + low) / 2.0, 0.999 * (high - low) / 2.0
+    return (mid + half * rng.uniform(-1.0, 1.0, size=(rows, len(low)))).astype(np.float32)
+
+
+def _deviation(exported: torch.Tensor, eager: torch.Tensor) -> float:
+    return float(((exported - eager).abs() / eager.abs().clamp(min=1.0)).max())
+
+
+def _require_finite(values: torch.Tensor, what: str, probe: np.ndarray) -> None:
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        rows = torch.nonzero(bad.reshape(len(values), -1).any(dim=-1)).flatten()[:5].tolist()
+        raise ExportError(
+            f"the policy gives non-finite {what} on probe inputs (rows {rows}, e.g. {probe[rows[0]].tolist()})"
+        )
+
+
+def check_continuous_parity(
+    eager: ContinuousPolicyModule,
+    exported: torch.jit.ScriptModule,
+    probe: np.ndarray,
+    selection: Selection,
+    tol: float = PARITY_TOL,
+) -> dict[str, float]:
+    """Compare a Box policy's exported and eager outputs on ``probe``: the deterministic action, the
+    pre-squash mean, ``log_prob`` of actions inside the bounds and ``act`` under the same seed, at the
+    card's ``std`` and at :data:`PROBE_STD`. Every action must lie inside the bounds. Returns the max
+    deviations (relative to max(1, |value|)) or raises ExportError."""
+    x = torch.as_tensor(probe, dtype=torch.float32)
+    low = (eager.action_mid - eager.action_half).detach()
+    high = (eager.action_mid + eager.action_half).detach()
+    actions = torch.as_tensor(probe_actions(low.numpy(), high.numpy(), len(probe)))
+    deviations: dict[str, float] = {}
+    outside: dict[str, int] = {}
+
+    def compare(key: str, a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+        _require_finite(a, what, probe)
+        deviations[key] = _deviation(b, a)
+
+    def bounds(key: str, a: torch.Tensor) -> None:
+        outside[key] = int(((a < low) | (a > high)).any(dim=-1).sum())
+
+    with torch.no_grad():
+        a_eager = eager(x)
+        compare("forward", a_eager, exported(x), "actions")
+        bounds("forward", a_eager)
+        compare("pre_squash", eager.pre_squash(x), exported.pre_squash(x), "pre-squash means")
+        for std in sorted({float(selection.std), PROBE_STD} - {0.0}):
+            key = f"log_prob(std={std:g})"
+            compare(key, eager.log_prob(x, actions, std), exported.log_prob(x, actions, std), "log-densities")
+            # The same seed on both sides: the noise is drawn by torch.randn_like in each.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                act_eager, logp_eager = eager.act(x, std)
+                torch.manual_seed(0)
+                act_exp, logp_exp = exported.act(x, std)
+            compare(f"act(std={std:g}).action", act_eager, act_exp, "explored actions")
+            compare(f"act(std={std:g}).log_density", logp_eager, logp_exp, "explored log-densities")
+            bounds(f"act(std={std:g})", act_exp)
+    broken = {k: v for k, v in outside.items() if v}
+    if broken:
+        raise ExportError(
+            "the exported policy gives actions outside the bounds "
+            f"[{low.tolist()}, {high.tolist()}]: "
+            + ", ".join(f"{v} of {len(x)} probes in {k}" for k, v in broken.items())
+        )
+    worst = max(deviations, key=lambda k: deviations[k])
+    if deviations[worst] > tol:
+        raise ExportError(
+            f"exported policy differs from the eager one: max deviation {deviations[worst]:.3g} in {worst} "
+            f"(tolerance {tol:g})"
+        )
+    return deviations
+
+
 # --- policy directories ----------------------------------------------------------------------------
 
 
@@ -140,7 +224,7 @@ def _torchscript() -> Iterator[None]:
         yield
 
 
-def script_policy(policy: PolicyModule) -> torch.jit.ScriptModule:
+def script_policy(policy: PolicyModule | ContinuousPolicyModule) -> torch.jit.ScriptModule:
     """A TorchScript copy of ``policy`` on CPU in eval mode (``policy`` itself is left untouched)."""
     eager = copy.deepcopy(policy).cpu().eval()
     try:
@@ -156,6 +240,29 @@ def load_script(path: Path) -> torch.jit.ScriptModule:
         module = torch.jit.load(str(path), map_location="cpu")
     module.eval()
     return module
+
+
+def _check_action_space(result: TrainResult, data: Transitions) -> None:
+    """The policy acts in the dataset's action space: the card records the one, serving runs the other."""
+    policy = result.policy
+    continuous = isinstance(policy, ContinuousPolicyModule)
+    if continuous != data.meta.is_continuous:
+        raise ExportError(
+            f"a {type(policy).__name__} cannot be exported for a dataset with a "
+            f"{data.meta.action_space.get('type')} action space (Box needs a ContinuousPolicyModule, "
+            "Discrete a PolicyModule)"
+        )
+    if isinstance(policy, ContinuousPolicyModule):
+        low, high = data.meta.action_bounds()
+        mid = policy.action_mid.detach().cpu().double().numpy()
+        half = policy.action_half.detach().cpu().double().numpy()
+        if mid.shape != low.shape or not np.allclose(
+            np.stack([mid - half, mid + half]), np.stack([low, high]), rtol=1e-6, atol=1e-6
+        ):
+            raise ExportError(
+                f"the policy squashes actions into [{(mid - half).tolist()}, {(mid + half).tolist()}], but the "
+                f"dataset's action space is [{low.tolist()}, {high.tolist()}]"
+            )
 
 
 def write_policy_dir(result: TrainResult, data: Transitions, out_dir: Path, name: str) -> Path:
@@ -174,6 +281,7 @@ def write_policy_dir(result: TrainResult, data: Transitions, out_dir: Path, name
             f"the dataset given for the model card ({data.fingerprint()}) is not the one the policy was "
             f"trained on ({result.dataset_fingerprint})"
         )
+    _check_action_space(result, data)
     _prepare_target(out_dir)
     try:
         card = build_card(result, data, name)
@@ -191,7 +299,11 @@ def write_policy_dir(result: TrainResult, data: Transitions, out_dir: Path, name
         os.chmod(tmp, 0o755)
         write_new(tmp / POLICY_FILE, buf.getvalue())
         reloaded = load_script(tmp / POLICY_FILE)
-        check_parity(eager, reloaded, probe_observations(data), result.selection)
+        probe = probe_observations(data)
+        if isinstance(eager, ContinuousPolicyModule):
+            check_continuous_parity(eager, reloaded, probe, result.selection)
+        else:
+            check_parity(eager, reloaded, probe, result.selection)
         seal(tmp, card)
         _prepare_target(out_dir)
         install_dir(tmp, out_dir)
