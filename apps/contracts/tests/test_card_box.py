@@ -10,7 +10,13 @@ from rlops_contracts.card import CardError, validate_card
 from test_schema import CARD
 
 BOX_CARD: dict[str, Any] = copy.deepcopy(CARD)
-BOX_CARD["action_space"] = {"type": "Box", "shape": [2], "dtype": "float32", "low": [-2.0, 0.0], "high": [2.0, 1.0]}
+BOX_CARD["action_space"] = {
+    "type": "Box",
+    "shape": [2],
+    "dtype": "float32",
+    "low": [-2.0, 0.0],
+    "high": [2.0, 1.0],
+}
 BOX_CARD["policy"]["score_kind"] = "action"
 BOX_CARD["policy"]["selection"] = {"temperature": 0.0, "epsilon": 0.0, "std": 0.3}
 BOX_CARD["reference"]["actions"] = {
@@ -37,7 +43,7 @@ def test_box_card_is_valid_and_the_discrete_card_still_is() -> None:
 def _set(path: str, value: Any) -> Any:
     def mutate(card: dict[str, Any]) -> None:
         *parents, last = path.split(".")
-        node = card
+        node: Any = card
         for p in parents:
             node = node[int(p)] if p.isdigit() else node[p]
         node[int(last) if last.isdigit() else last] = value
@@ -48,20 +54,52 @@ def _set(path: str, value: Any) -> Any:
 @pytest.mark.parametrize(
     ("base", "mutate", "message"),
     [
-        (BOX_CARD, _set("policy.score_kind", "q_values"), "card.policy.score_kind: a Box action space needs 'action'"),
-        (CARD, _set("policy.score_kind", "action"), "card.policy.score_kind: 'action' is for Box action spaces"),
+        (
+            BOX_CARD,
+            _set("policy.score_kind", "q_values"),
+            "card.policy.score_kind: a Box action space needs 'action'",
+        ),
+        (
+            CARD,
+            _set("policy.score_kind", "action"),
+            "card.policy.score_kind: 'action' is for Box action spaces",
+        ),
         (CARD, _set("policy.selection.std", 0.5), "card.policy.selection.std"),
         (BOX_CARD, _set("policy.selection.std", -0.1), "card.policy.selection.std"),
-        (BOX_CARD, _set("action_space.low", [-2.0]), "card.action_space.low: 1 entries, expected one per action"),
+        (
+            BOX_CARD,
+            _set("action_space.low", [-2.0]),
+            "card.action_space.low: 1 entries, expected one per action",
+        ),
         (BOX_CARD, _set("action_space.high", [2.0, 0.0]), "card.action_space: low must be below high"),
         (BOX_CARD, _set("action_space.low", ["-inf", 0.0]), "card.action_space"),
         (BOX_CARD, _set("action_space.dtype", "float64"), "card.action_space"),
         (BOX_CARD, _set("action_space.shape", [2, 1]), "card.action_space"),
-        (BOX_CARD, _set("reference.actions.mean", [0.0]), "card.reference.actions.mean: 1 entries, expected one per action dimension (2)"),
-        (BOX_CARD, _set("reference.actions.bins.1.proportions", [1.0]), "card.reference.actions.bins[1]: 1 edges need 2"),
-        (BOX_CARD, _set("reference.actions.bins.0.edges", [1.0, 0.0, 2.0]), "card.reference.actions.bins[0].edges"),
-        (BOX_CARD, _set("reference.actions", {"n": 10, "proportions": [0.5, 0.5]}), "card.reference.actions: a Box action space needs"),
-        (CARD, _set("reference.actions", BOX_CARD["reference"]["actions"]), "card.reference.actions: a Discrete action space needs"),
+        (
+            BOX_CARD,
+            _set("reference.actions.mean", [0.0]),
+            "card.reference.actions.mean: 1 entries, expected one per action dimension (2)",
+        ),
+        (
+            BOX_CARD,
+            _set("reference.actions.bins.1.proportions", [1.0]),
+            "card.reference.actions.bins[1]: 1 edges need 2",
+        ),
+        (
+            BOX_CARD,
+            _set("reference.actions.bins.0.edges", [1.0, 0.0, 2.0]),
+            "card.reference.actions.bins[0].edges",
+        ),
+        (
+            BOX_CARD,
+            _set("reference.actions", {"n": 10, "proportions": [0.5, 0.5]}),
+            "card.reference.actions: a Box action space needs",
+        ),
+        (
+            CARD,
+            _set("reference.actions", BOX_CARD["reference"]["actions"]),
+            "card.reference.actions: a Discrete action space needs",
+        ),
     ],
 )
 def test_inconsistent_box_cards_are_rejected_naming_the_field(

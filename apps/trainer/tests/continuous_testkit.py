@@ -26,7 +26,12 @@ def box_meta(
             "low": ["-inf"] * obs_dim,
             "high": ["inf"] * obs_dim,
         },
-        action_space={"type": "Box", "shape": [len(low)], "low": list(map(float, low)), "high": list(map(float, high))},
+        action_space={
+            "type": "Box",
+            "shape": [len(low)],
+            "low": list(map(float, low)),
+            "high": list(map(float, high)),
+        },
         behavior_policy="uniform",
         source="test",
     )
@@ -65,7 +70,9 @@ def linear_policy(
     return ContinuousPolicyModule(lin, np.zeros(dim), np.ones(dim), low, high).eval()
 
 
-def box_result(data: Transitions, policy: ContinuousPolicyModule | None = None, std: float = 0.2) -> TrainResult:
+def box_result(
+    data: Transitions, policy: ContinuousPolicyModule | None = None, std: float = 0.2
+) -> TrainResult:
     if policy is None:
         rng = np.random.default_rng(1)
         policy = linear_policy(rng.normal(size=(ACTION_DIM, OBS_DIM)), rng.normal(size=ACTION_DIM))
@@ -83,7 +90,9 @@ def box_result(data: Transitions, policy: ContinuousPolicyModule | None = None, 
     )
 
 
-def box_policy_dir(root: Path, data: Transitions, name: str, policy: ContinuousPolicyModule, std: float) -> Path:
+def box_policy_dir(
+    root: Path, data: Transitions, name: str, policy: ContinuousPolicyModule, std: float
+) -> Path:
     from rlops_trainer.export import write_policy_dir
 
     return write_policy_dir(box_result(data, policy, std), data, root / name, name)

@@ -77,14 +77,18 @@ def test_exported_box_policy_matches_eager_and_stays_in_bounds(policy_dir: Path,
     x = torch.as_tensor(probe)
     with torch.no_grad():
         action = module(x)
-    assert ((action >= torch.tensor(LOW, dtype=torch.float32)) & (action <= torch.tensor(HIGH, dtype=torch.float32))).all()
+    assert (
+        (action >= torch.tensor(LOW, dtype=torch.float32))
+        & (action <= torch.tensor(HIGH, dtype=torch.float32))
+    ).all()
     assert card["policy"]["selection"]["std"] == 0.2
 
 
 def test_a_std_of_zero_still_checks_exploration_at_the_probe_std(data: Transitions) -> None:
     eager = box_result(data).policy
     deviations = check_continuous_parity(eager, script_policy(eager), probe_observations(data), Selection())  # type: ignore[arg-type]
-    assert "log_prob(std=0.3)" in deviations and not any("std=0)" in k for k in deviations)
+    assert "log_prob(std=0.3)" in deviations
+    assert not any("std=0)" in k for k in deviations)
 
 
 class _Drifting(torch.nn.Module):
@@ -122,9 +126,9 @@ def test_policy_and_dataset_must_share_the_action_space(tmp_path: Path, data: Tr
     discrete = make_transitions()
     with pytest.raises(ExportError, match="Box needs a ContinuousPolicyModule"):
         write_policy_dir(box_result(discrete), discrete, tmp_path / "d", "d")
+    result = make_result(discrete)
+    result.dataset_fingerprint = data.fingerprint()
     with pytest.raises(ExportError, match="Box needs a ContinuousPolicyModule"):
-        result = make_result(discrete)
-        result.dataset_fingerprint = data.fingerprint()
         write_policy_dir(result, data, tmp_path / "e", "e")
 
 

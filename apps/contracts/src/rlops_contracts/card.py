@@ -97,9 +97,14 @@ def _action_problem(card: dict[str, Any]) -> str | None:
                 "actions ('logits' or 'q_values')"
             )
         if card["policy"]["selection"].get("std", 0.0) != 0.0:
-            return "card.policy.selection.std: exploration noise is for Box action spaces; a Discrete policy has 0"
+            return (
+                "card.policy.selection.std: exploration noise is for Box action spaces; a Discrete policy "
+                "has 0"
+            )
         if "proportions" not in actions:
-            return "card.reference.actions: a Discrete action space needs {n, proportions}, one share per action"
+            return (
+                "card.reference.actions: a Discrete action space needs {n, proportions}, one share per action"
+            )
         n_actions = space["n"]
         if len(actions["proportions"]) != n_actions:
             return (
@@ -115,7 +120,9 @@ def _action_problem(card: dict[str, Any]) -> str | None:
     k = space["shape"][0]
     for key in ("low", "high"):
         if len(space[key]) != k:
-            return f"card.action_space.{key}: {len(space[key])} entries, expected one per action dimension ({k})"
+            return (
+                f"card.action_space.{key}: {len(space[key])} entries, expected one per action dimension ({k})"
+            )
     bad = [j for j, (lo, hi) in enumerate(zip(space["low"], space["high"], strict=True)) if not lo < hi]
     if bad:
         return f"card.action_space: low must be below high in every dimension, not in dimension(s) {bad}"

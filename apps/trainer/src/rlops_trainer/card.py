@@ -135,7 +135,9 @@ def action_space(data: Transitions) -> dict[str, Any]:
     low, high = data.meta.action_bounds()
     if not (np.isfinite(low).all() and np.isfinite(high).all()):
         # Serving squashes actions into the bounds: an unbounded Box has no squashing to record.
-        raise CardError(f"a Box action space needs finite bounds, got low {low.tolist()} high {high.tolist()}")
+        raise CardError(
+            f"a Box action space needs finite bounds, got low {low.tolist()} high {high.tolist()}"
+        )
     return {
         "type": "Box",
         "shape": [data.meta.action_dim],

@@ -137,7 +137,8 @@ def _require_finite(values: torch.Tensor, what: str, probe: np.ndarray) -> None:
     if bad.any():
         rows = torch.nonzero(bad.reshape(len(values), -1).any(dim=-1)).flatten()[:5].tolist()
         raise ExportError(
-            f"the policy gives non-finite {what} on probe inputs (rows {rows}, e.g. {probe[rows[0]].tolist()})"
+            f"the policy gives non-finite {what} on probe inputs (rows {rows}, "
+            f"e.g. {probe[rows[0]].tolist()})"
         )
 
 
@@ -260,8 +261,8 @@ def _check_action_space(result: TrainResult, data: Transitions) -> None:
             np.stack([mid - half, mid + half]), np.stack([low, high]), rtol=1e-6, atol=1e-6
         ):
             raise ExportError(
-                f"the policy squashes actions into [{(mid - half).tolist()}, {(mid + half).tolist()}], but the "
-                f"dataset's action space is [{low.tolist()}, {high.tolist()}]"
+                f"the policy squashes actions into [{(mid - half).tolist()}, {(mid + half).tolist()}], "
+                f"but the dataset's action space is [{low.tolist()}, {high.tolist()}]"
             )
 
 

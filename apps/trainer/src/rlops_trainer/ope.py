@@ -1,15 +1,21 @@
 """Off-policy evaluation: the value of a target policy from transitions another policy logged.
 
 The value of a policy is the expected discounted return of an episode, ``E[sum_t gamma^t r_t]``, over
-the dataset's initial-state distribution. The target policy is a function from a batch of observations
-to action probabilities (``probs_fn``); :func:`policy_probs_fn` builds one from a policy module.
+the dataset's initial-state distribution. For Discrete actions the target policy is a function from a
+batch of observations to action probabilities (``probs_fn``); :func:`policy_probs_fn` builds one from a
+policy module. For Box actions it is a :class:`ContinuousTarget`: the actions it takes (one draw per
+observation, seeded) and, when it explores (``std > 0``), the log-density of given actions;
+:func:`policy_target` builds one from a continuous policy module.
 
 Estimators (``evaluate`` runs any subset):
 
 * ``pdis``: per-decision importance sampling (Precup et al. 2000).
 * ``wpdis``: its weighted form, self-normalised at every step.
 * ``fqe``: fitted Q evaluation (Le et al. 2019): a small network regressed on
-  ``r + gamma * (1 - terminated) * sum_a' pi(a'|s') Q_target(s', a')``.
+  ``r + gamma * (1 - terminated) * sum_a' pi(a'|s') Q_target(s', a')``. For Box actions the network
+  takes the (normalised) observation and action and the sum becomes an average of ``Q_target(s', a')``
+  over a few actions drawn from ``pi(.|s')`` (one for a deterministic policy); they are drawn once,
+  seeded, before the fit.
 * ``dr``: per-decision doubly robust (Jiang & Li 2016) with the FQE model.
 * ``wdr``: weighted doubly robust (Thomas & Brunskill 2016) with the FQE model.
 * ``behavior`` (:func:`behavior_value`): the on-policy mean discounted return of the logged episodes.
@@ -31,6 +37,11 @@ Conventions, chosen once for every estimator:
   would hide (refitting per resample would multiply the cost by ``n_bootstrap``). The doubly robust
   intervals are built the same way. Models that disagree by more than ``FQEConfig.max_spread`` of
   the value add a warning to the estimate.
+* Box actions: the importance ratio is ``exp(log pi(a|s) - behavior_logp)``, a ratio of densities
+  (``behavior_logp`` is the behaviour policy's log-density of the logged action in raw action units).
+  A deterministic target (``std == 0``) is a point mass, which has no density: importance sampling and
+  doubly robust estimates are undefined for it and only ``fqe`` runs. Where the doubly robust estimators
+  need ``V(s) = E_pi Q(s, a)`` it is the mean of ``Q`` over ``action_samples`` seeded draws.
 * Importance weights can be clipped (``clip_weights``): cumulative weights above the cap are set to it,
   which trades bias for variance. Off by default.
 * Everything runs on numpy arrays of shape (episodes, longest episode): memory grows with their product
@@ -57,6 +68,11 @@ from rlops_trainer.training import adam
 
 ProbsFn = Callable[[np.ndarray], np.ndarray]
 """A target policy: observations ``[N, obs_dim]`` to action probabilities ``[N, n_actions]``."""
+
+ACTION_SAMPLES = 8
+"""Box actions, stochastic target: actions drawn from pi(.|s) per state to average Q over (FQE targets,
+V(s) of the doubly robust estimators). Their Monte Carlo error enters the FQE regression target as noise,
+which the fit averages out; more samples cost memory (``samples x transitions x action_dim`` floats)."""
 
 NEEDS_PROPENSITIES: frozenset[str] = frozenset({"pdis", "wpdis", "dr", "wdr"})
 NEEDS_MODEL: frozenset[str] = frozenset({"fqe", "dr", "wdr"})
@@ -144,6 +160,120 @@ def _target_probs(probs_fn: ProbsFn, obs: np.ndarray, n_actions: int, what: str)
     return np.clip(probs, 0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class ContinuousTarget:
+    """A target policy over a Box action space, as the estimators use it."""
+
+    sample: Callable[[np.ndarray, int], np.ndarray]
+    """``(observations [N, d], seed) -> actions [N, k]`` in raw units: one draw from pi(.|s) per row (the
+    deterministic action when the policy does not explore). The same seed gives the same draw."""
+    log_prob: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
+    """``(observations [N, d], actions [N, k]) -> log pi(a|s) [N]``; None for a deterministic policy, which
+    has no density."""
+
+    @property
+    def stochastic(self) -> bool:
+        return self.log_prob is not None
+
+
+Target = ProbsFn | ContinuousTarget
+"""What :func:`evaluate` values: a ``probs_fn`` (Discrete) or a :class:`ContinuousTarget` (Box)."""
+
+
+def policy_target(policy: nn.Module, selection: Selection, batch_size: int = 65536) -> ContinuousTarget:
+    """Wrap a module with ``forward``, ``act(obs, std)`` and ``log_prob(obs, action, std)`` (a
+    ``ContinuousPolicyModule`` or a loaded TorchScript Box policy) as the target ``selection.std`` gives."""
+    if not (hasattr(policy, "act") and hasattr(policy, "log_prob")):
+        raise TypeError(
+            f"{type(policy).__name__} has no act(obs, std) and log_prob(obs, action, std) methods"
+        )
+    tensors = list(policy.buffers()) + list(policy.parameters())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    std = float(selection.std)
+    act = cast(Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]], policy.act)
+    log_prob = cast(Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], policy.log_prob)
+
+    def batches(x: np.ndarray) -> Iterator[slice]:
+        return (slice(i, i + batch_size) for i in range(0, len(x), batch_size))
+
+    def sample(obs: np.ndarray, seed: int) -> np.ndarray:
+        x = np.asarray(obs, dtype=np.float32)
+        out = []
+        # The policy draws its noise from torch's generator: seed it here and leave the caller's alone.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for rows in batches(x):
+                out.append(act(torch.tensor(x[rows], device=device), std)[0].double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0))
+
+    def density(obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        x, a = np.asarray(obs, dtype=np.float32), np.asarray(action, dtype=np.float32)
+        out = []
+        with torch.no_grad():
+            for rows in batches(x):
+                t, u = torch.tensor(x[rows], device=device), torch.tensor(a[rows], device=device)
+                out.append(log_prob(t, u, std).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    return ContinuousTarget(sample=sample, log_prob=density if std > 0.0 else None)
+
+
+def _target_actions(
+    target: ContinuousTarget, obs: np.ndarray, data: Transitions, n: int, seed: int, what: str
+) -> np.ndarray:
+    """``[S, N, k]`` actions of ``target`` at ``obs``: ``n`` seeded draws when it explores, else its one
+    deterministic action. Checked to be finite and inside the dataset's bounds."""
+    low, high = data.meta.action_bounds()
+    draws = n if target.stochastic else 1
+    # One stream per (seed, what, draw): the draws at s and at s' are independent of each other.
+    stream = 0 if what == "observation" else 1
+    seeds = [int(np.random.SeedSequence([seed, stream, i]).generate_state(1)[0]) for i in range(draws)]
+    out = np.stack([np.asarray(target.sample(obs, s), dtype=np.float64) for s in seeds])
+    if out.shape[1:] != (len(obs), len(low)):
+        raise OPEError(
+            f"target policy returned actions of shape {out.shape[1:]} for {what}; expected "
+            f"({len(obs)}, {len(low)}) (one row per observation, one column per action dimension)"
+        )
+    slack = 1e-5 * (high - low)
+    bad = ~np.isfinite(out).all(axis=2) | ((out < low - slack) | (out > high + slack)).any(axis=2)
+    if bad.any():
+        draw, row = (int(i[0]) for i in np.nonzero(bad))
+        raise OPEError(
+            f"target policy returned an action outside the action space for {what} row {row}: "
+            f"{out[draw, row].tolist()} (accepted: finite, within [{low.tolist()}, {high.tolist()}])"
+        )
+    return out
+
+
+def _target_log_density(target: ContinuousTarget, data: Transitions) -> np.ndarray:
+    """log pi(a_t|s_t) of every logged action, checked to be a number (-inf is allowed: zero density)."""
+    if target.log_prob is None:
+        raise OPEError(_DETERMINISTIC)
+    logp = np.asarray(target.log_prob(data.observation, data.action), dtype=np.float64)
+    if logp.shape != (len(data),):
+        raise OPEError(f"target policy returned log-densities of shape {logp.shape}; expected ({len(data)},)")
+    if np.isnan(logp).any() or np.isposinf(logp).any():
+        row = int(np.flatnonzero(np.isnan(logp) | np.isposinf(logp))[0])
+        raise OPEError(f"target policy returned log-density {logp[row]} for the logged action at row {row}")
+    return logp
+
+
+_DETERMINISTIC = (
+    "the target policy is deterministic (selection std 0): for continuous actions it puts all its mass on "
+    "one action, which has no density, so the importance ratio pi(a|s) / mu(a|s) of importance-sampling "
+    "and doubly robust estimators (pdis, wpdis, dr, wdr) is undefined; use fqe, or evaluate the policy "
+    "with exploration noise (std > 0)"
+)
+
+
+def possible_estimators(data: Transitions, stochastic: bool = True) -> tuple[str, ...]:
+    """The estimators that can run on ``data`` for a target policy: all of them with behaviour
+    propensities (and, for Box actions, a stochastic target), else fqe alone."""
+    if data.has_propensities and (stochastic or not data.meta.is_continuous):
+        return ESTIMATORS
+    return ("fqe",)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Episodes padded to the longest
 
@@ -191,12 +321,11 @@ def _check_propensities(data: Transitions, estimator: str) -> None:
 
 
 def _cumulative_weights(
-    data: Transitions, pad: _Padded, probs: np.ndarray, clip_weights: float | None
+    data: Transitions, pad: _Padded, target_logp: np.ndarray, clip_weights: float | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative importance weights ``rho_{0:t}`` ``[E, H]`` (frozen after the end) and ``rho_{0:t-1}``."""
-    pi_a = probs[np.arange(len(data)), data.action]
-    with np.errstate(divide="ignore"):
-        log_ratio = np.log(pi_a) - data.behavior_logp.astype(np.float64)
+    """Cumulative importance weights ``rho_{0:t}`` ``[E, H]`` (frozen after the end) and ``rho_{0:t-1}``;
+    ``target_logp`` is log pi(a_t|s_t) of every logged action."""
+    log_ratio = target_logp - data.behavior_logp.astype(np.float64)
     # log-space cumsum, then exp: a zero target probability gives -inf and so a weight of exactly 0.
     with np.errstate(invalid="ignore", over="ignore"):
         log_rho = np.cumsum(pad.pad(log_ratio), axis=1)
@@ -301,7 +430,8 @@ def _weighted(counts: np.ndarray, rho: np.ndarray, rho_prev: np.ndarray, parts: 
 
 @dataclass
 class FQEModel:
-    """A fitted Q function for one target policy, in reward units."""
+    """A fitted Q function for one target policy, in reward units: ``q_values(obs)`` gives every action's
+    value (Discrete), ``q_at(obs, action)`` the value of given actions (Box)."""
 
     net: nn.Module
     scale: float  # the network predicts Q * scale
@@ -315,6 +445,46 @@ class FQEModel:
                 t = torch.tensor(np.asarray(obs[i : i + batch_size], dtype=np.float32))
                 out.append(self.net(t).double().numpy())
         return np.concatenate(out) / self.scale if out else np.zeros((0, 0))
+
+    def q_at(self, obs: np.ndarray, action: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+        """``Q(s, a)`` ``[N]`` of a Box model for observations ``[N, d]`` and raw actions ``[N, k]``."""
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(obs), batch_size):
+                o = torch.tensor(np.asarray(obs[i : i + batch_size], dtype=np.float32))
+                a = torch.tensor(np.asarray(action[i : i + batch_size], dtype=np.float32))
+                out.append(self.net(o, a).double().numpy())
+        return np.concatenate(out) / self.scale if out else np.zeros(0)
+
+    def expected_q(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """``mean_s Q(obs, actions[s])`` ``[N]`` over draws ``actions`` ``[S, N, k]``: a Box policy's V."""
+        return np.mean([self.q_at(obs, a) for a in actions], axis=0)
+
+
+class _StateAction(nn.Module):
+    """Q(s, a) of a Box action space: the network sees the normalised observation and the action scaled
+    to [-1, 1] per dimension, side by side, and returns one value."""
+
+    obs_mean: torch.Tensor
+    obs_std: torch.Tensor
+    action_mid: torch.Tensor
+    action_half: torch.Tensor
+
+    def __init__(
+        self, net: nn.Module, mean: np.ndarray, std: np.ndarray, low: np.ndarray, high: np.ndarray
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("obs_mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("obs_std", torch.as_tensor(np.where(std > 1e-6, std, 1.0), dtype=torch.float32))
+        self.register_buffer("action_mid", torch.as_tensor((high + low) / 2.0, dtype=torch.float32))
+        self.register_buffer("action_half", torch.as_tensor((high - low) / 2.0, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat(
+            [(obs - self.obs_mean) / self.obs_std, (action - self.action_mid) / self.action_half], -1
+        )
+        return self.net(x).squeeze(-1)
 
 
 class _Normalised(nn.Module):
@@ -361,7 +531,9 @@ def fit_fqe(
     label: str = "FQE",
 ) -> FQEModel:
     """Fit one Q^pi by fitted Q evaluation (``config.seed``; ``config.ensemble`` is for
-    :func:`fit_fqe_ensemble`); ``next_probs`` is pi(.|s') for every row's next observation."""
+    :func:`fit_fqe_ensemble`). ``next_probs`` is what pi does at every row's next observation: for a
+    Discrete space its probabilities ``[N, n_actions]``, for a Box space ``S`` actions drawn from
+    pi(.|s') ``[S, N, k]`` (``S = 1`` for a deterministic policy) whose Q values are averaged."""
     cfg = config or FQEConfig()
     # Regressing on values of order 1 keeps Adam's step size (and so its noise) commensurate with the
     # values; the logged returns-to-go give that order without knowing the target policy's value.
@@ -374,20 +546,49 @@ def fit_fqe(
     y_lo, y_hi = (lo * scale, hi * scale) if cfg.clip_targets else (-math.inf, math.inf)
     generator = torch.Generator().manual_seed(cfg.seed)
     both = np.concatenate([data.observation, data.next_observation]).astype(np.float64)
+    continuous = data.meta.is_continuous
     with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        net = mlp(data.meta.obs_dim, data.meta.n_actions, cfg.hidden)
-    q = _Normalised(net, both.mean(0), both.std(0))
+        if continuous:
+            net = mlp(data.meta.obs_dim + data.meta.action_dim, 1, cfg.hidden)
+        else:
+            net = mlp(data.meta.obs_dim, data.meta.n_actions, cfg.hidden)
+    q: nn.Module
+    if continuous:
+        _check_next_actions(data, next_probs)
+        q = _StateAction(net, both.mean(0), both.std(0), *data.meta.action_bounds())
+    else:
+        q = _Normalised(net, both.mean(0), both.std(0))
     target = copy.deepcopy(q).requires_grad_(False)
     opt = adam(list(q.parameters()), cfg.lr)
     decay_start = int(cfg.lr_decay_from * cfg.steps)
 
     obs = torch.tensor(data.observation, dtype=torch.float32)
     nxt = torch.tensor(data.next_observation, dtype=torch.float32)
-    act = torch.tensor(data.action, dtype=torch.int64)
     rew = torch.tensor(data.reward, dtype=torch.float32) * scale
     cont = gamma * (1.0 - torch.tensor(data.terminated, dtype=torch.float32))
     pn = torch.tensor(next_probs, dtype=torch.float32)
+
+    # The one difference between the action spaces: how Q is read at the logged action and how the
+    # target policy's next-state value is formed from the target network.
+    if continuous:
+        act = torch.tensor(data.action, dtype=torch.float32)
+
+        def predicted(idx: torch.Tensor) -> torch.Tensor:
+            return q(obs[idx], act[idx])
+
+        def next_value(idx: torch.Tensor) -> torch.Tensor:
+            draws = pn[:, idx]  # [S, B, k]
+            return target(nxt[idx].expand(len(draws), -1, -1), draws).mean(0)
+
+    else:
+        act = torch.tensor(data.action, dtype=torch.int64)
+
+        def predicted(idx: torch.Tensor) -> torch.Tensor:
+            return q(obs[idx]).gather(1, act[idx, None]).squeeze(1)
+
+        def next_value(idx: torch.Tensor) -> torch.Tensor:
+            return (pn[idx] * target(nxt[idx])).sum(-1)
 
     bar = _progress(label, cfg.steps) if progress else None
     params, target_params = list(q.parameters()), list(target.parameters())
@@ -396,8 +597,8 @@ def fit_fqe(
         for step in range(1, cfg.steps + 1):
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=generator)
             with torch.no_grad():
-                y = (rew[idx] + cont[idx] * (pn[idx] * target(nxt[idx])).sum(-1)).clamp(y_lo, y_hi)
-            pred = q(obs[idx]).gather(1, act[idx, None]).squeeze(1)
+                y = (rew[idx] + cont[idx] * next_value(idx)).clamp(y_lo, y_hi)
+            pred = predicted(idx)
             loss = torch.nn.functional.mse_loss(pred, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -421,6 +622,15 @@ def fit_fqe(
             bar[0].stop()
     q.eval()
     return FQEModel(net=q, scale=scale, final_loss=final_loss, config=cfg)
+
+
+def _check_next_actions(data: Transitions, next_actions: np.ndarray) -> None:
+    shape = np.shape(next_actions)
+    if len(shape) != 3 or shape[1:] != (len(data), data.meta.action_dim) or shape[0] < 1:
+        raise OPEError(
+            f"FQE on a Box action space needs the target's actions at the next observations as "
+            f"(draws, {len(data)}, {data.meta.action_dim}), got {shape}"
+        )
 
 
 def fit_fqe_ensemble(
@@ -510,34 +720,91 @@ def estimate_is(
     min_ess: float = 10.0,
     min_ess_fraction: float = 0.01,
 ) -> Estimate:
-    """One importance-sampling (``pdis``, ``wpdis``) or doubly robust (``dr``, ``wdr``) estimate.
+    """One importance-sampling (``pdis``, ``wpdis``) or doubly robust (``dr``, ``wdr``) estimate for a
+    Discrete action space.
 
     ``probs`` is pi(.|s_t) for every row ``[N, A]``; ``q_values`` the model's Q(s_t, .) ``[N, A]``,
-    required by ``dr`` and ``wdr``. All four share one formula,
-    ``sum_t gamma^t [w_t (r_t - Q(s_t, a_t)) + w_{t-1} V(s_t)]`` with ``V(s) = sum_a pi(a|s) Q(s, a)``,
-    ``Q = 0`` for pdis / wpdis, ``w`` the cumulative weights (pdis, dr) or the cumulative weights
-    divided by their sum over episodes at each step (wpdis, wdr), and ``w_{-1} = 1`` (resp. ``1/n``).
-    ``q_values`` may also be ``[K, N, A]``, one slice per model of an FQE ensemble: the estimate is
-    their mean and the interval covers their disagreement (see :func:`_mean_with_ci`).
+    required by ``dr`` and ``wdr``, or ``[K, N, A]``, one slice per model of an FQE ensemble. The
+    estimate itself is :func:`estimate_is_logp`'s, with ``log pi(a_t|s_t)``, ``Q(s_t, a_t)`` and
+    ``V(s) = sum_a pi(a|s) Q(s, a)`` read from these.
+    """
+    if estimator not in NEEDS_PROPENSITIES:
+        raise OPEError(f"estimate_is runs {', '.join(sorted(NEEDS_PROPENSITIES))}, not {estimator!r}")
+    _check_bootstrap(n_bootstrap, confidence)
+    _padded(data, gamma)
+    _check_propensities(data, estimator)
+    if probs.shape != (len(data), data.meta.n_actions):
+        raise OPEError(f"probs has shape {probs.shape}; expected ({len(data)}, {data.meta.n_actions})")
+    rows = np.arange(len(data))
+    with np.errstate(divide="ignore"):
+        target_logp = np.log(probs[rows, data.action])
+    q_taken = v = None
+    if estimator in ("dr", "wdr"):
+        models = _as_ensemble(q_values, probs.shape, estimator)
+        q_taken = models[:, rows, data.action]
+        v = (probs[None] * models).sum(axis=2)
+    return estimate_is_logp(
+        estimator,
+        data,
+        target_logp,
+        q_taken=q_taken,
+        v=v,
+        gamma=gamma,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        seed=seed,
+        clip_weights=clip_weights,
+        min_ess=min_ess,
+        min_ess_fraction=min_ess_fraction,
+    )
+
+
+def estimate_is_logp(
+    estimator: str,
+    data: Transitions,
+    target_logp: np.ndarray,
+    *,
+    q_taken: np.ndarray | None = None,
+    v: np.ndarray | None = None,
+    gamma: float = 0.99,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    clip_weights: float | None = None,
+    min_ess: float = 10.0,
+    min_ess_fraction: float = 0.01,
+) -> Estimate:
+    """One importance-sampling or doubly robust estimate, for any action space.
+
+    ``target_logp`` is log pi(a_t|s_t) of every logged action ``[N]`` (a log-probability for Discrete
+    actions, a log-density in raw action units for Box actions; ``behavior_logp`` must be the same kind).
+    ``dr`` and ``wdr`` also need the model's ``q_taken = Q(s_t, a_t)`` and ``v = V(s_t) = E_pi Q(s_t, .)``,
+    each ``[N]`` or ``[K, N]`` for an ensemble of ``K`` models. All four share one formula,
+    ``sum_t gamma^t [w_t (r_t - Q(s_t, a_t)) + w_{t-1} V(s_t)]``, ``Q = V = 0`` for pdis / wpdis, ``w`` the
+    cumulative weights (pdis, dr) or the cumulative weights divided by their sum over episodes at each
+    step (wpdis, wdr), and ``w_{-1} = 1`` (resp. ``1/n``). With an ensemble the estimate is the mean over
+    models and the interval covers their disagreement (see :func:`_mean_with_ci`).
     """
     if estimator not in NEEDS_PROPENSITIES:
         raise OPEError(f"estimate_is runs {', '.join(sorted(NEEDS_PROPENSITIES))}, not {estimator!r}")
     _check_bootstrap(n_bootstrap, confidence)
     pad = _padded(data, gamma)
     _check_propensities(data, estimator)
-    if probs.shape != (len(data), data.meta.n_actions):
-        raise OPEError(f"probs has shape {probs.shape}; expected ({len(data)}, {data.meta.n_actions})")
-    rho, rho_prev = _cumulative_weights(data, pad, probs, clip_weights)
+    target_logp = np.asarray(target_logp, dtype=np.float64)
+    if target_logp.shape != (len(data),):
+        raise OPEError(f"target_logp has shape {target_logp.shape}; expected ({len(data)},)")
+    rho, rho_prev = _cumulative_weights(data, pad, target_logp, clip_weights)
     r = pad.pad(data.reward.astype(np.float64))
     members: list[float] | None = None
     if estimator in ("dr", "wdr"):
-        models = _as_ensemble(q_values, probs.shape, estimator)
-        qs = [pad.pad(m[np.arange(len(data)), data.action]) for m in models]
-        vs = [pad.pad((probs * m).sum(axis=1)) for m in models]
+        qs = [pad.pad(m) for m in _per_row(q_taken, len(data), estimator, "q_taken")]
+        vs = [pad.pad(m) for m in _per_row(v, len(data), estimator, "v")]
+        if len(qs) != len(vs):
+            raise OPEError(f"{estimator}: q_taken has {len(qs)} models but v has {len(vs)}")
     else:
         qs = vs = [np.zeros_like(r)]
     with np.errstate(invalid="ignore"):
-        parts = [_DRParts(rho * (r - q), rho_prev * v, pad.discount) for q, v in zip(qs, vs, strict=True)]
+        parts = [_DRParts(rho * (r - q), rho_prev * vq, pad.discount) for q, vq in zip(qs, vs, strict=True)]
     if estimator in ("pdis", "dr"):
         per_episode = np.stack([(p.rho_r_minus_q + p.rho_prev_v) @ pad.discount for p in parts])
         value, lo, hi = _mean_with_ci(per_episode, n_bootstrap, confidence, seed)
@@ -567,6 +834,17 @@ def estimate_is(
     )
 
 
+def _per_row(values: np.ndarray | None, n: int, estimator: str, what: str) -> np.ndarray:
+    """``values`` as ``[K, N]``: one model's per-row values ``[N]`` or an ensemble of them."""
+    x = None if values is None else np.asarray(values, dtype=np.float64)
+    if x is not None and x.shape == (n,):
+        return x[None]
+    if x is None or x.ndim != 2 or x.shape[1] != n or x.shape[0] < 1:
+        got = None if x is None else x.shape
+        raise OPEError(f"{estimator} needs {what} of shape ({n},) or (models, {n}), got {got}")
+    return x
+
+
 def _as_ensemble(q_values: np.ndarray | None, shape: tuple[int, ...], estimator: str) -> np.ndarray:
     """``q_values`` as ``[K, N, A]``: one model ``[N, A]`` or an ensemble of them."""
     q = None if q_values is None else np.asarray(q_values, dtype=np.float64)
@@ -594,13 +872,38 @@ def estimate_fqe(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Estimate:
-    """The FQE estimate: the mean over episodes of ``V(s_0) = sum_a pi(a|s_0) Q(s_0, a)`` at each
-    episode's first row, with the interval over initial states. ``q_values`` is ``[N, A]`` (one model,
-    held fixed) or ``[K, N, A]`` (an ensemble: mean over models, their disagreement in the interval)."""
+    """The FQE estimate for a Discrete action space: :func:`estimate_fqe_values` with
+    ``V(s) = sum_a pi(a|s) Q(s, a)``. ``q_values`` is ``[N, A]`` (one model, held fixed) or ``[K, N, A]``
+    (an ensemble: mean over models, their disagreement in the interval)."""
+    _check_bootstrap(n_bootstrap, confidence)
+    _padded(data, gamma)
+    models = _as_ensemble(q_values, probs.shape, "fqe")
+    return estimate_fqe_values(
+        data,
+        (probs[None] * models).sum(axis=2),
+        gamma=gamma,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        seed=seed,
+    )
+
+
+def estimate_fqe_values(
+    data: Transitions,
+    v: np.ndarray,
+    *,
+    gamma: float = 0.99,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """The FQE estimate from the model's ``V(s_t) = E_pi Q(s_t, .)`` at every row (``[N]``, or ``[K, N]``
+    for an ensemble), for any action space: the mean over episodes of ``V`` at each episode's first row,
+    with the interval over initial states."""
     _check_bootstrap(n_bootstrap, confidence)
     pad = _padded(data, gamma)
-    models = _as_ensemble(q_values, probs.shape, "fqe")
-    v0 = (probs[None, pad.starts] * models[:, pad.starts]).sum(axis=2)  # [K, E]
+    values = _per_row(v, len(data), "fqe", "v")
+    v0 = values[:, pad.starts]  # [K, E]
     value, lo, hi = _mean_with_ci(v0, n_bootstrap, confidence, seed)
     est = Estimate(
         "fqe",
@@ -609,10 +912,10 @@ def estimate_fqe(
         hi,
         confidence,
         pad.n,
-        interval=_interval_label("initial states", len(models)),
+        interval=_interval_label("initial states", len(values)),
         members=[float(x) for x in v0.mean(axis=1)],
     )
-    est.warnings.extend(_model_warnings(data, gamma, (probs * models.mean(axis=0)).sum(axis=1)))
+    est.warnings.extend(_model_warnings(data, gamma, values.mean(axis=0)))
     return est
 
 
@@ -632,9 +935,71 @@ def behavior_value(
     return Estimate("behavior", value, lo, hi, confidence, pad.n)
 
 
-def evaluate(
+@dataclass
+class _TargetParts:
+    """What the estimators need from the target policy and the fitted models, for either action space."""
+
+    target_logp: np.ndarray | None  # [N] log pi(a_t|s_t) of the logged actions (when weights are needed)
+    q_taken: np.ndarray | None  # [K, N] Q(s_t, a_t) under each model (when a model is needed)
+    v: np.ndarray | None  # [K, N] V(s_t) = E_pi Q(s_t, .) under each model
+    fit_warnings: list[str]
+
+
+def _discrete_parts(
     data: Transitions,
     probs_fn: ProbsFn,
+    estimators: Sequence[str],
+    gamma: float,
+    cfg: FQEConfig,
+    progress: bool,
+) -> _TargetParts:
+    n_actions = data.meta.n_actions
+    probs = _target_probs(probs_fn, data.observation, n_actions, "observation")
+    rows = np.arange(len(data))
+    with np.errstate(divide="ignore"):
+        target_logp = np.log(probs[rows, data.action])
+    parts = _TargetParts(target_logp, None, None, [])
+    if NEEDS_MODEL.intersection(estimators):
+        next_probs = _target_probs(probs_fn, data.next_observation, n_actions, "next_observation")
+        models = fit_fqe_ensemble(data, next_probs, gamma=gamma, config=cfg, progress=progress)
+        q_values = np.stack([m.q_values(data.observation) for m in models])
+        parts.q_taken = q_values[:, rows, data.action]
+        parts.v = (probs[None] * q_values).sum(axis=2)
+        parts.fit_warnings = fqe_budget_warnings(cfg, gamma, _padded(data, gamma).horizon)
+    return parts
+
+
+def _continuous_parts(
+    data: Transitions,
+    target: ContinuousTarget,
+    estimators: Sequence[str],
+    gamma: float,
+    cfg: FQEConfig,
+    progress: bool,
+    seed: int,
+    action_samples: int,
+) -> _TargetParts:
+    weighted = NEEDS_PROPENSITIES.intersection(estimators)
+    if weighted and not target.stochastic:
+        raise OPEError(f"{', '.join(sorted(weighted))}: {_DETERMINISTIC}")
+    parts = _TargetParts(_target_log_density(target, data) if weighted else None, None, None, [])
+    if NEEDS_MODEL.intersection(estimators):
+        next_actions = _target_actions(
+            target, data.next_observation, data, action_samples, seed, "next_observation"
+        )
+        models = fit_fqe_ensemble(
+            data, next_actions.astype(np.float32), gamma=gamma, config=cfg, progress=progress
+        )
+        here = _target_actions(target, data.observation, data, action_samples, seed, "observation")
+        parts.v = np.stack([m.expected_q(data.observation, here) for m in models])
+        parts.q_taken = np.stack([m.q_at(data.observation, data.action) for m in models])
+        parts.fit_warnings = fqe_budget_warnings(cfg, gamma, _padded(data, gamma).horizon)
+    return parts
+
+
+def evaluate(
+    data: Transitions,
+    probs_fn: Target,
     *,
     gamma: float = 0.99,
     estimators: Sequence[str] = ESTIMATORS,
@@ -646,13 +1011,16 @@ def evaluate(
     min_ess: float = 10.0,
     min_ess_fraction: float = 0.01,
     progress: bool = False,
+    action_samples: int = ACTION_SAMPLES,
 ) -> dict[str, Estimate]:
-    """Estimate the value of the policy ``probs_fn`` with each estimator in ``estimators``.
+    """Estimate the value of the target policy ``probs_fn`` with each estimator in ``estimators``.
 
-    ``min_ess`` and ``min_ess_fraction`` set the collapse threshold: the weights have collapsed when the
-    ESS is below ``max(min_ess, min_ess_fraction * n_episodes)``. The FQE model, when one is needed, is
-    fitted once and shared by ``fqe``, ``dr`` and ``wdr``. Every estimate resamples the same episodes
-    (same ``seed``), so their intervals are paired.
+    ``probs_fn`` is a ``probs_fn`` for a Discrete dataset and a :class:`ContinuousTarget` for a Box one
+    (whose importance-weighted estimators need a stochastic target; ``action_samples`` draws average Q
+    over its actions). ``min_ess`` and ``min_ess_fraction`` set the collapse threshold: the weights have
+    collapsed when the ESS is below ``max(min_ess, min_ess_fraction * n_episodes)``. The FQE model, when
+    one is needed, is fitted once and shared by ``fqe``, ``dr`` and ``wdr``. Every estimate resamples the
+    same episodes (same ``seed``), so their intervals are paired.
     """
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown or not estimators:
@@ -660,21 +1028,27 @@ def evaluate(
             f"unknown estimator(s) {unknown or '(none given)'}; choose from {', '.join(ESTIMATORS)}"
         )
     _check_bootstrap(n_bootstrap, confidence)
-    pad = _padded(data, gamma)
+    _padded(data, gamma)
     for name in estimators:
         if name in NEEDS_PROPENSITIES:
             _check_propensities(data, name)
-    n_actions = data.meta.n_actions
-    probs = _target_probs(probs_fn, data.observation, n_actions, "observation")
-
-    q_values: np.ndarray | None = None
-    fit_warnings: list[str] = []
+    if action_samples < 1:
+        raise OPEError(f"action_samples must be >= 1, got {action_samples}")
     cfg = fqe_config or FQEConfig()
-    if NEEDS_MODEL.intersection(estimators):
-        next_probs = _target_probs(probs_fn, data.next_observation, n_actions, "next_observation")
-        models = fit_fqe_ensemble(data, next_probs, gamma=gamma, config=cfg, progress=progress)
-        q_values = np.stack([m.q_values(data.observation) for m in models])
-        fit_warnings = fqe_budget_warnings(cfg, gamma, pad.horizon)
+    if data.meta.is_continuous:
+        if not isinstance(probs_fn, ContinuousTarget):
+            raise OPEError(
+                "the dataset has a Box action space: the target policy must be a ContinuousTarget "
+                "(policy_target(module, selection)), not action probabilities"
+            )
+        parts = _continuous_parts(data, probs_fn, estimators, gamma, cfg, progress, seed, action_samples)
+    else:
+        if isinstance(probs_fn, ContinuousTarget):
+            raise OPEError(
+                "the dataset has a Discrete action space: the target policy must give action "
+                "probabilities (policy_probs_fn), not a ContinuousTarget"
+            )
+        parts = _discrete_parts(data, probs_fn, estimators, gamma, cfg, progress)
 
     boot: dict[str, Any] = {
         "gamma": gamma,
@@ -690,16 +1064,19 @@ def evaluate(
     out: dict[str, Estimate] = {}
     for name in estimators:
         if name == "fqe":
-            if q_values is None:
+            if parts.v is None:
                 raise RuntimeError("FQE model missing")  # unreachable: fitted above when fqe is asked for
-            out[name] = estimate_fqe(data, probs, q_values, **boot)
+            out[name] = estimate_fqe_values(data, parts.v, **boot)
         else:
-            out[name] = estimate_is(name, data, probs, q_values=q_values, **boot, **weights)
-            if q_values is not None and name in NEEDS_MODEL:
-                v_s = (probs * q_values.mean(axis=0)).sum(axis=1)
-                out[name].warnings.extend(_model_warnings(data, gamma, v_s))
+            if parts.target_logp is None:
+                raise RuntimeError("target log-probabilities missing")  # unreachable: computed above
+            out[name] = estimate_is_logp(
+                name, data, parts.target_logp, q_taken=parts.q_taken, v=parts.v, **boot, **weights
+            )
+            if parts.v is not None and name in NEEDS_MODEL:
+                out[name].warnings.extend(_model_warnings(data, gamma, parts.v.mean(axis=0)))
         if name in NEEDS_MODEL:
-            out[name].warnings.extend(fit_warnings + spread_warnings(out[name], cfg.max_spread))
+            out[name].warnings.extend(parts.fit_warnings + spread_warnings(out[name], cfg.max_spread))
     return out
 
 
