@@ -78,7 +78,7 @@ def box_result(
         policy = linear_policy(rng.normal(size=(ACTION_DIM, OBS_DIM)), rng.normal(size=ACTION_DIM))
     return TrainResult(
         algorithm="td3bc",
-        policy=policy,  # type: ignore[arg-type]
+        policy=policy,
         selection=Selection(std=std),
         config={"alpha": 2.5},
         dataset_fingerprint=data.fingerprint(),

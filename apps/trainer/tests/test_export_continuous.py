@@ -65,7 +65,7 @@ def test_exported_box_policy_matches_eager_and_stays_in_bounds(policy_dir: Path,
     module, card = load_policy_dir(policy_dir)
     eager = box_result(data).policy
     probe = probe_observations(data)
-    deviations = check_continuous_parity(eager, module, probe, Selection(std=0.2))  # type: ignore[arg-type]
+    deviations = check_continuous_parity(eager, module, probe, Selection(std=0.2))
     assert set(deviations) >= {
         "forward",
         "pre_squash",
@@ -86,7 +86,7 @@ def test_exported_box_policy_matches_eager_and_stays_in_bounds(policy_dir: Path,
 
 def test_a_std_of_zero_still_checks_exploration_at_the_probe_std(data: Transitions) -> None:
     eager = box_result(data).policy
-    deviations = check_continuous_parity(eager, script_policy(eager), probe_observations(data), Selection())  # type: ignore[arg-type]
+    deviations = check_continuous_parity(eager, script_policy(eager), probe_observations(data), Selection())
     assert "log_prob(std=0.3)" in deviations
     assert not any("std=0)" in k for k in deviations)
 
