@@ -25,7 +25,15 @@ from rlops_trainer.card import utc_now
 from rlops_trainer.commands import fail as _fail
 from rlops_trainer.datasets import DatasetError, Transitions
 from rlops_trainer.gate import GateError, decide, default_estimator
-from rlops_trainer.ope import ESTIMATORS, NEEDS_PROPENSITIES, Estimate, FQEConfig, OPEError
+from rlops_trainer.ope import (
+    ACTION_SAMPLES,
+    ESTIMATORS,
+    NEEDS_PROPENSITIES,
+    Estimate,
+    FQEConfig,
+    OPEError,
+    possible_estimators,
+)
 from rlops_trainer.policy import Selection
 from rlops_trainer.report import PLOT_FILE, REPORT_FILE, REPORT_SCHEMA_VERSION
 
@@ -67,23 +75,40 @@ def _load_policy(ref: str, path: Path, role: str, data: Transitions) -> _Policy:
             f"policy {ref} ({path}) takes observations of shape {shape}, but the dataset's have "
             f"{data.meta.obs_dim} features"
         )
-    n = int(card["action_space"]["n"])
-    if n != data.meta.n_actions:
+    space = card["action_space"]
+    if (space["type"] == "Box") != data.meta.is_continuous:
         _fail(
-            f"policy {ref} ({path}) has {n} actions, but the dataset's action space has {data.meta.n_actions}"
+            f"policy {ref} ({path}) acts in a {space['type']} action space, but the dataset's is "
+            f"{data.meta.action_space.get('type')}"
+        )
+    if space["type"] == "Box":
+        if int(space["shape"][0]) != data.meta.action_dim:
+            _fail(
+                f"policy {ref} ({path}) gives actions of {space['shape'][0]} dimensions, but the dataset's "
+                f"have {data.meta.action_dim}"
+            )
+    elif int(space["n"]) != data.meta.n_actions:
+        _fail(
+            f"policy {ref} ({path}) has {space['n']} actions, but the dataset's action space has "
+            f"{data.meta.n_actions}"
         )
     return _Policy(ref=ref, path=path, module=module, card=card, role=role)
 
 
-def _parse_estimators(text: str | None, data: Transitions) -> tuple[str, ...]:
+def _parse_estimators(text: str | None, data: Transitions, stochastic: bool = True) -> tuple[str, ...]:
+    """The estimators to run; ``stochastic``: every policy explores (Box actions: ``std > 0``), which
+    importance weights over continuous actions need."""
+    deterministic = data.meta.is_continuous and not stochastic
     if text is None:
-        if data.has_propensities:
-            return ESTIMATORS
-        console.print(
-            "[yellow]note:[/yellow] the dataset has no behaviour propensities (column 'behavior_logp'); "
-            "running fqe only"
-        )
-        return ("fqe",)
+        possible = possible_estimators(data, stochastic)
+        if possible != ESTIMATORS:
+            why = (
+                "the dataset has no behaviour propensities (column 'behavior_logp')"
+                if not data.has_propensities
+                else "a deterministic continuous policy (selection std 0) has no density for importance weights"
+            )
+            console.print(f"[yellow]note:[/yellow] {why}; running {', '.join(possible)} only")
+        return possible
     names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in ESTIMATORS]
     if unknown or not names:
@@ -96,6 +121,12 @@ def _parse_estimators(text: str | None, data: Transitions) -> tuple[str, ...]:
         _fail(
             f"--estimators {','.join(needs)} need behaviour propensities, but column 'behavior_logp' is "
             "missing (NaN) in this dataset; use --estimators fqe"
+        )
+    if needs and deterministic:
+        _fail(
+            f"--estimators {','.join(needs)} need importance weights, but a policy here is deterministic "
+            "(selection std 0): over continuous actions a point mass has no density, so the ratio is "
+            "undefined; use --estimators fqe"
         )
     return names
 
@@ -145,14 +176,15 @@ def evaluate(
         typer.Option(
             "--estimators",
             help=f"Comma-separated subset of {','.join(ESTIMATORS)}. Default: all of them, or fqe alone when "
-            "the data has no behaviour propensities.",
+            "the data has no behaviour propensities or a continuous-action policy is deterministic (std 0).",
         ),
     ] = None,
     gate_estimator: Annotated[
         str | None,
         typer.Option(
             "--gate-estimator",
-            help="Estimator the gate decides on. Default: dr, or fqe when the data has no propensities.",
+            help="Estimator the gate decides on. Default: dr, or fqe when importance weights are impossible "
+            "(no propensities in the data, or a deterministic continuous-action policy).",
         ),
     ] = None,
     margin: Annotated[
@@ -249,13 +281,14 @@ def evaluate(
         f"data: {escape(str(data))}: {len(transitions):,} transitions, {n_episodes:,} episodes of "
         f"{escape(transitions.meta.env_id)}, behaviour {escape(transitions.meta.behavior_policy)}"
     )
-    names = _parse_estimators(estimators, transitions)
-    gate_name = (gate_estimator or default_estimator(transitions.has_propensities)).strip().lower()
-    if gate_name not in names:
-        _fail(f"--gate-estimator {gate_name} is not among the estimators run ({','.join(names)})")
-
     policies = _resolve(policy or [], registry, champion, transitions)
     _labels(policies)
+    stochastic = all(p.selection.std > 0.0 for p in policies)
+    names = _parse_estimators(estimators, transitions, stochastic)
+    weights_possible = "pdis" in possible_estimators(transitions, stochastic)
+    gate_name = (gate_estimator or default_estimator(weights_possible)).strip().lower()
+    if gate_name not in names:
+        _fail(f"--gate-estimator {gate_name} is not among the estimators run ({','.join(names)})")
     fqe_config = FQEConfig(steps=fqe_steps, seed=seed, ensemble=fqe_models)
 
     from rlops_trainer import ope
@@ -272,7 +305,11 @@ def evaluate(
         try:
             p.estimates = ope.evaluate(
                 transitions,
-                ope.policy_probs_fn(p.module, p.selection),
+                (
+                    ope.policy_target(p.module, p.selection)
+                    if transitions.meta.is_continuous
+                    else ope.policy_probs_fn(p.module, p.selection)
+                ),
                 gamma=gamma,
                 estimators=names,
                 n_bootstrap=n_bootstrap,
@@ -337,6 +374,7 @@ def evaluate(
             "n_bootstrap": n_bootstrap,
             "seed": seed,
             "fqe": asdict(fqe_config),
+            "action_samples": ACTION_SAMPLES if transitions.meta.is_continuous else None,
             "clip_weights": clip_weights,
             "gate": {"estimator": gate_name, "margin": margin, "relative": relative, "against": against},
             "env_episodes": env_episodes,
