@@ -105,7 +105,8 @@ def _parse_estimators(text: str | None, data: Transitions, stochastic: bool = Tr
             why = (
                 "the dataset has no behaviour propensities (column 'behavior_logp')"
                 if not data.has_propensities
-                else "a deterministic continuous policy (selection std 0) has no density for importance weights"
+                else "a deterministic continuous policy (selection std 0) has no density for importance "
+                "weights"
             )
             console.print(f"[yellow]note:[/yellow] {why}; running {', '.join(possible)} only")
         return possible
