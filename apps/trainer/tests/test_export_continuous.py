@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_box_card_records_the_space_the_selection_and_the_action_reference(data:
 
 def test_exported_box_policy_matches_eager_and_stays_in_bounds(policy_dir: Path, data: Transitions) -> None:
     module, card = load_policy_dir(policy_dir)
-    eager = box_result(data).policy
+    eager = cast(ContinuousPolicyModule, box_result(data).policy)
     probe = probe_observations(data)
     deviations = check_continuous_parity(eager, module, probe, Selection(std=0.2))
     assert set(deviations) >= {
@@ -85,7 +86,7 @@ def test_exported_box_policy_matches_eager_and_stays_in_bounds(policy_dir: Path,
 
 
 def test_a_std_of_zero_still_checks_exploration_at_the_probe_std(data: Transitions) -> None:
-    eager = box_result(data).policy
+    eager = cast(ContinuousPolicyModule, box_result(data).policy)
     deviations = check_continuous_parity(eager, script_policy(eager), probe_observations(data), Selection())
     assert "log_prob(std=0.3)" in deviations
     assert not any("std=0)" in k for k in deviations)

@@ -394,7 +394,8 @@ def evaluate(
                 "version": p.version,
                 "role": p.role,
                 "algorithm": p.card.get("algorithm"),
-                "selection": asdict(p.selection),
+                # The card's own selection: std only for Box policies, so discrete reports keep their form.
+                "selection": dict(p.card["policy"]["selection"]),
                 "estimates": {k: v.to_dict() for k, v in p.estimates.items()},
                 "rollout": p.rollout,
                 "gate": p.gate,
