@@ -197,6 +197,11 @@ def run_d3rlpy(
                 f"--target-update={interval}",
                 f"--alpha={aligned_to.alpha}",
             ]
+    return call_runner(cmd, log, f"d3rlpy {algo} seed {seed}")
+
+
+def call_runner(cmd: list[str], log: Path, what: str) -> dict[str, Any]:
+    """Run a runner script on one thread, its stderr to ``log``; returns the JSON line it prints last."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
@@ -204,7 +209,7 @@ def run_d3rlpy(
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        raise BenchmarkError(f"d3rlpy {algo} seed {seed} failed (exit code {done.returncode}); see {log}")
+        raise BenchmarkError(f"{what} failed (exit code {done.returncode}); see {log}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 
