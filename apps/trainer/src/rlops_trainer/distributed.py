@@ -251,6 +251,13 @@ def train_distributed(
 
     from rlops_trainer.algos import ALGORITHMS, LEARNERS
 
+    if data.meta.is_continuous:
+        # The staged actor-critic learners (TD3+BC, CQL) step their losses outside the DDP wrapper, so
+        # their gradients would not be all-reduced and the replicas would drift apart.
+        raise ValueError(
+            f"{algorithm}: the Ray Train path takes Discrete datasets; this one has a Box action space. "
+            "Train it in one process (--ray-workers 0)"
+        )
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm '{algorithm}'; accepted: {', '.join(sorted(ALGORITHMS))}")
     if num_workers < 1:
@@ -260,13 +267,6 @@ def train_distributed(
             f"batch_size {cfg.batch_size} is the global batch: it must be >= num_workers ({num_workers})"
         )
     check_data(data)
-    if data.meta.is_continuous:
-        # The continuous actor-critic learners apply several losses per step outside the DDP wrapper,
-        # so their gradients would not be all-reduced: the replicas would drift apart.
-        raise ValueError(
-            f"{algorithm}: the Ray Train path takes Discrete datasets; this one has a Box action space. "
-            "Train it in one process (--ray-workers 0); a single GPU is the way to go faster"
-        )
     if run.log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {run.log_every}")
     if not ray.is_initialized():
