@@ -62,9 +62,11 @@ def test_sample_is_inside_the_box_differentiable_and_consistent_with_log_prob() 
 
 def test_gaussian_actor_clamps_its_log_std_and_exports_the_mean_alone() -> None:
     actor = GaussianActor(3, 2, (8,), state_dependent_std=True)
+    head = actor.net[-1]
+    assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
-        actor.net[-1].bias[2:] = torch.tensor([-50.0, 50.0])
-        actor.net[-1].weight[2:] = 0.0
+        head.bias[2:] = torch.tensor([-50.0, 50.0])
+        head.weight[2:] = 0.0
     obs = torch.randn(4, 3)
     mean, log_std = actor(obs)
     assert torch.equal(log_std, torch.tensor([[LOG_STD_MIN, LOG_STD_MAX]] * 4))
