@@ -251,9 +251,11 @@ def test_configs_reject_values_out_of_range() -> None:
 
 
 def test_data_the_algorithms_cannot_use_is_refused(data: Transitions) -> None:
-    continuous = dataclasses.replace(data, meta=dataclasses.replace(data.meta, action_space={"type": "Box"}))
-    with pytest.raises(DatasetError, match="'Box' is not supported"):
-        run_algo("bc", continuous, None)
+    other = dataclasses.replace(
+        data, meta=dataclasses.replace(data.meta, action_space={"type": "MultiBinary"})
+    )
+    with pytest.raises(DatasetError, match="'MultiBinary' is not supported"):
+        run_algo("bc", other, None)
     with pytest.raises(DatasetError, match="no transitions"):
         run_algo("bc", data.select(np.zeros(len(data), dtype=bool)), None)
 
@@ -304,7 +306,7 @@ def test_cli_config_lists_fields_with_docs() -> None:
     assert "Expectile of Q that V estimates" in result.output
     unknown = CliRunner().invoke(app, ["config", "a3c"])
     assert unknown.exit_code == 2
-    assert "accepted: bc, cql, iql, ppo, appo, dqn" in unknown.output
+    assert "accepted: bc, cql, iql, td3bc, ppo, appo, dqn" in unknown.output
 
 
 def test_cli_trains_and_writes_a_policy_directory(data: Transitions, tmp_path: Path) -> None:

@@ -12,6 +12,9 @@ loop (so either path can resume the other's run) and reports metrics and checkpo
 On resume, weights, optimiser and step come from the checkpoint and each worker's minibatch stream
 is re-seeded from (seed, rank, step).
 
+Box datasets are refused here: the continuous learners train in one process (see
+:func:`train_distributed`).
+
 Metrics are the documented ones of :mod:`rlops_trainer.training`, averaged over the workers, plus
 ``world_size`` (workers that trained), ``rows_total`` (rows of all shards together) and, in the
 reports to Ray, ``replica_divergence`` (max - min over workers of the sum of all weights: 0 while
@@ -35,7 +38,6 @@ import torch
 from rlops_trainer.checkpoints import load_checkpoint, restore, resume_checkpoint, save_checkpoint
 from rlops_trainer.datasets import COLUMNS, Transitions
 from rlops_trainer.hyperparams import LoopConfig
-from rlops_trainer.policy import Selection
 from rlops_trainer.training import (
     METRICS_FILE,
     MetricWindow,
@@ -49,6 +51,7 @@ from rlops_trainer.training import (
     metric_names,
     observation_stats,
     seed_everything,
+    served_selection,
     start_metrics,
 )
 
@@ -248,6 +251,13 @@ def train_distributed(
 
     from rlops_trainer.algos import ALGORITHMS, LEARNERS
 
+    if data.meta.is_continuous:
+        # The staged actor-critic learners (TD3+BC, CQL) step their losses outside the DDP wrapper, so
+        # their gradients would not be all-reduced and the replicas would drift apart.
+        raise ValueError(
+            f"{algorithm}: the Ray Train path takes Discrete datasets; this one has a Box action space. "
+            "Train it in one process (--ray-workers 0)"
+        )
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm '{algorithm}'; accepted: {', '.join(sorted(ALGORITHMS))}")
     if num_workers < 1:
@@ -331,8 +341,8 @@ def train_distributed(
         metrics["steps_per_s"] = (int(state["step"]) - first_step) / float(reported["time_s"])
     return TrainResult(
         algorithm=algorithm,
-        policy=build_policy(learner, obs_mean, obs_std),
-        selection=Selection(temperature=cfg.serve_temperature, epsilon=cfg.serve_epsilon),
+        policy=build_policy(learner, obs_mean, obs_std, data),
+        selection=served_selection(cfg, data),
         config=config,
         dataset_fingerprint=fingerprint,
         steps=int(state["step"]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -22,14 +23,13 @@ ESTIMATORS: tuple[str, ...] = ("pdis", "wpdis", "fqe", "dr", "wdr")
 
 
 class LoopConfig(Protocol):
-    """Fields every algorithm config has; the shared loop reads only these."""
+    """Fields every algorithm config has; the shared loop reads only these (and how the policy is served:
+    ``serve_temperature`` and ``serve_epsilon`` for Discrete actions, ``serve_std`` for Box actions)."""
 
     steps: int
     batch_size: int
     seed: int
     max_grad_norm: float
-    serve_temperature: float
-    serve_epsilon: float
 
 
 def check_config(
@@ -42,7 +42,8 @@ def check_config(
 ) -> None:
     """Raise ValueError naming the field when a config value is out of range.
 
-    Checks the fields every config has, plus ``positive`` (> 0), ``widths`` (non-empty tuples of
+    Checks the fields every config has, the served selection it has (``serve_temperature`` and
+    ``serve_epsilon``, or ``serve_std``), plus ``positive`` (> 0), ``widths`` (non-empty tuples of
     positive ints) and ``unit`` (in [0, 1)) fields named by the algorithm.
     """
 
@@ -54,10 +55,12 @@ def check_config(
             raise bad(name, ">= 1")
     if cfg.max_grad_norm < 0:
         raise bad("max_grad_norm", ">= 0 (0 turns clipping off)")
-    if not 0 <= cfg.serve_epsilon <= 1:
+    if hasattr(cfg, "serve_epsilon") and not 0 <= cfg.serve_epsilon <= 1:
         raise bad("serve_epsilon", "in [0, 1]")
-    if cfg.serve_temperature < 0:
+    if hasattr(cfg, "serve_temperature") and cfg.serve_temperature < 0:
         raise bad("serve_temperature", ">= 0 (0 is greedy)")
+    if hasattr(cfg, "serve_std") and not (math.isfinite(cfg.serve_std) and cfg.serve_std >= 0):
+        raise bad("serve_std", "a finite number >= 0 (0 serves the deterministic action)")
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise bad(name, "> 0")
@@ -269,6 +272,190 @@ class IQLConfig:
             raise ValueError(f"iql: tau must be in (0, 1], got {self.tau}")
 
 
+# --- the algorithms for continuous (Box) actions ------------------------------------------------------
+# Defaults follow the papers and CORL's MuJoCo settings. The learners see actions scaled to [-1, 1] per
+# dimension, so noise and clips below are in those units whatever the dataset's bounds.
+
+
+def _check_tau(algorithm: str, tau: float) -> None:
+    if not 0 < tau <= 1:
+        raise ValueError(f"{algorithm}: tau must be in (0, 1], got {tau}")
+
+
+@dataclass
+class ContinuousBCConfig:
+    """Hyperparameters of behaviour cloning on Box actions."""
+
+    steps: int = 10_000
+    """Gradient steps."""
+    batch_size: int = 256
+    """Transitions per gradient step."""
+    lr: float = 3e-4
+    """Adam learning rate."""
+    hidden: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the policy network."""
+    gaussian: bool = False
+    """False: regress the deterministic action tanh(u(s)) on the data action (squared error). True: fit
+    a tanh-squashed Gaussian with a state-dependent log std (clamped to [-5, 2]) by maximum likelihood of
+    the data action; the served action is its mean either way."""
+    max_grad_norm: float = 0.0
+    """Clip the gradient norm to this value; 0 turns clipping off."""
+    serve_std: float = 0.0
+    """Served selection: std of the Gaussian exploration noise added before the tanh (in pre-squash
+    units); 0 serves the deterministic action."""
+    seed: int = 0
+    """Seeds weights, minibatch sampling and every RNG."""
+
+    def __post_init__(self) -> None:
+        check_config("bc", self, positive=("lr",), widths=("hidden",))
+
+
+@dataclass
+class TD3BCConfig:
+    """Hyperparameters of TD3+BC (Fujimoto & Gu 2021)."""
+
+    steps: int = 100_000
+    """Gradient steps (the paper trains 1M on D4RL)."""
+    batch_size: int = 256
+    """Transitions per gradient step."""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor."""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin critics."""
+    gamma: float = 0.99
+    """Discount factor."""
+    hidden: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the actor and of each critic."""
+    alpha: float = 2.5
+    """Weight of Q against behaviour cloning: the actor minimises -lambda * Q + (pi(s) - a)^2 with
+    lambda = alpha / mean |Q|."""
+    policy_noise: float = 0.2
+    """Std of the target policy smoothing noise added to the target action (actions in [-1, 1])."""
+    noise_clip: float = 0.5
+    """The smoothing noise is clipped to [-noise_clip, noise_clip]."""
+    policy_freq: int = 2
+    """Critic updates per actor update; the target networks move with the actor."""
+    tau: float = 0.005
+    """Target network update rate: target <- (1 - tau) * target + tau * online."""
+    max_grad_norm: float = 0.0
+    """Clip each stage's gradient norm to this value; 0 turns clipping off."""
+    serve_std: float = 0.0
+    """Served selection: std of the Gaussian exploration noise added before the tanh (in pre-squash
+    units); 0 serves the deterministic action."""
+    seed: int = 0
+    """Seeds weights, minibatch sampling, the smoothing noise and every RNG."""
+
+    def __post_init__(self) -> None:
+        check_config("td3bc", self, positive=("actor_lr", "critic_lr"), widths=("hidden",), unit=("gamma",))
+        for name in ("alpha", "policy_noise", "noise_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"td3bc: {name} must be >= 0, got {getattr(self, name)}")
+        if self.policy_freq < 1:
+            raise ValueError(f"td3bc: policy_freq must be >= 1, got {self.policy_freq}")
+        _check_tau("td3bc", self.tau)
+
+
+@dataclass
+class ContinuousIQLConfig:
+    """Hyperparameters of IQL on Box actions (Kostrikov et al. 2021)."""
+
+    steps: int = 100_000
+    """Gradient steps (the paper trains 1M on D4RL)."""
+    batch_size: int = 256
+    """Transitions per gradient step."""
+    lr: float = 3e-4
+    """Adam learning rate (critics, value and policy)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    hidden: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of every network."""
+    expectile: float = 0.7
+    """Expectile of Q that V estimates; 0.5 is the mean (SARSA), towards 1 the best data action."""
+    beta: float = 3.0
+    """Inverse temperature of the advantage weights exp(beta * A)."""
+    max_weight: float = 100.0
+    """Upper clip of the advantage weights."""
+    tau: float = 0.005
+    """Target critic update rate: target <- (1 - tau) * target + tau * online."""
+    max_grad_norm: float = 0.0
+    """Clip the gradient norm to this value; 0 turns clipping off."""
+    serve_std: float = 0.0
+    """Served selection: std of the Gaussian exploration noise added before the tanh (in pre-squash
+    units); 0 serves the deterministic action (the policy's mean)."""
+    seed: int = 0
+    """Seeds weights, minibatch sampling and every RNG."""
+
+    def __post_init__(self) -> None:
+        check_config("iql", self, positive=("lr", "max_weight"), widths=("hidden",), unit=("gamma",))
+        if not 0 < self.expectile < 1:
+            raise ValueError(f"iql: expectile must be in (0, 1), got {self.expectile}")
+        if self.beta < 0:
+            raise ValueError(f"iql: beta must be >= 0, got {self.beta}")
+        _check_tau("iql", self.tau)
+
+
+@dataclass
+class ContinuousCQLConfig:
+    """Hyperparameters of CQL on Box actions (Kumar et al. 2020; SAC-based, as in CORL and d3rlpy)."""
+
+    steps: int = 100_000
+    """Gradient steps (the paper trains 1M on D4RL)."""
+    batch_size: int = 256
+    """Transitions per gradient step."""
+    actor_lr: float = 3e-5
+    """Adam learning rate of the SAC actor."""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin critics."""
+    temperature_lr: float = 3e-5
+    """Adam learning rate of the log entropy temperature (with learn_temperature)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    hidden: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the actor and of each critic."""
+    alpha: float = 5.0
+    """Weight of the conservative penalty logsumexp_a Q(s, a) - Q(s, a_data) in each critic's loss."""
+    n_action_samples: int = 10
+    """Actions sampled per state from each proposal (uniform, the policy at s, the policy at s') for
+    the logsumexp of the penalty."""
+    initial_temperature: float = 1.0
+    """Entropy temperature of the SAC actor at the start."""
+    learn_temperature: bool = True
+    """Tune the temperature so that the policy's entropy tracks target_entropy_per_dim * action_dim."""
+    target_entropy_per_dim: float = -1.0
+    """Target entropy per action dimension for the temperature tuning (SAC's rule: -1)."""
+    backup_entropy: bool = False
+    """Subtract alpha * log pi(a'|s') from the bootstrapped value (soft Q-learning); CORL leaves it out."""
+    lagrange: bool = False
+    """Tune the penalty's multiplier so that the penalty stays near target_action_gap (CQL-Lagrange)."""
+    target_action_gap: float = 10.0
+    """With lagrange: the penalty value the multiplier aims at."""
+    lagrange_lr: float = 3e-4
+    """With lagrange: Adam learning rate of the log multiplier."""
+    tau: float = 0.005
+    """Target critic update rate: target <- (1 - tau) * target + tau * online."""
+    max_grad_norm: float = 0.0
+    """Clip each stage's gradient norm to this value; 0 turns clipping off."""
+    serve_std: float = 0.0
+    """Served selection: std of the Gaussian exploration noise added before the tanh (in pre-squash
+    units); 0 serves the deterministic action (the actor's mean)."""
+    seed: int = 0
+    """Seeds weights, minibatch sampling, every sampled action and every RNG."""
+
+    def __post_init__(self) -> None:
+        check_config(
+            "cql",
+            self,
+            positive=("actor_lr", "critic_lr", "temperature_lr", "lagrange_lr", "initial_temperature"),
+            widths=("hidden",),
+            unit=("gamma",),
+        )
+        if self.alpha < 0:
+            raise ValueError(f"cql: alpha must be >= 0, got {self.alpha}")
+        if self.n_action_samples < 1:
+            raise ValueError(f"cql: n_action_samples must be >= 1, got {self.n_action_samples}")
+        _check_tau("cql", self.tau)
+
+
 # --- off-policy evaluation ---------------------------------------------------------------------------
 
 
@@ -321,4 +508,12 @@ class FQEConfig:
 
 
 OFFLINE: dict[str, type[Any]] = {"bc": BCConfig, "cql": CQLConfig, "iql": IQLConfig}
-"""The config dataclass of each offline algorithm."""
+"""The config dataclass of each offline algorithm for Discrete actions."""
+
+OFFLINE_CONTINUOUS: dict[str, type[Any]] = {
+    "bc": ContinuousBCConfig,
+    "cql": ContinuousCQLConfig,
+    "iql": ContinuousIQLConfig,
+    "td3bc": TD3BCConfig,
+}
+"""The config dataclass of each offline algorithm for Box actions."""

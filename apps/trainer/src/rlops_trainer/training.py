@@ -1,29 +1,49 @@
 """The training loop every algorithm shares, written once.
 
-An algorithm module (``algos/bc.py``, ``algos/cql.py``, ``algos/iql.py``) trains with its config dataclass
+An algorithm module (``algos/bc.py``, ``algos/td3bc.py`` …) trains with its config dataclass
 (:mod:`rlops_trainer.hyperparams`), defines its loss functions and a :class:`Learner`: an ``nn.Module``
 holding its networks whose ``forward(batch)`` returns the total loss and the metrics of one minibatch.
-Everything else lives here: device choice, seeding, the dataset as tensors on the device, minibatch
-sampling, the gradient step, metrics, and resume from checkpoints (:mod:`rlops_trainer.checkpoints`).
-The Ray Train path (``distributed.py``) calls the same :func:`gradient_step` on the same learner wrapped
-in DistributedDataParallel.
+Actor-critic learners whose step is several losses applied one after the other (the critic, then the actor
+on the updated critic) are :class:`StagedLearner` s instead. Everything else lives here: device choice,
+seeding, the dataset as tensors on the device, minibatch sampling, the gradient step, metrics, and resume
+from checkpoints (:mod:`rlops_trainer.checkpoints`). The Ray Train path (``distributed.py``) calls the same
+:func:`gradient_step` on the same learner wrapped in DistributedDataParallel (Discrete datasets only).
+
+Discrete datasets reach the learner as integer actions; Box datasets as float actions scaled to [-1, 1]
+per dimension (``(a - mid) / half``), and the learner's policy network outputs the pre-squash mean ``u``
+whose ``tanh`` is that scaled action: the exported :class:`rlops_trainer.policy.ContinuousPolicyModule`
+maps it back into the dataset's bounds.
 
 Metrics (``metrics.jsonl`` in the run directory, one JSON object per ``log_every`` steps, each value
 the mean over the steps since the previous record; the same name means the same thing in every
-algorithm, and an algorithm reports only the ones that apply to it):
+algorithm, and an algorithm reports only the ones that apply to it). "Box" marks the continuous-action
+learners; their actions are in the [-1, 1] units above:
 
-``loss``             total loss that was differentiated
-``grad_norm``        L2 norm of all gradients before clipping
-``td_loss``          temporal-difference regression of Q(s, a_data) on r + gamma * target (Huber or MSE)
-``cql_penalty``      mean of logsumexp_a Q(s, a) - Q(s, a_data), before multiplying by alpha
-``q_mean``           mean Q(s, a_data) over the batch (the Q-value estimate)
+``loss``             total loss that was differentiated (for a staged learner the sum of the stages applied)
+``grad_norm``        L2 norm of all gradients before clipping (all stages of the step together)
+``td_loss``          temporal-difference regression of Q(s, a_data) on r + gamma * target (Huber or MSE);
+                     with twin critics the sum of both critics' squared errors
+``cql_penalty``      mean of logsumexp_a Q(s, a) - Q(s, a_data), before multiplying by alpha; on Box the
+                     logsumexp runs over sampled actions (uniform, and the policy's at s and s') with their
+                     log-densities subtracted, averaged over the twin critics
+``q_mean``           mean Q(s, a_data) over the batch (the Q-value estimate; the first critic when twin)
 ``q_data_minus_pi``  mean Q(s, a_data) - Q(s, argmax_a Q(s, a)); <= 0, near 0 when the data look greedy
 ``value_loss``       expectile regression of V(s) on the target Q(s, a_data) (IQL)
 ``v_mean``           mean V(s) (IQL)
-``actor_loss``       advantage-weighted cross-entropy of the policy head (IQL)
+``actor_loss``       the policy's loss: advantage-weighted negative log-likelihood of the data action
+                     (IQL; a cross-entropy for Discrete), -lambda * Q(s, pi(s)) + squared error to the data
+                     action (TD3+BC), alpha * log pi(a|s) - Q(s, a) for a sampled a (CQL on Box)
 ``awr_weight_mean``  mean clipped exp(beta * advantage) weight (IQL)
-``bc_loss``          cross-entropy of the policy logits on the data actions
+``bc_loss``          behaviour cloning loss: cross-entropy of the policy logits on the data actions
+                     (Discrete); negative log-likelihood of the data action under the tanh-squashed
+                     Gaussian, or squared error of the deterministic action, per the config (Box)
 ``accuracy``         share of batch rows where the policy's greedy action equals the data action
+``mse``              mean squared difference between the policy's deterministic action tanh(u(s)) and
+                     the data action, per dimension (Box)
+``alpha``            entropy temperature of the SAC actor (CQL on Box)
+``entropy``          mean -log pi(a|s) of the actions the actor samples (an entropy estimate; CQL on Box)
+``lagrange_alpha``   multiplier of the conservative penalty tuned towards ``target_action_gap`` (CQL on
+                     Box with ``lagrange=true``)
 
 Every record also carries ``step``, ``time_s`` (seconds since this process started training) and
 ``steps_per_s`` (gradient steps per second over the record's window; in ``TrainResult.final_metrics``
@@ -63,7 +83,7 @@ from torch import nn
 from rlops_trainer.checkpoints import load_checkpoint, restore, resume_checkpoint, save_checkpoint
 from rlops_trainer.datasets import DatasetError, Transitions
 from rlops_trainer.hyperparams import LoopConfig
-from rlops_trainer.policy import PolicyModule, Selection
+from rlops_trainer.policy import ContinuousPolicyModule, PolicyModule, Selection
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -94,8 +114,8 @@ class TrainResult:
     """What a training run produced: the policy and everything the model card records about it."""
 
     algorithm: str
-    policy: PolicyModule
-    """On CPU, in eval mode."""
+    policy: PolicyModule | ContinuousPolicyModule
+    """On CPU, in eval mode: a ContinuousPolicyModule for a Box dataset."""
     selection: Selection
     """How the policy should be served and evaluated."""
     config: dict[str, Any]
@@ -111,7 +131,7 @@ class Batch(NamedTuple):
     """A minibatch of transitions; observations are already normalised."""
 
     obs: torch.Tensor  # float32 [B, d]
-    action: torch.Tensor  # int64 [B]
+    action: torch.Tensor  # int64 [B] (Discrete) or float32 [B, k] scaled to [-1, 1] (Box)
     reward: torch.Tensor  # float32 [B]
     next_obs: torch.Tensor  # float32 [B, d]
     terminated: torch.Tensor  # float32 [B]: 1 stops bootstrapping; truncation does not
@@ -126,6 +146,8 @@ class Learner(nn.Module, abc.ABC):
     """
 
     score_kind: ClassVar[str]
+    """``logits`` or ``q_values`` (Discrete), ``action`` (Box: the policy network outputs the pre-squash
+    mean); it also tells :func:`fit` which action spaces the learner takes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,9 +173,44 @@ class Learner(nn.Module, abc.ABC):
         """Called after each optimiser step with the number of steps done (target network updates)."""
 
 
-def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam with the fastest implementation the device has (one fused kernel instead of a loop)."""
-    return torch.optim.Adam(params, lr=lr, fused=params[0].device.type in ("cpu", "cuda"))
+Apply = Callable[[torch.Tensor, list[nn.Parameter]], None]
+"""``apply(loss, params)``: differentiate ``loss`` with respect to ``params`` only, clip, step."""
+
+
+class StagedLearner(Learner):
+    """A learner whose gradient step is several losses applied one after the other, each to its own
+    networks: actor-critic methods update the critic, then the actor against the updated critic.
+
+    ``update(batch, step, apply)`` computes each stage's loss on the current weights and hands it to
+    ``apply(loss, params)``, which differentiates it with respect to ``params`` alone (the actor's loss
+    reaches the critic's weights, which must not move with it), clips and steps the optimiser. The one
+    optimiser holds a parameter group per network with its own learning rate (:func:`adam`), so a
+    checkpoint still holds one optimiser state and a stage's Adam moments advance only when it is applied.
+    ``step`` is the number of steps done before this one (for delayed updates).
+    """
+
+    @abc.abstractmethod
+    def update(self, batch: Batch, step: int, apply: Apply) -> dict[str, torch.Tensor]:
+        """Apply this step's stages and return the documented metrics (detached scalars)."""
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every stage's loss and the metrics on the current weights, nothing applied."""
+        losses: list[torch.Tensor] = []
+        metrics = self.update(batch, 0, lambda loss, params: losses.append(loss.detach()))
+        return torch.stack(losses).sum(), metrics
+
+
+def adam(
+    params: list[nn.Parameter], lr: float, *groups: tuple[list[nn.Parameter], float]
+) -> torch.optim.Adam:
+    """Adam with the fastest implementation the device has (one fused kernel instead of a loop).
+
+    ``groups`` are further ``(parameters, learning rate)`` pairs: one optimiser for networks that learn at
+    different rates (a :class:`StagedLearner`'s actor, critic and temperature).
+    """
+    param_groups: list[dict[str, Any]] = [{"params": params, "lr": lr}]
+    param_groups += [{"params": p, "lr": group_lr} for p, group_lr in groups]
+    return torch.optim.Adam(param_groups, lr=lr, fused=params[0].device.type in ("cpu", "cuda"))
 
 
 class TargetSync:
@@ -218,10 +275,19 @@ def check_data(data: Transitions) -> None:
     if len(data) == 0:
         raise DatasetError("the dataset has no transitions; training needs at least one")
     space = data.meta.action_space
-    if space.get("type") != "Discrete":
+    if space.get("type") not in ("Discrete", "Box"):
         raise DatasetError(
-            f"action space {space.get('type')!r} is not supported; the algorithms take Discrete actions"
+            f"action space {space.get('type')!r} is not supported; the algorithms take Discrete or Box "
+            "actions"
         )
+    if data.meta.is_continuous:
+        k = data.meta.action_dim
+        if data.action.ndim != 2 or data.action.shape[1] != k:
+            raise DatasetError(
+                f"Box actions must be float vectors of {k} values (action_space shape "
+                f"{space.get('shape')}), got shape {data.action.shape[1:]}",
+                column="action",
+            )
     if data.observation.ndim != 2:
         raise DatasetError(
             f"observations must be flat vectors, got shape {data.observation.shape[1:]}",
@@ -229,10 +295,20 @@ def check_data(data: Transitions) -> None:
         )
 
 
+def scale_actions(data: Transitions) -> np.ndarray:
+    """Box actions scaled to [-1, 1] per dimension, ``(a - mid) / half`` (float32 ``[N, k]``): the units
+    every continuous learner works in, whatever the dataset's bounds."""
+    low, high = data.meta.action_bounds()
+    mid, half = (high + low) / 2.0, (high - low) / 2.0
+    # Rounding can put an action on a bound a hair outside it; the squashed policy never leaves [-1, 1].
+    return np.clip((data.action.astype(np.float64) - mid) / half, -1.0, 1.0).astype(np.float32)
+
+
 class TensorData:
     """All transitions packed in one tensor on the device; a minibatch is one row gather.
 
-    Observations are normalised here once with the same rule the served PolicyModule applies.
+    Observations are normalised here once with the same rule the served PolicyModule applies; Box actions
+    are scaled to [-1, 1] (:func:`scale_actions`).
     """
 
     def __init__(
@@ -246,27 +322,34 @@ class TensorData:
         with torch.no_grad():
             obs = normalise(torch.tensor(data.observation, dtype=torch.float32))
             next_obs = normalise(torch.tensor(data.next_observation, dtype=torch.float32))
+        self.continuous = data.meta.is_continuous
+        if self.continuous:
+            action = torch.tensor(scale_actions(data))
+        else:
+            action = torch.tensor(data.action, dtype=torch.float32)[:, None]
         cols = [
             obs,
             next_obs,
-            torch.tensor(data.action, dtype=torch.float32)[:, None],
+            action,
             torch.tensor(data.reward, dtype=torch.float32)[:, None],
             torch.tensor(data.terminated, dtype=torch.float32)[:, None],
         ]
         self.packed = torch.cat(cols, dim=1).contiguous().to(device)
         self.obs_dim = int(obs.shape[1])
+        self.action_dim = int(action.shape[1])
         self.n = int(self.packed.shape[0])
         self.device = device
 
     def batch(self, index: torch.Tensor) -> Batch:
         rows = self.packed.index_select(0, index)
-        d = self.obs_dim
+        d, k = self.obs_dim, self.action_dim
+        action = rows[:, 2 * d : 2 * d + k]
         return Batch(
             obs=rows[:, :d],
             next_obs=rows[:, d : 2 * d],
-            action=rows[:, 2 * d].long(),
-            reward=rows[:, 2 * d + 1],
-            terminated=rows[:, 2 * d + 2],
+            action=action if self.continuous else action[:, 0].long(),
+            reward=rows[:, 2 * d + k],
+            terminated=rows[:, 2 * d + k + 1],
         )
 
     def probe(self) -> Batch:
@@ -299,20 +382,59 @@ def gradient_step(
     """Forward, backward, clip, step, target update. Returns [loss, grad_norm, *metrics] on the device.
 
     ``model`` is the learner itself or its DistributedDataParallel wrapper; gradients are all-reduced
-    during ``backward`` in the latter case.
+    during ``backward`` in the latter case. A :class:`StagedLearner` applies its stages itself
+    (:func:`staged_step`).
     """
+    if isinstance(learner, StagedLearner):
+        return staged_step(learner, optimizer, batch, step, max_grad_norm)
     loss, metrics = model(batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grads = [p.grad for p in learner.trainable() if p.grad is not None]
-    # One fused per-tensor norm call: torch.nn.utils.get_total_norm dispatches several ops per tensor.
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_grad_norm, grad_norm)
+    grad_norm = clip_gradients(learner.trainable(), max_grad_norm)
     optimizer.step()
     learner.after_step(step + 1)
     with torch.no_grad():
         return torch.stack([loss.detach(), grad_norm, *metrics.values()])
+
+
+def clip_gradients(params: list[nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+    """The L2 norm of the gradients of ``params``, clipped in place to ``max_grad_norm`` when > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    # One fused per-tensor norm call: torch.nn.utils.get_total_norm dispatches several ops per tensor.
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_grad_norm, grad_norm)
+    return grad_norm
+
+
+def staged_step(
+    learner: StagedLearner,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    step: int,
+    max_grad_norm: float,
+) -> torch.Tensor:
+    """One step of a :class:`StagedLearner`: each stage is differentiated, clipped and applied in turn.
+
+    Returns [loss, grad_norm, *metrics] like :func:`gradient_step`: ``loss`` sums the applied stages,
+    ``grad_norm`` is the norm of all their gradients together.
+    """
+    losses: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+
+    def apply(loss: torch.Tensor, params: list[nn.Parameter]) -> None:
+        # set_to_none: the previous stage's gradients must not be stepped again by this stage's step.
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        norms.append(clip_gradients(params, max_grad_norm))
+        optimizer.step()
+        losses.append(loss.detach())
+
+    metrics = learner.update(batch, step, apply)
+    learner.after_step(step + 1)
+    with torch.no_grad():
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+        return torch.stack([torch.stack(losses).sum(), grad_norm, *metrics.values()])
 
 
 def metric_names(learner: Learner, sample: Batch) -> list[str]:
@@ -403,8 +525,13 @@ def fit(
     run: RunOptions,
     learner_cls: Callable[[Any, int, int], Learner],
 ) -> TrainResult:
-    """Train ``learner_cls(cfg, obs_dim, n_actions)`` on ``data`` for ``cfg.steps`` gradient steps."""
+    """Train ``learner_cls(cfg, obs_dim, n_actions)`` on ``data`` for ``cfg.steps`` gradient steps.
+
+    A continuous learner (``score_kind == "action"``) takes Box data and is built as
+    ``learner_cls(cfg, obs_dim, action_dim)``.
+    """
     check_data(data)
+    check_learner(algorithm, learner_cls, data)
     if run.log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {run.log_every}")
     if run.checkpoint_every < 0:
@@ -417,7 +544,7 @@ def fit(
     obs_mean, obs_std = observation_stats(data)
     tensors = TensorData(data, obs_mean, obs_std, device)
     # Weights are initialised on CPU, then moved: the same seed gives the same start on every device.
-    learner = learner_cls(cfg, tensors.obs_dim, data.meta.n_actions).to(device)
+    learner = learner_cls(cfg, tensors.obs_dim, action_width(data)).to(device)
     optimizer = learner.make_optimizer()
     generator = sampling_generator(cfg.seed, device)
     window = MetricWindow(metric_names(learner, tensors.probe()), device)
@@ -487,8 +614,8 @@ def fit(
 
     return TrainResult(
         algorithm=algorithm,
-        policy=build_policy(learner, obs_mean, obs_std),
-        selection=Selection(temperature=cfg.serve_temperature, epsilon=cfg.serve_epsilon),
+        policy=build_policy(learner, obs_mean, obs_std, data),
+        selection=served_selection(cfg, data),
         config=config,
         dataset_fingerprint=fingerprint,
         steps=step,
@@ -499,8 +626,39 @@ def fit(
     )
 
 
-def build_policy(learner: Learner, obs_mean: np.ndarray, obs_std: np.ndarray) -> PolicyModule:
+def check_learner(algorithm: str, learner_cls: Any, data: Transitions) -> None:
+    """A discrete learner takes Discrete data, a continuous one Box data."""
+    continuous = getattr(learner_cls, "score_kind", None) == "action"
+    if continuous != data.meta.is_continuous:
+        kind = "Box" if continuous else "Discrete"
+        raise DatasetError(
+            f"{algorithm}: this implementation takes {kind} actions, the dataset's action space is "
+            f"{data.meta.action_space.get('type')}; `rlops train {algorithm}` picks the implementation "
+            "that matches the dataset"
+        )
+
+
+def action_width(data: Transitions) -> int:
+    """The learner's third argument: the number of actions (Discrete) or the action dimension (Box)."""
+    return data.meta.action_dim if data.meta.is_continuous else data.meta.n_actions
+
+
+def served_selection(cfg: Any, data: Transitions) -> Selection:
+    """How the trained policy is served: ``serve_std`` for Box policies, temperature and epsilon else."""
+    if data.meta.is_continuous:
+        return Selection(std=float(cfg.serve_std))
+    return Selection(temperature=cfg.serve_temperature, epsilon=cfg.serve_epsilon)
+
+
+def build_policy(
+    learner: Learner, obs_mean: np.ndarray, obs_std: np.ndarray, data: Transitions
+) -> PolicyModule | ContinuousPolicyModule:
+    """The policy network on CPU, frozen, inside the module that is exported; a continuous learner's
+    network outputs the pre-squash mean in [-1, 1] units, which the module maps into ``data``'s bounds."""
     net = copy.deepcopy(learner.policy_net()).cpu().eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    if learner.score_kind == "action":
+        low, high = data.meta.action_bounds()
+        return ContinuousPolicyModule(net, obs_mean, obs_std, low, high).eval()
     return PolicyModule(net, obs_mean, obs_std, learner.score_kind).eval()

@@ -14,13 +14,14 @@ from rich.markup import escape
 from rich.table import Table
 from rlops_contracts.metrics import PORT_TRAINER_METRICS
 
-from rlops_trainer.algos import ALGORITHMS
+from rlops_trainer.algos import ALGORITHMS, CONTINUOUS_ALGORITHMS, NAMES, TrainFn, implementation
 from rlops_trainer.commands import err_console, group
 from rlops_trainer.commands import fail as _fail
 from rlops_trainer.hyperparams import apply_overrides, config_fields, type_name
 from rlops_trainer.training import RunOptions, TrainResult, resolve_device
 
 if TYPE_CHECKING:
+    from rlops_trainer.datasets import DatasetMeta
     from rlops_trainer.online.run import OnlineResult
     from rlops_trainer.telemetry import TrainingTelemetry
 
@@ -28,8 +29,8 @@ console = Console()
 
 app = group(
     "train",
-    "Learn a policy offline from a dataset (BC, CQL, IQL) or online on Ray (PPO, APPO, DQN) and write it "
-    "as a policy directory.",
+    "Learn a policy offline from a dataset (BC, CQL, IQL; TD3+BC for Box actions) or online on Ray (PPO, "
+    "APPO, DQN) and write it as a policy directory.",
 )
 
 
@@ -59,9 +60,12 @@ def _summary(result: TrainResult, out: Path, policy_dir: Path, steps_done: int) 
     table.add_row("steps/s", f"{rate:,.0f}" if rate else "-")
     table.add_row("wall time", f"{result.wall_time_s:.1f} s")
     table.add_row("device", result.device)
-    table.add_row(
-        "selection", f"temperature {result.selection.temperature}, epsilon {result.selection.epsilon}"
-    )
+    if result.policy.score_kind == "action":
+        table.add_row("selection", f"std {result.selection.std}")
+    else:
+        table.add_row(
+            "selection", f"temperature {result.selection.temperature}, epsilon {result.selection.epsilon}"
+        )
     for key, value in result.final_metrics.items():
         if key != "steps_per_s":
             table.add_row(key, _fmt(value))
@@ -84,7 +88,8 @@ _HELP = {
     "device": "auto (CUDA when available), cpu, cuda or cuda:N.",
     "resume": "Continue from the latest checkpoint in --out.",
     "ray_workers": "Train data-parallel on Ray Train with this many workers; 0 trains in this process.",
-    "set": "Override a config field, key=value (repeatable); `rlops train config ALGO` lists them.",
+    "set": "Override a config field, key=value (repeatable); `rlops train config ALGO` lists them (the "
+    "fields differ between the Discrete and the Box implementation).",
     "name": "Policy name in the model card (default: the algorithm).",
     "checkpoint_every": "Gradient steps between checkpoints; 0 writes one only at the end.",
     "log_every": "Gradient steps between metric records.",
@@ -96,9 +101,40 @@ _HELP = {
 }
 
 
-def _train_command(algorithm: str) -> Callable[..., None]:
-    config_cls, train_fn = ALGORITHMS[algorithm]
+def _dataset_meta(path: Path) -> DatasetMeta | None:
+    """The metadata of a dataset file (or of a directory's first part file) without reading its rows;
+    None when it cannot be read here (loading the dataset then says why)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    from rlops_trainer.datasets import METADATA_KEY, meta_from_json
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        return None
+    try:
+        metadata = pq.read_schema(files[0]).metadata or {}
+        return meta_from_json(metadata[METADATA_KEY], path=str(files[0]))
+    except (pa.ArrowException, OSError, KeyError, ValueError):
+        return None
+
+
+def _pick(algorithm: str, data: Path) -> tuple[type[Any], TrainFn]:
+    """The implementation for the dataset's action space: Box datasets train the continuous one. Without
+    readable metadata, the Discrete one where it exists (the flags are checked against it)."""
+    meta = _dataset_meta(data) if data.exists() else None
+    continuous = meta.is_continuous if meta is not None else algorithm not in ALGORITHMS
+    try:
+        return implementation(algorithm, continuous)
+    except ValueError as exc:
+        _fail(f"--data {data}: {exc}")
+
+
+def _first_line(train_fn: TrainFn, default: str) -> str:
+    return (inspect.getdoc(inspect.getmodule(train_fn)) or default).splitlines()[0]
+
+
+def _train_command(algorithm: str) -> Callable[..., None]:
     def command(
         data: Annotated[Path, typer.Option("--data", help=_HELP["data"])],
         out: Annotated[Path, typer.Option("--out", help=_HELP["out"])],
@@ -122,6 +158,7 @@ def _train_command(algorithm: str) -> Callable[..., None]:
 
         from rlops_trainer.datasets import load
 
+        config_cls, train_fn = _pick(algorithm, data)
         try:
             cfg = apply_overrides(config_cls(), overrides or [])
             flags = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
@@ -191,10 +228,15 @@ def _train_command(algorithm: str) -> Callable[..., None]:
             raise typer.Exit(1) from exc
         console.print(_summary(result, out, policy_dir, result.steps - start_step))
 
-    summary = (inspect.getdoc(inspect.getmodule(train_fn)) or algorithm).splitlines()[0]
+    summaries = [
+        f"{kind} actions: {_first_line(table[algorithm][1], algorithm)}"
+        for kind, table in (("Discrete", ALGORITHMS), ("Box", CONTINUOUS_ALGORITHMS))
+        if algorithm in table
+    ]
     command.__doc__ = (
-        f"{summary} Writes metrics, checkpoints and a policy directory (policy.pt and "
-        f"model-card.json) under --out. `rlops train config {algorithm}` lists the hyperparameters."
+        " ".join(summaries) + " The dataset's action space picks the implementation. Writes metrics, "
+        f"checkpoints and a policy directory (policy.pt and model-card.json) under --out. "
+        f"`rlops train config {algorithm}` lists the hyperparameters."
     )
     return command
 
@@ -223,7 +265,7 @@ def _checkpoint_step(out: Path) -> int:
     return int(latest.stem.split("-")[1]) if latest is not None else 0
 
 
-for _algorithm in ALGORITHMS:
+for _algorithm in NAMES:
     app.command(name=_algorithm)(_train_command(_algorithm))
 
 
@@ -252,32 +294,57 @@ def _show_online_config(algorithm: str) -> None:
         console.print(table)
 
 
+_ACTIONS = ("all", "discrete", "box")
+
+
 @app.command("config")
 def show_config(
     algorithm: Annotated[
         str,
         typer.Argument(
-            help=f"One of: {', '.join(ALGORITHMS)} (offline), {', '.join(_ONLINE_ALGORITHMS)} (online)."
+            help=f"One of: {', '.join(NAMES)} (offline), {', '.join(_ONLINE_ALGORITHMS)} (online)."
         ),
     ],
+    actions: Annotated[
+        str,
+        typer.Option(
+            "--actions",
+            help="Offline: the implementation for this kind of action space (all, discrete or box); "
+            "`rlops train ALGO` picks it from the dataset.",
+        ),
+    ] = "all",
 ) -> None:
     """Print an algorithm's hyperparameters with their defaults and meaning.
 
     Offline algorithms take them with --set key=value; online ones (ppo, appo, dqn) in the config file.
+    An offline algorithm has one config per kind of action space (Discrete, Box); all are shown unless
+    --actions picks one.
     """
     if algorithm.lower() in _ONLINE_ALGORITHMS:
         _show_online_config(algorithm.lower())
         return
-    if algorithm not in ALGORITHMS:
-        _fail(f"unknown algorithm '{algorithm}'; accepted: {', '.join((*ALGORITHMS, *_ONLINE_ALGORITHMS))}")
-    table = Table(title=f"{algorithm} config", title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("type")
-    table.add_column("default", justify="right")
-    table.add_column("meaning")
-    for field in config_fields(ALGORITHMS[algorithm][0]):
-        table.add_row(field.name, type_name(field.type), _fmt(field.default), field.doc)
-    console.print(table)
+    if algorithm not in NAMES:
+        _fail(f"unknown algorithm '{algorithm}'; accepted: {', '.join((*NAMES, *_ONLINE_ALGORITHMS))}")
+    if actions not in _ACTIONS:
+        _fail(f"--actions {actions!r}: accepted: {', '.join(_ACTIONS)}")
+    kinds = [
+        (kind, table[algorithm][0])
+        for kind, table in (("discrete", ALGORITHMS), ("box", CONTINUOUS_ALGORITHMS))
+        if algorithm in table and actions in ("all", kind)
+    ]
+    if not kinds:
+        other = "Box" if actions == "discrete" else "Discrete"
+        _fail(f"{algorithm} trains on {other} actions only; --actions {actions} has no config for it")
+    for kind, config_cls in kinds:
+        title = f"{algorithm} config ({'Discrete' if kind == 'discrete' else 'Box'} actions)"
+        table = Table(title=title, title_justify="left")
+        table.add_column("field", style="bold")
+        table.add_column("type")
+        table.add_column("default", justify="right")
+        table.add_column("meaning")
+        for field in config_fields(config_cls):
+            table.add_row(field.name, type_name(field.type), _fmt(field.default), field.doc)
+        console.print(table)
 
 
 # --------------------------------------------------------------------------------------------------
