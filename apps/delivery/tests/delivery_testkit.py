@@ -205,7 +205,7 @@ def box_policy_dir(data: Any, out: Path, weight: np.ndarray, bias: np.ndarray, s
     ).eval()
     result = TrainResult(
         algorithm="td3bc",
-        policy=policy,  # type: ignore[arg-type]
+        policy=policy,
         selection=Selection(std=std),
         config={},
         dataset_fingerprint=data.fingerprint(),

@@ -237,7 +237,7 @@ def test_for_box_policies_the_action_check_is_replaced_per_dimension() -> None:
         a.for_policies(spec, _box_card([-1.0], [1.0], [[0.0]]), BOX_CARD)
 
 
-def _bin_answers(per_version: dict[str, list[list[float]]], asked: list[str]) -> a.QueryFn:
+def _bin_answers(per_version: dict[str, Any], asked: list[str]) -> a.QueryFn:
     """Prometheus as a function: ``per_version[version][dimension][bin]`` counts, as series."""
 
     def query(expr: str) -> list[dict[str, Any]]:

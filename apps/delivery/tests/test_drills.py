@@ -31,7 +31,8 @@ def test_a_box_constant_drill_acts_at_one_bound(
     assert np.allclose(action, np.broadcast_to(expected, action.shape), atol=1e-5 * half.max())
     # The methods serving calls: exploring stays at the bound (the tanh saturates), log-densities exist.
     explored, logp = module.act(obs, 0.3)
-    assert explored.shape == (5, 2) and np.allclose(explored.numpy(), expected, atol=1e-3)
+    assert explored.shape == (5, 2)
+    assert np.allclose(explored.numpy(), expected, atol=1e-3)
     assert torch.isfinite(logp).all()
     assert torch.isfinite(module.log_prob(obs, explored, 0.3)).all()
     assert torch.isnan(module.act(obs, 0.0)[1]).all()

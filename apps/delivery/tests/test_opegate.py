@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def test_logs_without_log_densities_allow_fqe_only(box_registry: Path) -> None:
         gate(box_registry, POLICY, 2, data, dataclasses.replace(FAST, estimator="wdr"))
 
 
-def test_the_spaces_must_match_the_logs(box_registry: Path, cartpole_data: object) -> None:
+def test_the_spaces_must_match_the_logs(box_registry: Path, cartpole_data: Any) -> None:
     wider = box_bandit(meta=box_meta(high=np.array([3.0, 1.0])))
     with pytest.raises(
         OPEGateError,
@@ -73,12 +74,12 @@ def test_the_spaces_must_match_the_logs(box_registry: Path, cartpole_data: objec
     with pytest.raises(OPEGateError, match=r"gives actions of 2 dimensions, but the logs' have 1"):
         gate(box_registry, POLICY, 2, one_dim, FAST)
     with pytest.raises(OPEGateError, match=r"takes 3 observation features, but the logs have 4"):
-        gate(box_registry, POLICY, 2, cartpole_data, FAST)  # type: ignore[arg-type]
+        gate(box_registry, POLICY, 2, cartpole_data, FAST)
     with pytest.raises(OPEGateError, match=r"acts in a Box action space, but the logs' is Discrete"):
         gate(box_registry, POLICY, 2, _discrete_with_obs(3), FAST)
 
 
-def _discrete_with_obs(obs_dim: int) -> object:
+def _discrete_with_obs(obs_dim: int) -> Any:
     from rlops_trainer.datasets import DatasetMeta, Transitions
 
     n = 10

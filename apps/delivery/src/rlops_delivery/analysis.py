@@ -353,7 +353,10 @@ def _cells(bounds: np.ndarray, masses: np.ndarray, grid: np.ndarray) -> np.ndarr
 
 
 def binned_tvd(
-    bounds_a: Sequence[float], counts_a: Sequence[float], bounds_b: Sequence[float], counts_b: Sequence[float]
+    bounds_a: Sequence[float] | np.ndarray,
+    counts_a: Sequence[float] | np.ndarray,
+    bounds_b: Sequence[float] | np.ndarray,
+    counts_b: Sequence[float] | np.ndarray,
 ) -> float:
     """Total variation distance (0 same, 1 disjoint) between two histograms of one action dimension.
 
