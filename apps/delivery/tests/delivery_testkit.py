@@ -129,3 +129,109 @@ def serve_episodes(logs: Path, registry: Path, episodes: int, seed: int) -> None
                 break
     assert decisions.close()
     assert rewards.close()
+
+
+# --- Box (continuous-action) policies ------------------------------------------------------------------
+
+BOX_LOW, BOX_HIGH = np.array([-2.0, 0.0]), np.array([2.0, 1.0])
+BOX_OBS = 3
+
+
+def box_meta(low: np.ndarray = BOX_LOW, high: np.ndarray = BOX_HIGH, obs_dim: int = BOX_OBS) -> Any:
+    from rlops_trainer.datasets import DatasetMeta
+
+    return DatasetMeta(
+        env_id="ToyBandit-v0",
+        observation_space={
+            "type": "Box",
+            "shape": [obs_dim],
+            "low": ["-inf"] * obs_dim,
+            "high": ["inf"] * obs_dim,
+        },
+        action_space={
+            "type": "Box",
+            "shape": [len(low)],
+            "low": list(map(float, low)),
+            "high": list(map(float, high)),
+        },
+        behavior_policy="uniform",
+        source="test",
+    )
+
+
+def box_target(obs: np.ndarray) -> np.ndarray:
+    """The best action of the toy bandit: mid + half * tanh(obs[:, :2]) (inside the bounds)."""
+    mid, half = (BOX_HIGH + BOX_LOW) / 2, (BOX_HIGH - BOX_LOW) / 2
+    return mid + half * np.tanh(obs[:, :2])
+
+
+def box_bandit(n: int = 400, seed: int = 0, meta: Any = None) -> Any:
+    """One-step episodes of a contextual bandit: actions uniform in the bounds (their exact log-density
+    logged), reward -|a - box_target(s)|^2 (scaled per dimension by the half-width)."""
+    from rlops_trainer.datasets import Transitions
+
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(n, BOX_OBS)).astype(np.float32)
+    action = rng.uniform(BOX_LOW, BOX_HIGH, size=(n, len(BOX_LOW))).astype(np.float32)
+    half = (BOX_HIGH - BOX_LOW) / 2
+    reward = -(((action - box_target(obs)) / half) ** 2).sum(axis=1)
+    return Transitions(
+        episode_id=np.arange(n, dtype=np.int64),
+        step=np.zeros(n, dtype=np.int64),
+        observation=obs,
+        action=action,
+        reward=reward.astype(np.float32),
+        next_observation=rng.normal(size=(n, BOX_OBS)).astype(np.float32),
+        terminated=np.ones(n, dtype=bool),
+        truncated=np.zeros(n, dtype=bool),
+        behavior_logp=np.full(n, -np.log(BOX_HIGH - BOX_LOW).sum(), dtype=np.float32),
+        meta=meta if meta is not None else box_meta(),
+    )
+
+
+def box_policy_dir(data: Any, out: Path, weight: np.ndarray, bias: np.ndarray, std: float) -> Path:
+    """A Box policy directory whose pre-squash mean is ``weight @ obs + bias``, exported as a trained one."""
+    from rlops_trainer.export import write_policy_dir
+    from rlops_trainer.policy import ContinuousPolicyModule, Selection
+    from rlops_trainer.training import TrainResult
+
+    low, high = data.meta.action_bounds()
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        lin.weight[:] = torch.as_tensor(weight, dtype=torch.float32)
+        lin.bias[:] = torch.as_tensor(bias, dtype=torch.float32)
+    policy = ContinuousPolicyModule(
+        lin, np.zeros(weight.shape[1]), np.ones(weight.shape[1]), low, high
+    ).eval()
+    result = TrainResult(
+        algorithm="td3bc",
+        policy=policy,
+        selection=Selection(std=std),
+        config={},
+        dataset_fingerprint=data.fingerprint(),
+        steps=1,
+        wall_time_s=0.0,
+        final_metrics={},
+        metrics_path=None,
+        device="cpu",
+    )
+    return write_policy_dir(result, data, out, POLICY)
+
+
+GOOD_BOX = (np.eye(2, BOX_OBS), np.zeros(2))
+"""Weights of the bandit's best policy: its pre-squash mean is obs[:, :2], its action box_target(obs)."""
+POOR_BOX = (np.zeros((2, BOX_OBS)), np.array([-3.0, 3.0]))
+"""Weights of a poor policy: near (low, high) whatever it sees."""
+
+
+@pytest.fixture
+def box_registry(tmp_path: Path) -> Path:
+    """A registry of Box policies: a poor champion (version 1, std 0.3), a good candidate (2, std 0.3)."""
+    from rlops_trainer.registry import Registry
+
+    data = box_bandit()
+    root = tmp_path / "box-registry"
+    publish(root, box_policy_dir(data, tmp_path / "b1", *POOR_BOX, std=0.3), gate=False)
+    Registry(root).promote(POLICY, 1, require_gate=False, force_reason="the first champion")
+    publish(root, box_policy_dir(data, tmp_path / "b2", *GOOD_BOX, std=0.3))
+    return root

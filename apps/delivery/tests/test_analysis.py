@@ -151,3 +151,137 @@ def test_a_query_must_aggregate_to_one_series() -> None:
 
     with pytest.raises(a.AnalysisError, match="returned 2 series"):
         a.measure(CHECK, ARGS, query, 0)
+
+
+# --- Box policies ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a_bounds", "a_counts", "b_bounds", "b_counts", "distance"),
+    [
+        ([0, 1, 2], [3, 1], [0, 1, 2], [3, 1], 0.0),  # the same histogram
+        ([0, 1, 2], [1, 0], [0, 1, 2], [0, 5], 1.0),  # disjoint
+        # Half of a uniform [0, 2] lies on [0, 1]: |1 - 0.5| + |0 - 0.5|, halved.
+        ([0, 1, 2], [1, 0], [0, 2], [1], 0.5),
+        # A bin of zero width is a point mass (actions on a bound): nothing uniform matches it.
+        ([0, 2, 2], [0, 1], [0, 2], [1], 1.0),
+        ([0, 2, 2], [1, 1], [0, 2, 2], [1, 1], 0.0),
+    ],
+)
+def test_binned_tvd_by_hand(
+    a_bounds: list[float],
+    a_counts: list[float],
+    b_bounds: list[float],
+    b_counts: list[float],
+    distance: float,
+) -> None:
+    assert a.binned_tvd(a_bounds, a_counts, b_bounds, b_counts) == pytest.approx(distance)
+    assert a.binned_tvd(b_bounds, b_counts, a_bounds, a_counts) == pytest.approx(distance)
+
+
+def test_binned_tvd_with_different_edges_by_hand() -> None:
+    # A: 1/4 on [0, 0.5], 3/4 spread over [0.5, 2] (1/2 per unit). B: everything uniform on [0, 1].
+    # On the cells [0, 0.5], [0.5, 1], [1, 2]: A 1/4, 1/4, 1/2; B 1/2, 1/2, 0. TVD = (1/4 + 1/4 + 1/2) / 2.
+    assert a.binned_tvd([0, 0.5, 2], [1, 3], [0, 1, 2], [1, 0]) == pytest.approx(0.5)
+
+
+def _box_card(low: list[float], high: list[float], edges: list[list[float]]) -> dict[str, Any]:
+    return {
+        "action_space": {"type": "Box", "shape": [len(low)], "low": low, "high": high},
+        "reference": {
+            "actions": {"bins": [{"edges": e, "proportions": [0.0] * (len(e) + 1)} for e in edges]}
+        },
+    }
+
+
+DISCRETE_CARD = {"action_space": {"type": "Discrete", "n": 2}}
+BOX_CARD = _box_card([-1.0, 0.0], [1.0, 4.0], [[0.0], [1.0, 2.0, 3.0]])
+
+
+def test_only_the_action_distribution_check_compares_discrete_actions() -> None:
+    spec = a.load(ANALYSIS)
+    assert [c.name for c in spec.checks if a.compares_discrete_actions(c)] == ["action-divergence"]
+
+
+def test_checks_for_discrete_policies_are_the_files() -> None:
+    spec = a.load(ANALYSIS)
+    checks, skipped = a.for_policies(spec, DISCRETE_CARD, DISCRETE_CARD)
+    assert checks == list(spec.checks)
+    assert skipped == {}
+
+
+def test_for_box_policies_the_action_check_is_replaced_per_dimension() -> None:
+    spec = a.load(ANALYSIS)
+    checks, skipped = a.for_policies(spec, BOX_CARD, BOX_CARD)
+    assert [c.name for c in checks] == [
+        "error-ratio",
+        "latency-p99",
+        "nonfinite-outputs",
+        "action-divergence-per-dimension",
+        "reward-rate",
+    ]
+    assert "compares discrete action distributions" in skipped["action-divergence"]
+    replacement = checks[3]
+    assert isinstance(replacement, a.ActionBinDivergence)
+    original = next(c for c in spec.checks if c.name == "action-divergence")
+    assert (replacement.comparison, replacement.threshold, replacement.min_samples, replacement.window) == (
+        original.comparison,
+        original.threshold,
+        original.min_samples,
+        "5m",
+    )
+    assert replacement.candidate_bins.bounds == ((-1.0, 0.0, 1.0), (0.0, 1.0, 2.0, 3.0, 4.0))
+    with pytest.raises(a.AnalysisError, match="a canary compares like with like"):
+        a.for_policies(spec, BOX_CARD, DISCRETE_CARD)
+    with pytest.raises(a.AnalysisError, match="have 1 dimensions and the champion's 2"):
+        a.for_policies(spec, _box_card([-1.0], [1.0], [[0.0]]), BOX_CARD)
+
+
+def _bin_answers(per_version: dict[str, Any], asked: list[str]) -> a.QueryFn:
+    """Prometheus as a function: ``per_version[version][dimension][bin]`` counts, as series."""
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        asked.append(expr)
+        return [
+            {"metric": {"version": v, "dimension": str(d), "bin": str(b)}, "value": [0, str(count)]}
+            for v, dims in per_version.items()
+            for d, counts in enumerate(dims)
+            for b, count in enumerate(counts)
+            if count
+        ]
+
+    return query
+
+
+def _bin_check(min_samples: float = 100) -> a.ActionBinDivergence:
+    bins = a.ActionBins.from_card(BOX_CARD, "card")
+    return a.ActionBinDivergence("action-divergence-per-dimension", "", "<=", 0.25, min_samples, bins, bins)
+
+
+def test_action_bin_divergence_measures_the_worst_dimension() -> None:
+    asked: list[str] = []
+    champion = [[100, 100], [50, 50, 50, 50]]
+    same = a.ActionBinDivergence.measure(
+        _bin_check(), ARGS, _bin_answers({"1": champion, "2": champion}, asked), 3.0
+    )
+    assert (same.verdict, same.value, same.samples) == (a.PASS, 0.0, 200.0)
+    assert asked[0] == (
+        "sum by (version, dimension, bin) "
+        '(increase(rlops_action_drift_bin_total{policy="p",version=~"2|1"}[5m]))'
+    )
+    # Collapsed onto the upper bound: dimension 0 moves half its mass (0.5), dimension 1 three quarters.
+    collapsed = [[0, 200], [0, 0, 0, 200]]
+    m = _bin_check().measure(ARGS, _bin_answers({"1": champion, "2": collapsed}, asked), 3.0)
+    assert m.verdict == a.FAIL
+    assert m.value == pytest.approx(0.75)
+    assert m.detail == "0.75 > 0.25 in action dimension 1 (200 samples)"
+    # A version without traffic, or too little: inconclusive, never passed.
+    m = _bin_check().measure(ARGS, _bin_answers({"1": champion}, asked), 3.0)
+    assert (m.verdict, m.detail) == (a.INCONCLUSIVE, "0 of 100 samples needed")
+    m = _bin_check(min_samples=500).measure(ARGS, _bin_answers({"1": champion, "2": champion}, asked), 3.0)
+    assert m.verdict == a.INCONCLUSIVE
+    # Series of other versions are left out; a bin the card does not have is named.
+    m = _bin_check().measure(ARGS, _bin_answers({"1": champion, "2": champion, "7": collapsed}, asked), 3.0)
+    assert m.value == 0.0
+    with pytest.raises(a.AnalysisError, match="version 2 has no dimension 0 bin 5"):
+        _bin_check().measure(ARGS, _bin_answers({"1": champion, "2": [[0, 0, 0, 0, 0, 1], [1]]}, asked), 3.0)

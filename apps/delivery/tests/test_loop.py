@@ -229,3 +229,85 @@ def test_without_a_canary_the_iteration_hands_the_candidate_off(tmp_path: Path, 
     row = next(line for line in shown.output.splitlines() if it["id"] in line)
     for shown_value in (loop.DONE, str(it["version"]), loop.HANDED_OFF, "left to the platform"):
         assert shown_value in row, shown.output
+
+
+# --- Box (continuous-action) logs --------------------------------------------------------------------------
+
+
+def test_config_accepts_td3bc_and_the_fields_of_either_implementation() -> None:
+    td3bc = config(algorithm="td3bc", train={"steps": 10, "policy_noise": 0.1, "serve_std": 0.2})
+    assert (td3bc.algorithm, td3bc.train["policy_noise"]) == ("td3bc", 0.1)
+    # cql has a Discrete and a Box implementation: fields of either are accepted until the data decide.
+    assert config(train={"actor_lr": 1e-4}).train == {"actor_lr": 1e-4}
+    assert config(train={"hidden": [64, 64]}).train == {"hidden": [64, 64]}
+    with pytest.raises(loop_config.LoopError, match=r"algorithm: 'ppo'; accepted: bc, cql, iql, td3bc"):
+        config(algorithm="ppo")
+    with pytest.raises(
+        loop_config.LoopError,
+        match=r"train: for Discrete actions, .*unknown field 'lr_'.*; for Box actions, .*unknown field 'lr_'",
+    ):
+        config(train={"lr_": 1})
+    with pytest.raises(loop_config.LoopError, match=r"loop.yaml: train: 'serve_epsilon=0.1': unknown field"):
+        config(algorithm="td3bc", train={"serve_epsilon": 0.1})
+
+
+def _joined(tmp_path: Path, the_loop: loop.Loop) -> dict[str, Any]:
+    """An iteration recorded as joined (its data are what ``opegate.load_dataset`` returns in the test)."""
+    it: dict[str, Any] = {
+        "id": "20260101T000000Z",
+        "stage": loop.JOINED,
+        "started_at": "2026-01-01T00:00:00Z",
+        "new_files": [str(tmp_path / "logs" / "decisions" / "d-000001.jsonl")],
+        "new_transitions": 400,
+        "training_files": 1,
+        "transitions": 400,
+        "episodes": 400,
+        "served_versions": [1],
+    }
+    the_loop.state.iterations.append(it)
+    the_loop._save()
+    return it
+
+
+def test_an_iteration_trains_gates_and_publishes_a_box_policy(
+    tmp_path: Path, box_registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from delivery_testkit import box_bandit
+    from rlops_delivery import opegate
+
+    monkeypatch.setattr(opegate, "load_dataset", lambda path: box_bandit())
+    cfg = config(
+        algorithm="td3bc",
+        train={"steps": 300, "hidden": [32, 32], "batch_size": 64, "seed": 0, "serve_std": 0.2},
+        gate={"estimator": "fqe", "fqe_steps": 300, "fqe_models": 1, "bootstrap": 50},
+    )
+    canary = Canary()
+    the_loop = make_loop(tmp_path, box_registry, cfg, canary)
+    _joined(tmp_path, the_loop)
+    it = the_loop.run_once()
+    assert it["stage"] == loop.DONE, it
+    assert it["action_space"] == "Box"
+    # The champion sits near the bounds whatever it sees; TD3+BC on the bandit's logs does better.
+    assert it["gate"]["promote"] is True, it["gate"]["reason"]
+    card = Registry(box_registry).card(POLICY, it["version"])
+    assert card["action_space"]["type"] == "Box"
+    assert card["policy"]["score_kind"] == "action"
+    assert card["policy"]["selection"]["std"] == 0.2
+    assert card["evaluation"]["data"]["action_space"] == "Box"
+    assert canary.versions == [it["version"]]
+
+
+def test_td3bc_on_discrete_logs_says_what_is_accepted(
+    tmp_path: Path, poor_champion: Path, cartpole_data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rlops_delivery import opegate
+
+    monkeypatch.setattr(opegate, "load_dataset", lambda path: cartpole_data)
+    the_loop = make_loop(tmp_path, poor_champion, config(algorithm="td3bc", train={}), Canary())
+    _joined(tmp_path, the_loop)
+    with pytest.raises(
+        loop_config.LoopError,
+        match=r"the joined logs of cartpole have Discrete actions: td3bc trains on Box actions only; "
+        r"for Discrete actions the algorithms are bc, cql, iql",
+    ):
+        the_loop.run_once()

@@ -326,3 +326,74 @@ def test_traffic_follows_the_servers_new_keys_after_a_restart(
     assert token() == "before"
     keys("after")
     assert token() == "after"
+
+
+# --- Box policies ---------------------------------------------------------------------------------------
+
+
+class BoxPrometheus(Prometheus):
+    """Also answers the per-dimension action-bin query: ``bins[version][dimension][bin]`` counts."""
+
+    def __init__(self, spec: a.Analysis, args: dict[str, str], bins: dict[str, list[list[float]]]) -> None:
+        super().__init__(spec, args)
+        self.bins = bins
+
+    def __call__(self, expr: str) -> list[dict[str, Any]]:
+        if "rlops_action_drift_bin_total" not in expr:
+            return super().__call__(expr)
+        self.asked += 1
+        return [
+            {"metric": {"version": v, "dimension": str(d), "bin": str(b)}, "value": [0, str(n)]}
+            for v, dims in self.bins.items()
+            for d, counts in enumerate(dims)
+            for b, n in enumerate(counts)
+        ]
+
+
+def _box_rollout(registry: Path, candidate_bins: str) -> Setup:
+    """A canary of Box version 2 against Box champion 1: the champion's actions spread as its reference
+    says, the candidate's the same way (``same``) or all at the upper bound (``collapsed``)."""
+    spec = a.load(ANALYSIS)
+    reference = Registry(registry).card(POLICY, 1)["reference"]["actions"]["bins"]
+    spread = [[1000 * p for p in b["proportions"]] for b in reference]
+    same = [[300 * p for p in b["proportions"]] for b in reference]
+    collapsed = [[0.0] * (len(b["proportions"]) - 1) + [300.0] for b in reference]
+    bins = {"1": spread, "2": same if candidate_bins == "same" else collapsed}
+    prom = BoxPrometheus(spec, {"policy": POLICY, "candidate": "2", "champion": "1"}, bins)
+    serving, clock = Serving(), Clock()
+    rollout = Rollout(
+        registry,
+        POLICY,
+        2,
+        analysis=spec,
+        settings=SETTINGS,
+        query=prom,
+        serving=serving,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    return Setup(rollout, prom, serving, clock)
+
+
+def test_a_box_candidate_is_judged_per_action_dimension(box_registry: Path) -> None:
+    t = _box_rollout(box_registry, "same")
+    record = t.rollout.run()
+    assert record.state == records.PROMOTED
+    assert "action-divergence" not in record.settings["checks"]
+    assert "action-divergence-per-dimension" in record.settings["checks"]
+    assert "Box" in record.settings["skipped_checks"]["action-divergence"]
+    assert record.decision is not None
+    evidence = {m["check"]: m for m in record.decision["evidence"]}
+    assert evidence["action-divergence-per-dimension"]["value"] == pytest.approx(0.0)
+    assert evidence["action-divergence-per-dimension"]["samples"] == pytest.approx(300)
+    # The reward-based check still runs as it is.
+    assert evidence["reward-rate"]["verdict"] == "pass"
+
+
+def test_a_box_candidate_collapsed_onto_a_bound_rolls_back(box_registry: Path) -> None:
+    t = _box_rollout(box_registry, "collapsed")
+    record = t.rollout.run()
+    assert record.state == records.ROLLED_BACK
+    assert record.decision is not None
+    assert record.decision["failed_checks"] == ["action-divergence-per-dimension"]
+    assert Registry(box_registry).aliases(POLICY) == {"champion": 1, "candidate": 1}

@@ -40,6 +40,7 @@ VALUE_ESTIMATE = "rlops_value_estimate"
 OBSERVATION_DRIFT_BIN = "rlops_observation_drift_bin_total"
 OBSERVATION_REFERENCE = "rlops_observation_reference_ratio"
 ACTION_REFERENCE = "rlops_action_reference_ratio"
+ACTION_DRIFT_BIN = "rlops_action_drift_bin_total"  # Box policies: labels ``dimension``, ``bin``
 DECISIONS_LOGGED = "rlops_decisions_logged_total"
 DECISION_LOG_DROPPED = "rlops_decision_log_dropped_total"
 

@@ -8,18 +8,27 @@ its format is the contract (see the file's header). A measurement evaluates a ch
   is not success: an inconclusive check never lets a rollout step pass.
 - ``pass``: ``value <comparison> threshold`` holds.
 - ``fail``: it does not.
+
+Box (continuous-action) policies: a check that compares discrete action distributions (its query
+aggregates ``by (action)``) does not apply to them. :func:`for_policies` skips it with the reason and
+puts in its place an :class:`ActionBinDivergence`: the same distance, per action dimension, between the
+candidate's and the champion's actions as serving bins them against each card's ``reference.actions``
+(``rlops_action_drift_bin_total{dimension, bin}``), measured here and never rendered for Argo (whose
+analysis is the file's checks alone).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
+from rlops_contracts.metrics import ACTION_DRIFT_BIN
 
 DEFAULT_ANALYSIS = Path("alerts/canary/analysis.yaml")
 PLACEHOLDERS: tuple[str, ...] = ("policy", "candidate", "champion")
@@ -74,6 +83,9 @@ class Check:
 
     def holds(self, value: float) -> bool:
         return value <= self.threshold if self.comparison == "<=" else value >= self.threshold
+
+    def measure(self, args: Mapping[str, str], query: QueryFn, at: float) -> Measurement:
+        return measure(self, args, query, at)
 
 
 @dataclass(frozen=True)
@@ -275,3 +287,240 @@ def measure(check: Check, args: Mapping[str, str], query: QueryFn, at: float) ->
     ok = check.holds(value)
     relation = check.comparison if ok else {"<=": ">", ">=": "<"}[check.comparison]
     return result(PASS if ok else FAIL, f"{value:.4g} {relation} {check.threshold:g} ({have:.0f} samples)")
+
+
+# --- Box policies -------------------------------------------------------------------------------------
+
+_BY_ACTION_RE = re.compile(r"\bby\s*\(\s*action\s*\)")
+_RANGE_RE = re.compile(r"\[(\d+(?:ms|s|m|h))\]")
+DEFAULT_WINDOW = "5m"
+"""Range of the action-bin queries when the replaced check has no single one (the file's windows)."""
+
+
+def compares_discrete_actions(check: Check) -> bool:
+    """Whether ``check`` compares distributions over discrete actions (aggregates by the ``action``
+    label), which a Box policy's actions are not."""
+    return bool(_BY_ACTION_RE.search(check.query) or _BY_ACTION_RE.search(check.min_samples_query))
+
+
+@dataclass(frozen=True)
+class ActionBins:
+    """How serving bins one version's actions: per dimension, the card's ``reference.actions`` edges
+    inside the action bounds. Bin ``b`` of a dimension holds the actions in ``[bounds[b], bounds[b+1]]``
+    (``bounds`` = low, the edges, high), as ``searchsorted(edges, a, side="right")`` numbers them."""
+
+    bounds: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any], where: str) -> ActionBins:
+        space = card["action_space"]
+        if space.get("type") != "Box":
+            raise AnalysisError(f"{where}: not a Box policy (its action space is {space.get('type')})")
+        try:
+            bins = card["reference"]["actions"]["bins"]
+            low, high = space["low"], space["high"]
+            bounds = tuple(
+                (float(lo), *(min(max(float(e), float(lo)), float(hi)) for e in b["edges"]), float(hi))
+                for lo, hi, b in zip(low, high, bins, strict=True)
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise AnalysisError(
+                f"{where}: the card's reference.actions needs one bins entry (edges) per action "
+                f"dimension of action_space.low/high ({type(e).__name__}: {e})"
+            ) from None
+        return cls(bounds)
+
+    @property
+    def dims(self) -> int:
+        return len(self.bounds)
+
+
+def _cells(bounds: np.ndarray, masses: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``masses`` of the bins between ``bounds``, each spread evenly over its bin (a bin of zero width
+    is a point), as masses of the cells of ``grid`` (a sorted superset of ``bounds``): each grid point,
+    then each open interval between two of them."""
+    points = np.zeros(len(grid))
+    spans = np.zeros(len(grid) - 1)
+    for lo, hi, m in zip(bounds[:-1], bounds[1:], masses, strict=True):
+        if m == 0:
+            continue
+        if hi <= lo:
+            points[np.searchsorted(grid, lo)] += m
+            continue
+        overlap = np.clip(np.minimum(grid[1:], hi) - np.maximum(grid[:-1], lo), 0.0, None)
+        spans += m * overlap / (hi - lo)
+    return np.concatenate([points, spans])
+
+
+def binned_tvd(
+    bounds_a: Sequence[float] | np.ndarray,
+    counts_a: Sequence[float] | np.ndarray,
+    bounds_b: Sequence[float] | np.ndarray,
+    counts_b: Sequence[float] | np.ndarray,
+) -> float:
+    """Total variation distance (0 same, 1 disjoint) between two histograms of one action dimension.
+
+    Each histogram's bins may differ (the champion's and the candidate's cards have their own edges):
+    both are read as piecewise-uniform densities and compared on the union of their edges, which is
+    exact when the edges are the same."""
+    ba, bb = np.asarray(bounds_a, dtype=np.float64), np.asarray(bounds_b, dtype=np.float64)
+    pa, pb = np.asarray(counts_a, dtype=np.float64), np.asarray(counts_b, dtype=np.float64)
+    if len(pa) != len(ba) - 1 or len(pb) != len(bb) - 1:
+        raise ValueError("a histogram needs one count per bin (one fewer than its bounds)")
+    if not (pa.sum() > 0 and pb.sum() > 0):
+        raise ValueError("a histogram needs a positive total count")
+    grid = np.union1d(ba, bb)
+    diff = _cells(ba, pa / pa.sum(), grid) - _cells(bb, pb / pb.sum(), grid)
+    return float(0.5 * np.abs(diff).sum())
+
+
+@dataclass(frozen=True)
+class ActionBinDivergence:
+    """For Box policies: the largest, over action dimensions, total variation distance between the
+    candidate's and the champion's binned actions over ``window`` (the continuous counterpart of a check
+    that compares discrete action distributions, with its comparison, threshold and minimum samples).
+
+    Samples are the fewest decisions either version made in the window (each decision counts once per
+    dimension), taken from the same query as the value."""
+
+    name: str
+    description: str
+    comparison: str
+    threshold: float
+    min_samples: float
+    candidate_bins: ActionBins
+    champion_bins: ActionBins
+    window: str = DEFAULT_WINDOW
+
+    def holds(self, value: float) -> bool:
+        return value <= self.threshold if self.comparison == "<=" else value >= self.threshold
+
+    def query(self, args: Mapping[str, str]) -> str:
+        versions = f"{args['candidate']}|{args['champion']}"
+        return (
+            f"sum by (version, dimension, bin) (increase({ACTION_DRIFT_BIN}"
+            f'{{policy="{args["policy"]}",version=~"{versions}"}}[{self.window}]))'
+        )
+
+    def _counts(
+        self, result: list[dict[str, Any]], expr: str, args: Mapping[str, str]
+    ) -> dict[str, list[np.ndarray]]:
+        """Per version (candidate and champion), the count in each bin of each dimension; a bin that no
+        series names has 0."""
+        roles = {args["candidate"]: self.candidate_bins, args["champion"]: self.champion_bins}
+        counts = {v: [np.zeros(len(b) - 1) for b in bins.bounds] for v, bins in roles.items()}
+        for series in result:
+            labels = series.get("metric", {})
+            try:
+                version, dim, b = labels["version"], int(labels["dimension"]), int(labels["bin"])
+                value = float(series["value"][1])
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise AnalysisError(f"{expr!r}: unexpected sample {series!r}") from None
+            if version not in counts:
+                continue
+            if not (0 <= dim < len(counts[version]) and 0 <= b < len(counts[version][dim])):
+                raise AnalysisError(
+                    f"{expr!r}: version {version} has no dimension {dim} bin {b} in its card's "
+                    f"reference.actions ({len(counts[version])} dimensions)"
+                )
+            if math.isfinite(value):
+                counts[version][dim][b] += value
+        return counts
+
+    def measure(self, args: Mapping[str, str], query: QueryFn, at: float) -> Measurement:
+        q = " ".join(self.query(args).split())
+        counts = self._counts(query(q), q, args)
+        cand, champ = counts[args["candidate"]], counts[args["champion"]]
+        samples = float(min(c.sum() for c in [*cand, *champ]))
+        value: float | None = None
+        worst = -1
+        if samples > 0:
+            distances = [
+                binned_tvd(cb, cc, hb, hc)
+                for cb, cc, hb, hc in zip(
+                    self.candidate_bins.bounds, cand, self.champion_bins.bounds, champ, strict=True
+                )
+            ]
+            worst = int(np.argmax(distances))
+            value = distances[worst]
+
+        def result(verdict: str, detail: str) -> Measurement:
+            return Measurement(
+                check=self.name,
+                verdict=verdict,
+                value=value,
+                comparison=self.comparison,
+                threshold=self.threshold,
+                samples=samples,
+                min_samples=self.min_samples,
+                query=q,
+                min_samples_query=q,
+                at=at,
+                detail=detail,
+            )
+
+        if samples < self.min_samples:
+            return result(INCONCLUSIVE, f"{samples:.0f} of {self.min_samples:.0f} samples needed")
+        assert value is not None  # samples > 0 gave a distance
+        ok = self.holds(value)
+        relation = self.comparison if ok else {"<=": ">", ">=": "<"}[self.comparison]
+        return result(
+            PASS if ok else FAIL,
+            f"{value:.4g} {relation} {self.threshold:g} in action dimension {worst} ({samples:.0f} samples)",
+        )
+
+
+Measurable = Check | ActionBinDivergence
+"""Anything a rollout measures: ``name`` and ``measure(args, query, at)``."""
+
+
+def _window(check: Check) -> str:
+    ranges = set(_RANGE_RE.findall(check.query))
+    return ranges.pop() if len(ranges) == 1 else DEFAULT_WINDOW
+
+
+def for_policies(
+    analysis: Analysis, candidate_card: Mapping[str, Any], champion_card: Mapping[str, Any]
+) -> tuple[list[Measurable], dict[str, str]]:
+    """The checks to measure for a candidate and champion with these model cards, and the checks
+    skipped with the reason (for Box policies: those comparing discrete actions, each replaced by an
+    :class:`ActionBinDivergence` named ``<check>-per-dimension``)."""
+    kinds = {candidate_card["action_space"]["type"], champion_card["action_space"]["type"]}
+    if kinds == {"Discrete"}:
+        return list(analysis.checks), {}
+    if len(kinds) > 1:
+        raise AnalysisError(
+            f"the candidate acts in a {candidate_card['action_space']['type']} action space and the "
+            f"champion in a {champion_card['action_space']['type']} one; a canary compares like with like"
+        )
+    candidate_bins = ActionBins.from_card(candidate_card, "the candidate's model card")
+    champion_bins = ActionBins.from_card(champion_card, "the champion's model card")
+    if candidate_bins.dims != champion_bins.dims:
+        raise AnalysisError(
+            f"the candidate's actions have {candidate_bins.dims} dimensions and the champion's "
+            f"{champion_bins.dims}; a canary compares like with like"
+        )
+    checks: list[Measurable] = []
+    skipped: dict[str, str] = {}
+    for c in analysis.checks:
+        if not compares_discrete_actions(c):
+            checks.append(c)
+            continue
+        replacement = f"{c.name}-per-dimension"
+        skipped[c.name] = (
+            "compares discrete action distributions (by the action label); the policies act in a Box "
+            f"space, so {replacement} compares their binned actions per dimension instead"
+        )
+        checks.append(
+            ActionBinDivergence(
+                name=replacement,
+                description=f"Per action dimension, the largest distance of: {c.description}",
+                comparison=c.comparison,
+                threshold=c.threshold,
+                min_samples=c.min_samples,
+                candidate_bins=candidate_bins,
+                champion_bins=champion_bins,
+                window=_window(c),
+            )
+        )
+    return checks, skipped

@@ -4,6 +4,11 @@ Plain data, checked key by key with errors that name the file and the key, and f
 the Pulumi program validates a stack's loop config with :func:`parse_config` before any resource exists,
 where no trainer is installed. The algorithm's ``train`` settings are checked against its config dataclass
 (:mod:`rlops_trainer.hyperparams`), the gate's against :class:`OPESettings`.
+
+An algorithm name has an implementation per kind of action space (``bc``, ``cql``, ``iql`` for Discrete
+and Box actions, ``td3bc`` for Box actions only), and which one trains is known only when the served logs
+are joined: the ``train`` settings must suit at least one implementation of the name here, and suit the
+one the data picks when the loop trains.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rlops_trainer.hyperparams import ESTIMATORS, OFFLINE, FQEConfig, apply_overrides
+from rlops_trainer.hyperparams import ESTIMATORS, OFFLINE, OFFLINE_CONTINUOUS, FQEConfig, apply_overrides
 
 from rlops_delivery import analysis
+
+ALGORITHMS: tuple[str, ...] = tuple(dict.fromkeys([*OFFLINE, *OFFLINE_CONTINUOUS]))
+"""Every offline algorithm name the loop trains (as ``rlops train NAME``)."""
 
 DEFAULT_STEPS: tuple[float, ...] = (0.1, 0.5, 1.0)
 """Canary steps: the candidate's share of the traffic at each (1.0: after promotion)."""
@@ -153,15 +161,23 @@ def parse_config(raw: Any, source: str) -> LoopConfig:
     if not isinstance(top.get("policy"), str) or not top["policy"]:
         raise LoopError(f"{source}: policy: the policy name in the registry is required")
     algorithm = top.get("algorithm", "cql")
-    if algorithm not in OFFLINE:
-        raise LoopError(f"{source}: algorithm: {algorithm!r}; accepted: {', '.join(OFFLINE)}")
+    if algorithm not in ALGORITHMS:
+        raise LoopError(f"{source}: algorithm: {algorithm!r}; accepted: {', '.join(ALGORITHMS)}")
     train = top.get("train") or {}
     if not isinstance(train, dict):
         raise LoopError(f"{source}: train: expected a mapping of {algorithm} config fields")
-    try:
-        apply_overrides(OFFLINE[algorithm](), [f"{k}={text_value(v)}" for k, v in train.items()])
-    except ValueError as e:
-        raise LoopError(f"{source}: train: {e}".replace("--set ", "")) from None
+    problems = {
+        kind: train_problem(table[algorithm], train)
+        for kind, table in (("Discrete", OFFLINE), ("Box", OFFLINE_CONTINUOUS))
+        if algorithm in table
+    }
+    if all(problems.values()):
+        if len(problems) == 1:
+            raise LoopError(f"{source}: train: {next(iter(problems.values()))}")
+        raise LoopError(
+            f"{source}: train: "
+            + "; ".join(f"for {kind} actions, {problem}" for kind, problem in problems.items())
+        )
     try:
         g = _section(top.get("gate"), f"{source}: gate", "gate")
         renamed = {"bootstrap": "n_bootstrap"}
@@ -186,6 +202,15 @@ def parse_config(raw: Any, source: str) -> LoopConfig:
         gate=gate,
         canary=canary,
     )
+
+
+def train_problem(config_cls: type[Any], train: dict[str, Any]) -> str | None:
+    """What is wrong with ``train`` as fields of ``config_cls`` (an algorithm's config dataclass), or None."""
+    try:
+        apply_overrides(config_cls(), [f"{k}={text_value(v)}" for k, v in train.items()])
+    except ValueError as e:
+        return str(e).replace("--set ", "")
+    return None
 
 
 def text_value(value: Any) -> str:

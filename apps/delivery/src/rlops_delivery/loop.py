@@ -8,7 +8,8 @@
    the files wait for the next run.
 2. **join**: the training data is the join of every decision file consumed so far plus the new ones
    (or the last ``max_decision_files`` of them), as one dataset.
-3. **train**: the offline algorithm and settings of the config; its checkpoints make a crashed run resume.
+3. **train**: the offline algorithm and settings of the config, in the implementation for the joined
+   data's action space (Discrete or Box: the served policy's); its checkpoints make a crashed run resume.
 4. **gate**: the candidate and the champion are valued off-policy on that data
    (:mod:`rlops_delivery.opegate`); a candidate the gate rejects ends the iteration unpublished.
 5. **publish**: into the registry, with the evaluation and the gate decision in its model card.
@@ -40,10 +41,10 @@ from rlops_contracts.artifact import seal
 from rlops_contracts.card import CardError, read_card
 from rlops_contracts.durable import replace_atomic
 from rlops_server.decision_log import DECISIONS_STREAM, complete_files
-from rlops_trainer.algos import ALGORITHMS
+from rlops_trainer.algos import implementation
 from rlops_trainer.card import utc_now
-from rlops_trainer.commands.train import apply_overrides
 from rlops_trainer.export import ExportError, write_policy_dir
+from rlops_trainer.hyperparams import apply_overrides
 from rlops_trainer.registry import Registry, RegistryError
 from rlops_trainer.training import RunOptions
 
@@ -247,10 +248,19 @@ class Loop:
         return it
 
     def _train(self, it: dict[str, Any], work: Path) -> None:
-        config_cls, train_fn = ALGORITHMS[self.config.algorithm]
-        cfg = apply_overrides(config_cls(), [f"{k}={text_value(v)}" for k, v in self.config.train.items()])
         data = opegate.load_dataset(work / "data.parquet")
-        self.report(f"training {self.config.algorithm} for {cfg.steps} steps")
+        kind = "Box" if data.meta.is_continuous else "Discrete"
+        try:
+            config_cls, train_fn = implementation(self.config.algorithm, data.meta.is_continuous)
+            cfg = apply_overrides(
+                config_cls(), [f"{k}={text_value(v)}" for k, v in self.config.train.items()]
+            )
+        except ValueError as e:
+            raise LoopError(
+                f"the joined logs of {self.config.policy} have {kind} actions: {e}".replace("--set ", "")
+                + "; change algorithm or train in the loop config"
+            ) from None
+        self.report(f"training {self.config.algorithm} ({kind} actions) for {cfg.steps} steps")
         result = train_fn(cfg, data, RunOptions(out_dir=work / "run", resume=True, progress=False))
         try:
             policy_dir = write_policy_dir(result, data, work / "policy", self.config.policy)
@@ -270,6 +280,7 @@ class Loop:
         it.update(
             stage=TRAINED,
             algorithm=self.config.algorithm,
+            action_space=kind,
             steps=result.steps,
             fingerprint=result.dataset_fingerprint,
         )

@@ -8,6 +8,11 @@ that data with the same estimator (:func:`rlops_trainer.ope.evaluate`) and appli
 
 The logs are joined with :func:`rlops_server.join.join`; a subset of the decision files (the loop's
 window) is joined through a folder of links to them, because the join reads whole folders.
+
+Box (continuous) policies are valued the same way, with the estimators their logs allow
+(:func:`rlops_trainer.ope.possible_estimators`): fitted Q evaluation always; importance-sampling and
+doubly robust estimates only when the logs carry the behaviour's log-densities and both policies explore
+(``selection.std > 0``), because a deterministic policy over continuous actions has no density.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rlops_contracts import CHAMPION
 from rlops_contracts.card import ArtifactError
 from rlops_server.decision_log import DECISIONS_STREAM
 from rlops_server.feedback import REWARDS_STREAM
 from rlops_server.join import JoinError, JoinStats, input_files, join
 from rlops_trainer import ope
-from rlops_trainer.datasets import DatasetError, Transitions
+from rlops_trainer.datasets import DatasetError, Transitions, space_bounds
 from rlops_trainer.export import load_policy_dir
 from rlops_trainer.gate import GateError, decide, default_estimator
+from rlops_trainer.hyperparams import ESTIMATORS
 from rlops_trainer.ope import FQEConfig, OPEError
 from rlops_trainer.policy import Selection
 from rlops_trainer.registry import Registry
@@ -87,13 +94,20 @@ def load_dataset(path: Path) -> Transitions:
         raise OPEGateError(str(e)) from None
 
 
+def _target(module: Any, card: dict[str, Any], data: Transitions) -> ope.Target:
+    """What the estimators value: action probabilities (Discrete) or a continuous target (Box)."""
+    selection = Selection.from_card(card)
+    if data.meta.is_continuous:
+        return ope.policy_target(module, selection)
+    return ope.policy_probs_fn(module, selection)
+
+
 def _estimate(
     module: Any, card: dict[str, Any], data: Transitions, estimator: str, s: OPESettings
 ) -> ope.Estimate:
-    selection = Selection.from_card(card)
     estimates = ope.evaluate(
         data,
-        ope.policy_probs_fn(module, selection),
+        _target(module, card, data),
         gamma=s.gamma,
         estimators=(estimator,),
         n_bootstrap=s.n_bootstrap,
@@ -104,6 +118,54 @@ def _estimate(
     return estimates[estimator]
 
 
+def _space_problem(card: dict[str, Any], data: Transitions) -> str | None:
+    """How the policy's observation and action spaces differ from the logs', or None when they fit."""
+    n_obs = math.prod(int(x) for x in card["observation_space"]["shape"])
+    if n_obs != data.meta.obs_dim:
+        return f"takes {n_obs} observation features, but the logs have {data.meta.obs_dim}"
+    space = card["action_space"]
+    logged = data.meta.action_space
+    if space["type"] != logged.get("type"):
+        return f"acts in a {space['type']} action space, but the logs' is {logged.get('type')}"
+    if space["type"] == "Discrete":
+        if int(space["n"]) != data.meta.n_actions:
+            return f"has {space['n']} actions, but the logs have {data.meta.n_actions}"
+        return None
+    low, high = data.meta.action_bounds()
+    card_low, card_high = space_bounds(space)
+    if len(card_low) != len(low):
+        return f"gives actions of {len(card_low)} dimensions, but the logs' have {len(low)}"
+    # The card stores the bounds as float32 values; the logs' metadata may hold them in float64.
+    if not (
+        np.allclose(card_low, low, rtol=1e-6, atol=1e-6)
+        and np.allclose(card_high, high, rtol=1e-6, atol=1e-6)
+    ):
+        return (
+            f"acts within [{card_low.tolist()}, {card_high.tolist()}], but the logs' action space is "
+            f"[{low.tolist()}, {high.tolist()}]"
+        )
+    return None
+
+
+def _estimator(
+    settings: OPESettings, data: Transitions, cards: dict[str, dict[str, Any]]
+) -> tuple[str, tuple[str, ...]]:
+    """The estimator the gate decides on and every one the logs and policies allow."""
+    stochastic = all(Selection.from_card(c).std > 0.0 for c in cards.values())
+    possible = ope.possible_estimators(data, stochastic)
+    estimator = settings.estimator or default_estimator("dr" in possible)
+    if estimator in possible:
+        return estimator, possible
+    if not data.has_propensities:
+        raise OPEGateError(f"estimator {estimator} needs behaviour propensities, and the logs have none")
+    deterministic = sorted(role for role, c in cards.items() if Selection.from_card(c).std <= 0.0)
+    raise OPEGateError(
+        f"estimator {estimator} needs importance weights, but the {' and '.join(deterministic)} "
+        "policy is deterministic (selection std 0): over continuous actions it has no density; "
+        f"accepted here: {', '.join(possible)}"
+    )
+
+
 def gate(
     registry: Path, policy: str, candidate: int | str | Path, data: Transitions, settings: OPESettings
 ) -> dict[str, Any]:
@@ -112,7 +174,8 @@ def gate(
     ``candidate`` is a registry version (number or alias) or an unpublished policy directory. Keys:
     ``promote``, ``reason``, ``candidate`` (its version, None for a directory), ``champion`` (None: no
     champion, the behaviour policy is the baseline), ``gate`` (the full decision, as the registry's
-    publish takes it), ``estimates``, ``behavior``, ``data``, ``settings``.
+    publish takes it), ``estimates``, ``behavior``, ``data``, ``possible_estimators`` (what the logs and
+    both policies allow), ``settings``.
     """
     reg = Registry(registry)
     try:
@@ -128,16 +191,10 @@ def gate(
     except ArtifactError as e:
         raise OPEGateError(str(e)) from None
     for role, (_, card) in loaded.items():
-        n_obs = math.prod(int(x) for x in card["observation_space"]["shape"])
-        if n_obs != data.meta.obs_dim or int(card["action_space"]["n"]) != data.meta.n_actions:
-            raise OPEGateError(
-                f"{policy} {role} ({card.get('version') or 'unpublished'}) takes {n_obs} features and "
-                f"{card['action_space']['n']} "
-                f"actions, but the logs have {data.meta.obs_dim} and {data.meta.n_actions}"
-            )
-    estimator = settings.estimator or default_estimator(data.has_propensities)
-    if estimator in ope.NEEDS_PROPENSITIES and not data.has_propensities:
-        raise OPEGateError(f"estimator {estimator} needs behaviour propensities, and the logs have none")
+        problem = _space_problem(card, data)
+        if problem:
+            raise OPEGateError(f"{policy} {role} ({card.get('version') or 'unpublished'}) {problem}")
+    estimator, possible = _estimator(settings, data, {role: card for role, (_, card) in loaded.items()})
     try:
         estimates = {role: _estimate(m, c, data, estimator, settings) for role, (m, c) in loaded.items()}
         behavior = ope.behavior_value(
@@ -173,7 +230,9 @@ def gate(
             "n_episodes": len(data.episode_starts()),
             "behavior_policy": data.meta.behavior_policy,
             "has_propensities": data.has_propensities,
+            "action_space": data.meta.action_space.get("type"),
         },
+        "possible_estimators": [e for e in ESTIMATORS if e in possible],
         "settings": {**asdict(settings), "estimator": estimator},
     }
 

@@ -19,6 +19,11 @@ back, in the registry and in TorchServe.
 A rollback before promotion sends all traffic back to the champion and points the registry's
 ``candidate`` alias back at the champion, so that a restarted server does not load the failed version
 again. Every decision is recorded with its evidence (:mod:`rlops_delivery.records`).
+
+The checks measured are the analysis file's, as they apply to the two versions' action space
+(:func:`rlops_delivery.analysis.for_policies`): for Box policies a check that compares discrete action
+distributions is skipped, with its reason in the record's settings, and its per-dimension counterpart over
+the binned actions is measured instead.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from rlops_delivery.analysis import (
     AnalysisError,
     Measurement,
     QueryFn,
-    measure,
+    for_policies,
     scalar,
 )
 from rlops_delivery.config import DEFAULT_STEPS
@@ -231,6 +236,14 @@ class Rollout:
                 f"the registry's gate does not allow promoting {policy} version {self.candidate}: "
                 f"{self.gate_problem}; to canary it anyway give a reason (--force-reason), which is recorded"
             )
+        try:
+            self.checks, self.skipped = for_policies(
+                analysis,
+                self.registry.card(policy, self.candidate),
+                self.registry.card(policy, self.champion),
+            )
+        except (AnalysisError, RegistryError) as e:
+            raise RolloutError(f"cannot canary {policy} version {self.candidate}: {e}") from None
         self.args = {"policy": policy, "candidate": str(self.candidate), "champion": str(self.champion)}
         self.failures: Counter[str] = Counter()
         self.promoted = False
@@ -253,7 +266,8 @@ class Rollout:
                 settings={
                     **asdict(self.settings),
                     "analysis": self.analysis.source,
-                    "checks": [c.name for c in self.analysis.checks],
+                    "checks": [c.name for c in self.checks],
+                    "skipped_checks": self.skipped,
                 },
                 forced=self.force_reason if self.gate_problem else None,
             )
@@ -307,7 +321,7 @@ class Rollout:
 
     def _measure_all(self) -> list[Measurement]:
         at = self.clock()
-        return [measure(c, self.args, self.query, at) for c in self.analysis.checks]
+        return [c.measure(self.args, self.query, at) for c in self.checks]
 
     def _step(self, share: float) -> tuple[str, str]:
         """Run one step; (outcome, reason)."""

@@ -379,7 +379,9 @@ def ope_gate(
     estimator: Annotated[
         str | None,
         typer.Option(
-            "--estimator", help="dr, wdr, fqe, pdis or wpdis (default: dr, or fqe without propensities)."
+            "--estimator",
+            help="dr, wdr, fqe, pdis or wpdis (default: dr, or fqe without propensities or, for Box "
+            "policies, when one of them is deterministic).",
         ),
     ] = None,
     margin: Annotated[
@@ -501,24 +503,38 @@ def drill(
         str, typer.Option("--from", help="Version (or alias) the bad candidate is built from.")
     ] = "champion",
     action: Annotated[
-        int, typer.Option("--action", min=0, help="constant: the action it always answers.")
+        int, typer.Option("--action", min=0, help="constant, Discrete policy: the action it always answers.")
     ] = 0,
+    bound: Annotated[
+        str,
+        typer.Option(
+            "--bound",
+            help="constant, Box policy: low or high, the bound its action sits at in every dimension.",
+        ),
+    ] = "high",
     seconds: Annotated[float, typer.Option("--seconds", help="slow: computation added per pass.")] = 0.25,
     registry: RegistryOption = DEFAULT_REGISTRY,
 ) -> None:
     """Publish a deliberately bad candidate, to check that the canary rolls it back (a fire drill)."""
     import tempfile
 
-    from rlops_delivery.drills import KINDS, write_drill_policy_dir
+    from rlops_delivery.drills import BOUNDS, KINDS, write_drill_policy_dir
 
     if kind not in KINDS:
         fail(f"drill kind {kind!r}: choose from {', '.join(KINDS)}")
+    if bound not in BOUNDS:
+        fail(f"--bound {bound!r}: choose from {', '.join(BOUNDS)}")
     with _user_errors():
         policy = _policy(registry, policy)
         reg = Registry(registry)
         with tempfile.TemporaryDirectory(prefix="rlops-drill-") as tmp:
             built = write_drill_policy_dir(
-                reg.resolve(policy, source), Path(tmp) / "policy", kind, action=action, seconds=seconds
+                reg.resolve(policy, source),
+                Path(tmp) / "policy",
+                kind,
+                action=action,
+                bound=bound,
+                seconds=seconds,
             )
             version = reg.publish(built, policy)
     console.print(
