@@ -326,7 +326,10 @@ class RequestParser:
         deterministic = req.get("deterministic", False)
         if not isinstance(deterministic, bool):
             raise _reject(
-                422, m.R_BAD_OPTION, f"'deterministic' is {shown(deterministic)}", "'deterministic': true or false"
+                422,
+                m.R_BAD_OPTION,
+                f"'deterministic' is {shown(deterministic)}",
+                "'deterministic': true or false",
             )
         if deterministic and "std" in req:
             raise _reject(

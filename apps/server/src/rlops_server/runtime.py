@@ -154,6 +154,9 @@ class PolicyRuntime:
                 f"{self.name} has a Box action space, whose fallback is the card's reference.actions.mean "
                 "clipped into the bounds (leave fallback_action null)"
             )
+        if settings.seed is not None:
+            # act() draws its noise from torch's generator, which is per process: one policy per worker.
+            torch.manual_seed(settings.seed)
         mean = np.asarray(card["reference"]["actions"]["mean"], dtype=np.float32)
         self.fallback_box = np.clip(mean, self.action_low, self.action_high)
         """float32 [k]: the fallback action, the mean training action clipped into the bounds."""
