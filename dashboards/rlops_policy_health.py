@@ -4,8 +4,9 @@ Per version, so a candidate is read next to the champion: the reward it earns (f
 against the policy's baseline, its action mix against the policy's traffic and its own training data,
 observation drift (PSI against the model card's reference bins), action drift of Box policies (PSI per
 action dimension, the action shares per reference bin and the mean action), non-finite outputs,
-fallbacks, entropy and value estimates. The table at the top puts the versions side by side. Where an alert watches a
-signal, the panel shows the alert's own recording rule (alerts/rules/policy.yaml) and its threshold.
+fallbacks, entropy and value estimates. The table at the top puts the versions side by side. Where an
+alert watches a signal, the panel shows the alert's own recording rule (alerts/rules/policy.yaml) and
+its threshold.
 """
 
 from __future__ import annotations
