@@ -2,9 +2,11 @@
 
 Per version, so a candidate is read next to the champion: the reward it earns (feedback counters)
 against the policy's baseline, its action mix against the policy's traffic and its own training data,
-observation drift (PSI against the model card's reference bins), non-finite outputs, fallbacks, entropy
-and value estimates. The table at the top puts the versions side by side. Where an alert watches a
-signal, the panel shows the alert's own recording rule (alerts/rules/policy.yaml) and its threshold.
+observation drift (PSI against the model card's reference bins), action drift of Box policies (PSI per
+action dimension, the action shares per reference bin and the mean action), non-finite outputs,
+fallbacks, entropy and value estimates. The table at the top puts the versions side by side. Where an
+alert watches a signal, the panel shows the alert's own recording rule (alerts/rules/policy.yaml) and
+its threshold.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ REFERENCE_SHARE = "policy_version_action:rlops_action_reference:ratio"
 TVD_POLICY = "policy_version:rlops_actions_vs_policy:tvd_rate15m"
 TVD_TRAINING = "policy_version:rlops_actions_vs_training:tvd_rate15m"
 PSI = "policy_version_feature:rlops_observation_psi:rate30m"
+ACTION_PSI = "policy_version_dimension:rlops_action_psi:rate30m"
+ACTION_BIN_SHARE = "policy_version_dimension_bin:rlops_actions:share_rate30m"
+ACTION_BIN_REFERENCE = "policy_version_dimension_bin:rlops_action_reference:ratio"
+ACTION_MEAN = "policy_version_dimension:rlops_action_value:mean_rate5m"
+BOX_PANELS = ("Action drift (PSI) per dimension", "Actions per reference bin", "Mean action per dimension")
+"""Panels with data only while a policy with a Box action space is served."""
 
 
 def pv(metric: str) -> str:
@@ -55,8 +63,8 @@ def dashboard() -> Dashboard:
             "rlops-policy-health",
             "rlops / Policy health",
             "Per policy version, candidate next to champion: reward, actions against the policy's traffic "
-            "and the training data, observation drift, non-finite outputs, fallbacks, entropy, value "
-            "estimates.",
+            "and the training data, observation drift, action drift of Box policies, non-finite outputs, "
+            "fallbacks, entropy, value estimates.",
             label_variable("policy", "Policy", m.ACTIONS, "policy"),
             label_variable("version", "Version", m.ACTIONS, "version", 'policy=~"$policy"'),
             tags=["policy"],
@@ -163,6 +171,40 @@ def dashboard() -> Dashboard:
                 "none",
                 Q(f"max by (policy, version) ({pv(PSI)})", PER_VERSION),
                 threshold=0.25,
+            )
+        )
+        .with_row(row("Action drift (Box policies)"))
+        .with_panel(
+            timeseries(
+                BOX_PANELS[0],
+                "Policies with continuous actions: population stability index of each action dimension over "
+                "30 minutes, against the model card's action bins. Above 0.25 shifted (the action drift "
+                "alert's threshold, dashed).",
+                "none",
+                Q(pv(ACTION_PSI), PER_VERSION + " dimension {{dimension}}"),
+                width=8,
+                threshold=0.25,
+            )
+        )
+        .with_panel(
+            timeseries(
+                BOX_PANELS[1],
+                "The distribution of the answered actions: share of each reference bin per dimension over 30 "
+                "minutes, next to the training data's share of the same bin.",
+                "percentunit",
+                Q(pv(ACTION_BIN_SHARE), PER_VERSION + " dim {{dimension}} bin {{bin}}"),
+                Q(pv(ACTION_BIN_REFERENCE), PER_VERSION + " dim {{dimension}} bin {{bin}} training"),
+                width=8,
+            )
+        )
+        .with_panel(
+            timeseries(
+                BOX_PANELS[2],
+                "Mean answered action per dimension over 5 minutes, in the action's own units.",
+                "none",
+                Q(pv(ACTION_MEAN), PER_VERSION + " dimension {{dimension}}"),
+                width=8,
+                soft_min=None,
             )
         )
         .with_row(row("Model outputs"))

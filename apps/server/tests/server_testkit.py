@@ -4,6 +4,11 @@ The policies are built here, not by the trainer (the server never imports it): a
 same interface as the trainer's export, ``forward(obs) -> scores`` and an exported
 ``action_probs(obs, temperature, epsilon)``. Its scores are easy to predict: ``sign * obs[:, :3]``
 (three actions), and NaN for every row whose last feature is >= 1000 (to exercise the fallback path).
+
+Box policies (:class:`TinyBoxPolicy`, :func:`write_box_policy_dir`) have the interface of the trainer's
+``ContinuousPolicyModule``: ``pre_squash(obs) = sign * obs[:, :2]`` (NaN on poisoned rows), ``forward``
+the squashed action ``mid + half * tanh(pre_squash)`` inside :data:`BOX_LOW`/:data:`BOX_HIGH`, ``act(obs,
+std)`` with the exact log-density of the squashed Gaussian, ``log_prob(obs, action, std)``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import socket
 import warnings
@@ -57,6 +63,59 @@ class TinyPolicy(nn.Module):
         else:
             probs = torch.nn.functional.one_hot(scores.argmax(dim=-1), n).to(scores.dtype)
         return (1.0 - epsilon) * probs + epsilon / n
+
+
+BOX_DIM = 2
+BOX_LOW = [-1.0, 0.0]
+BOX_HIGH = [1.0, 4.0]
+BOX_EDGES = [[-0.5, 0.0, 0.5], [1.0, 2.0, 3.0]]
+"""Reference bin edges per action dimension (four bins each, a quarter of the training actions in each)."""
+BOX_MEAN = [0.25, 3.0]
+"""The card's mean training action (the fallback, clipped into the bounds)."""
+
+
+class TinyBoxPolicy(nn.Module):
+    """A Box policy of two dimensions with the trainer's ContinuousPolicyModule methods."""
+
+    def __init__(self, sign: float) -> None:
+        super().__init__()
+        self.sign = sign
+        self.poison = POISON
+        low, high = torch.tensor(BOX_LOW), torch.tensor(BOX_HIGH)
+        # Plain tensor attributes (not buffers): TorchScript keeps them, and mypy sees tensors.
+        self.action_mid = (high + low) / 2.0
+        self.action_half = (high - low) / 2.0
+
+    @torch.jit.export
+    def pre_squash(self, obs: torch.Tensor) -> torch.Tensor:
+        u = self.sign * obs[:, :2]
+        poisoned = obs[:, 3:4] >= self.poison
+        return torch.where(poisoned, torch.full_like(u, float("nan")), u)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.action_mid + self.action_half * torch.tanh(self.pre_squash(obs))
+
+    def _log_density(self, z: torch.Tensor, u: torch.Tensor, std: float) -> torch.Tensor:
+        # N(u, std) at z, minus log |d action / d z| = log(half * (1 - tanh(z)^2)), summed over dimensions.
+        gaussian = -0.5 * ((z - u) / std) ** 2 - math.log(std) - 0.5 * math.log(2.0 * math.pi)
+        jacobian = torch.log(self.action_half) + torch.log1p(-(torch.tanh(z) ** 2))
+        return (gaussian - jacobian).sum(dim=-1)
+
+    @torch.jit.export
+    def act(self, obs: torch.Tensor, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self.pre_squash(obs)
+        if std <= 0.0:
+            return self.action_mid + self.action_half * torch.tanh(u), torch.full(u.shape[:-1], float("nan"))
+        z = u + std * torch.randn_like(u)
+        return self.action_mid + self.action_half * torch.tanh(z), self._log_density(z, u, std)
+
+    @torch.jit.export
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor, std: float) -> torch.Tensor:
+        u = self.pre_squash(obs)
+        if std <= 0.0:
+            return torch.full(u.shape[:-1], float("nan"))
+        z = torch.atanh(((action - self.action_mid) / self.action_half).clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+        return self._log_density(z, u, std)
 
 
 class OnePassTinyPolicy(TinyPolicy):
@@ -138,6 +197,53 @@ def make_card(
         ],
         "files": {"policy.pt": policy_sha},
     }
+
+
+def make_box_card(
+    name: str, version: int | None, policy_sha: str, std: float = 0.0, mean: list[float] | None = None
+) -> dict[str, Any]:
+    """A card for a Box policy as the model card contract has it (score_kind action, selection.std,
+    per-dimension action reference)."""
+    card = make_card(name, version, policy_sha)
+    card["action_space"] = {
+        "type": "Box",
+        "shape": [BOX_DIM],
+        "dtype": "float32",
+        "low": BOX_LOW,
+        "high": BOX_HIGH,
+    }
+    card["policy"]["score_kind"] = "action"
+    card["policy"]["selection"] = {"temperature": 0.0, "epsilon": 0.0, "std": std}
+    card["reference"]["actions"] = {
+        "n": 100,
+        "mean": mean if mean is not None else BOX_MEAN,
+        "std": [0.5, 1.0],
+        "min": BOX_LOW,
+        "max": BOX_HIGH,
+        "bins": [{"edges": e, "proportions": [0.25] * 4} for e in BOX_EDGES],
+    }
+    return card
+
+
+def write_box_policy_dir(
+    path: Path,
+    name: str = "reacher",
+    version: int | None = 1,
+    sign: float = 1.0,
+    std: float = 0.0,
+    mean: list[float] | None = None,
+) -> Path:
+    """A Box policy directory (:class:`TinyBoxPolicy`, its card, SHA256SUMS) at ``path``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        scripted = torch.jit.script(TinyBoxPolicy(sign).eval())
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+    data = buf.getvalue()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "policy.pt").write_bytes(data)
+    seal(path, make_box_card(name, version, sha256(data), std, mean))
+    return path
 
 
 def write_policy_dir(

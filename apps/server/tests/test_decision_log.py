@@ -27,8 +27,10 @@ def record(i: int, dim: int = 4, **extra: Any) -> dict[str, Any]:
         "observation": [i * 0.25 + k for k in range(dim)],
         "action": i % 2,
         "propensity": 0.75,
+        "log_density": None,
         "temperature": 1.0,
         "epsilon": 0.0,
+        "std": None,
         "action_mask": None,
         "fallback": False,
     }

@@ -187,7 +187,17 @@ def drive(inference_url: str, feedback_url: str, token: str, seconds: float) -> 
     return counts
 
 
+BOX_PANELS = {
+    "Action drift (PSI) per dimension",
+    "Actions per reference bin",
+    "Mean action per dimension",
+}
+"""Policy-health panels of policies with Box actions; the registry served here holds Discrete policies."""
+
+
 def expected(uid: str, panel: str, ref_id: str) -> bool:
+    if uid == "rlops-policy-health":
+        return panel not in BOX_PANELS
     return uid != "rlops-training" or (panel, ref_id) in OFFLINE_TRAINING
 
 

@@ -26,7 +26,7 @@ DATASET_COLUMNS: dict[str, str] = {
     "episode_id": "int64",
     "step": "int64",
     "observation": "list<float32>[obs_dim]",
-    "action": "int64",
+    "action": "int64 (Discrete) or list<float32>[action_dim] (Box)",
     "reward": "float32",
     "next_observation": "list<float32>[obs_dim]",
     "terminated": "bool",
@@ -44,11 +44,14 @@ DECISION_FIELDS: tuple[str, ...] = (
     "episode_id",  # str | null
     "step",  # int | null: position in the episode
     "observation",  # list[float]: the raw observation
-    "action",  # int: the action answered
-    "propensity",  # float: probability of that action under the served distribution
-    "temperature",  # float: exploration setting used (<= 0 means greedy)
-    "epsilon",  # float: exploration setting used
-    "action_mask",  # list[bool | int] | null
+    "action",  # int (Discrete) | list[float] (Box, raw action units): the action answered
+    "propensity",  # float | null: probability of that action under the served distribution; null for Box
+    "log_density",  # float | null: Box only, log-density of the action under the served (squashed
+    #                 Gaussian) distribution; null when deterministic (std 0), on the fallback, for Discrete
+    "temperature",  # float | null: exploration setting used (<= 0 means greedy); null for Box
+    "epsilon",  # float | null: exploration setting used; null for Box
+    "std",  # float | null: Box only, exploration noise before the tanh squashing (0: deterministic)
+    "action_mask",  # list[bool | int] | null: Discrete only
     "fallback",  # bool: the action came from the fallback path
 )
 REWARD_FIELDS: tuple[str, ...] = (

@@ -40,7 +40,15 @@ VALUE_ESTIMATE = "rlops_value_estimate"
 OBSERVATION_DRIFT_BIN = "rlops_observation_drift_bin_total"
 OBSERVATION_REFERENCE = "rlops_observation_reference_ratio"
 ACTION_REFERENCE = "rlops_action_reference_ratio"
-ACTION_DRIFT_BIN = "rlops_action_drift_bin_total"  # Box policies: labels ``dimension``, ``bin``
+# Box (continuous) policies: per action dimension, drift against the card's reference.actions bins, the
+# card's share per bin, and the answered action values (a summary: mean = rate(_sum) / rate(_count)).
+ACTION_DRIFT_BIN = "rlops_action_drift_bin_total"
+ACTION_BIN_REFERENCE = "rlops_action_bin_reference_ratio"
+ACTION_VALUE_SUM = "rlops_action_value_sum"
+ACTION_VALUE_COUNT = "rlops_action_value_count"
+CONTINUOUS_ACTION = "continuous"
+"""The ``action`` label of rlops_actions_total for Box policies: their actions are no categories, so
+every decision is counted under this one value (decision and fallback rates stay comparable)."""
 DECISIONS_LOGGED = "rlops_decisions_logged_total"
 DECISION_LOG_DROPPED = "rlops_decision_log_dropped_total"
 

@@ -16,7 +16,10 @@ The join, in three steps that run the same on one machine or on Ray Data (``use_
    decision at the next step, or else the reward's ``next_observation``; a terminated step without
    one reuses its own observation (never bootstrapped from, since the episode ended there).
    Transitions after the end of an episode, a second decision at the same step and a step whose next
-   observation is unknown are counted and dropped. ``behavior_logp`` = log(propensity).
+   observation is unknown are counted and dropped. ``behavior_logp`` = log(propensity) for Discrete
+   actions; for Box actions (a list of floats per decision) it is the decision's ``log_density``,
+   null when unknown (deterministic decisions, fallbacks), and the dataset's ``action`` column is
+   ``fixed_size_list<float32>[k]``.
 
 Episode ids become int64 by hashing the episode's key, so joining more data later keeps every
 episode's id. Episodes are written in order of their first decision's time.
@@ -108,11 +111,28 @@ def check_decision(raw: Any) -> dict[str, Any] | str:
         problems.append("episode_id is set but step is null: the episode cannot be ordered")
     if not _vector(raw.get("observation")):
         problems.append("observation is not a non-empty list of finite numbers")
-    if not (_int(raw.get("action")) and raw["action"] >= 0):
-        problems.append(f"action {raw.get('action')!r} is not an integer >= 0")
+    action: Any = raw.get("action")
     p: Any = raw.get("propensity")
-    if not (_finite(p) and 0 < p <= 1):
-        problems.append(f"propensity {p!r} is not a probability in (0, 1]")
+    logp: Any = raw.get("log_density")
+    if isinstance(action, list):
+        # A Box decision: the action itself, its log-density when it was explored, no propensity.
+        if not _vector(action):
+            problems.append("action is a list but not a non-empty list of finite numbers")
+        if p is not None:
+            problems.append(f"propensity {p!r} is set for a Box action (a list); Box decisions have null")
+        if logp is not None and not _finite(logp):
+            problems.append(f"log_density {logp!r} is neither null nor a finite number")
+    else:
+        if not (_int(action) and action >= 0):
+            problems.append(
+                f"action {action!r} is neither an integer >= 0 (Discrete) nor a list of numbers (Box)"
+            )
+        if not (_finite(p) and 0 < p <= 1):
+            problems.append(f"propensity {p!r} is not a probability in (0, 1]")
+        if logp is not None:
+            problems.append(
+                f"log_density {logp!r} is set for a Discrete action; Discrete decisions have null"
+            )
     if problems:
         return "; ".join(problems)
     return {
@@ -123,8 +143,9 @@ def check_decision(raw: Any) -> dict[str, Any] | str:
         "episode_id": None if episode is None else str(episode),
         "step": 0 if step is None else step,
         "observation": [float(v) for v in raw["observation"]],
-        "action": raw["action"],
-        "propensity": float(p),
+        "action": [float(v) for v in action] if isinstance(action, list) else action,
+        # log of the chosen action's probability (Discrete) or density (Box); None when unknown.
+        "logp": logp if isinstance(action, list) else math.log(p),
     }
 
 
@@ -243,7 +264,8 @@ def merge_group(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 EPISODE_STATS = ("transitions", "step_conflicts", "no_next_observation", "after_episode_end", "mismatched")
 
 
-def episode_schema() -> pa.Schema:
+def episode_schema(action_dim: int | None = None) -> pa.Schema:
+    """Schema of the episode rows; ``action_dim`` None for Discrete actions, k for Box actions."""
     floats = pa.list_(pa.float32())
     return pa.schema(
         [
@@ -252,7 +274,7 @@ def episode_schema() -> pa.Schema:
             ("episode_id", pa.int64()),
             ("step", pa.list_(pa.int64())),
             ("observation", pa.list_(floats)),
-            ("action", pa.list_(pa.int64())),
+            ("action", pa.list_(pa.int64() if action_dim is None else floats)),
             ("reward", pa.list_(pa.float32())),
             ("next_observation", pa.list_(floats)),
             ("terminated", pa.list_(pa.bool_())),
@@ -268,8 +290,18 @@ def episode_int_id(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
 
 
-def build_episode(rows: Sequence[dict[str, Any]], obs_dim: int, n_actions: int) -> dict[str, Any]:
-    """The transitions of one episode from its merged rows (joined and unrewarded decisions)."""
+def _fits(action: Any, n_actions: int, action_dim: int | None) -> bool:
+    """Whether a checked decision's action belongs to the action space (Discrete n, or Box of k)."""
+    if action_dim is None:
+        return not isinstance(action, list) and action < n_actions
+    return isinstance(action, list) and len(action) == action_dim
+
+
+def build_episode(
+    rows: Sequence[dict[str, Any]], obs_dim: int, n_actions: int, action_dim: int | None = None
+) -> dict[str, Any]:
+    """The transitions of one episode from its merged rows (joined and unrewarded decisions); with
+    ``action_dim`` (k) the action space is Box and ``n_actions`` is not used."""
     key = rows[0]["episode_key"]
     records = sorted(
         (json.loads(r["record"]) for r in rows),
@@ -282,7 +314,7 @@ def build_episode(rows: Sequence[dict[str, Any]], obs_dim: int, n_actions: int) 
         if kept and kept[-1]["step"] == d["step"]:
             stats["step_conflicts"] += 1
             continue
-        if len(d["observation"]) != obs_dim or d["action"] >= n_actions:
+        if len(d["observation"]) != obs_dim or not _fits(d["action"], n_actions, action_dim):
             stats["mismatched"] += 1
             continue
         kept.append(d)
@@ -313,7 +345,7 @@ def build_episode(rows: Sequence[dict[str, Any]], obs_dim: int, n_actions: int) 
         cols["next_observation"].append(next_obs)
         cols["terminated"].append(r["terminated"])
         cols["truncated"].append(r["truncated"])
-        cols["behavior_logp"].append(math.log(d["propensity"]))
+        cols["behavior_logp"].append(d["logp"])
     stats["transitions"] = len(cols["step"])
     return {
         "episode_key": key,
@@ -333,9 +365,11 @@ def merge_batch(batch: pa.Table) -> pa.Table:
     return _table([merge_group(batch.to_pylist())], MERGED_SCHEMA)
 
 
-def episode_batch(batch: pa.Table, obs_dim: int, n_actions: int) -> pa.Table:
+def episode_batch(batch: pa.Table, obs_dim: int, n_actions: int, action_dim: int | None = None) -> pa.Table:
     """Ray Data ``map_groups`` wrapper of :func:`build_episode`."""
-    return _table([build_episode(batch.to_pylist(), obs_dim, n_actions)], episode_schema())
+    return _table(
+        [build_episode(batch.to_pylist(), obs_dim, n_actions, action_dim)], episode_schema(action_dim)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +391,13 @@ class Spaces:
 
     @property
     def n_actions(self) -> int:
-        return int(self.action_space["n"])
+        """Actions of a Discrete space; 0 for Box."""
+        return int(self.action_space.get("n", 0))
+
+    @property
+    def action_dim(self) -> int | None:
+        """k for a Box action space, None for Discrete (the dataset writer's ``action_dim``)."""
+        return int(self.action_space["shape"][0]) if self.action_space["type"] == "Box" else None
 
 
 def spaces_from_card(card: dict[str, Any], where: str) -> Spaces:
@@ -370,14 +410,23 @@ def spaces_from_card(card: dict[str, Any], where: str) -> Spaces:
             "low": list(obs["low"]),
             "high": list(obs["high"]),
         }
-        action = {"type": act["type"], "n": int(act["n"])}
+        if act["type"] == "Box":
+            # The dataset metadata's Box action space: shape and finite bounds (no dtype: always float32).
+            action: dict[str, Any] = {
+                "type": "Box",
+                "shape": list(act["shape"]),
+                "low": [float(v) for v in act["low"]],
+                "high": [float(v) for v in act["high"]],
+            }
+        else:
+            action = {"type": act["type"], "n": int(act["n"])}
     except (KeyError, TypeError, ValueError) as e:
         raise JoinError(
             f"{where}: not a model card with observation_space, action_space and dataset.env_id ({e})"
         ) from None
-    if space["type"] != "Box" or action["type"] != "Discrete":
+    if space["type"] != "Box" or action["type"] not in ("Discrete", "Box"):
         raise JoinError(
-            f"{where}: only Box observations and Discrete actions are supported, got {obs} / {act}"
+            f"{where}: only Box observations and Discrete or Box actions are supported, got {obs} / {act}"
         )
     return Spaces(str(env_id), space, action)
 
@@ -558,7 +607,7 @@ def join(
             f"no decision, {stats.no_next_observation} steps lack a next observation"
         )
     meta = dataset_metadata(spaces, chosen, versions, stats.counts())
-    _write(out, runner.episode_batches(), spaces.obs_dim, meta)
+    _write(out, runner.episode_batches(), spaces.obs_dim, meta, spaces.action_dim)
     return stats
 
 
@@ -613,7 +662,9 @@ class _LocalJoin:
             if row["policy"] != policy:
                 continue
             groups[row["episode_key"]].append(row)
-        built = [build_episode(g, spaces.obs_dim, spaces.n_actions) for g in groups.values()]
+        built = [
+            build_episode(g, spaces.obs_dim, spaces.n_actions, spaces.action_dim) for g in groups.values()
+        ]
         built.sort(key=lambda e: (e["start"], e["episode_key"]))
         self.built = built
 
@@ -675,7 +726,11 @@ class _RayJoin:
             .map_groups(
                 episode_batch,
                 batch_format="pyarrow",
-                fn_kwargs={"obs_dim": spaces.obs_dim, "n_actions": spaces.n_actions},
+                fn_kwargs={
+                    "obs_dim": spaces.obs_dim,
+                    "n_actions": spaces.n_actions,
+                    "action_dim": spaces.action_dim,
+                },
             )
             .sort(["start", "episode_key"])
             .materialize()
@@ -719,7 +774,7 @@ def _keep_policy(batch: pa.Table, policy: str) -> pa.Table:
 # --------------------------------------------------------------------------------------------------
 
 
-def _transitions_table(episodes: list[dict[str, Any]], obs_dim: int) -> pa.Table:
+def _transitions_table(episodes: list[dict[str, Any]], obs_dim: int, action_dim: int | None) -> pa.Table:
     lengths = [e["transitions"] for e in episodes]
 
     def flat(column: str) -> list[Any]:
@@ -727,14 +782,16 @@ def _transitions_table(episodes: list[dict[str, Any]], obs_dim: int) -> pa.Table
 
     columns: dict[str, Any] = {c: flat(c) for c in DATASET_COLUMNS if c != "episode_id"}
     columns["episode_id"] = np.repeat([e["episode_id"] for e in episodes], lengths)
-    return transitions_table(obs_dim, columns)
+    return transitions_table(obs_dim, columns, action_dim=action_dim)
 
 
-def _write(out: Path, batches: Iterable[list[dict[str, Any]]], obs_dim: int, meta: str) -> None:
+def _write(
+    out: Path, batches: Iterable[list[dict[str, Any]]], obs_dim: int, meta: str, action_dim: int | None
+) -> None:
     """Stream the episodes into one Parquet file of the dataset format, written atomically."""
     tables = (
-        _transitions_table(kept, obs_dim)
+        _transitions_table(kept, obs_dim, action_dim)
         for episodes in batches
         if (kept := [e for e in episodes if e["transitions"]])
     )
-    write_transitions(out, obs_dim, meta, tables)
+    write_transitions(out, obs_dim, meta, tables, action_dim=action_dim)

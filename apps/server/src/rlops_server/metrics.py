@@ -17,7 +17,8 @@ name                               type      extra labels         meaning
 ================================== ========= ==================== ============================================
 rlops_inference_latency_seconds    histogram le (bucket)          handler time of the server batch that
                                                                   answered the request, one per request
-rlops_actions_total                counter   action               actions answered
+rlops_actions_total                counter   action               actions answered (Box policies: every
+                                                                  decision under action="continuous")
 rlops_rejected_requests_total      counter   reason               requests answered 4xx (reasons below)
 rlops_nonfinite_outputs_total      counter                        observations with NaN/inf model outputs
 rlops_fallback_total               counter   reason               actions answered by the fallback path
@@ -30,7 +31,14 @@ rlops_observation_drift_bin_total  counter   feature, bin         observations p
 rlops_observation_reference_ratio  gauge     feature, bin         the card's share of training observations
                                                                   per bin (the PSI reference)
 rlops_action_reference_ratio       gauge     action               the card's share of each action in the
-                                                                  training data
+                                                                  training data (Discrete policies)
+rlops_action_drift_bin_total       counter   dimension, bin       Box policies: answered actions per reference
+                                                                  bin of the card's reference.actions
+rlops_action_bin_reference_ratio   gauge     dimension, bin       Box policies: the card's share of training
+                                                                  actions per bin (the PSI reference)
+rlops_action_value_sum             counter   dimension            Box policies: sum of the answered actions
+rlops_action_value_count           counter   dimension            Box policies: actions answered (mean action
+                                                                  = rate(_sum) / rate(_count))
 rlops_decisions_logged_total       counter                        decision records written to the log
 rlops_decision_log_dropped_total   counter                        decision records dropped (queue full)
 ================================== ========= ==================== ============================================
@@ -38,6 +46,11 @@ rlops_decision_log_dropped_total   counter                        decision recor
 Updates are collected in memory and handed to the backend every ``flush_seconds`` by a background
 thread (:class:`MetricsRecorder`): with TorchServe each update is a log line the frontend parses, so
 per-decision updates on the request path would cost more than the policy itself.
+
+Drift is counted per reference bin of the model card (:class:`ReferenceBins`): observation features
+against ``reference.observation.bins`` and, for Box policies, action dimensions against
+``reference.actions.bins``, with the same binning; PromQL turns the counts into a population stability
+index per feature or dimension (``alerts/rules/policy.yaml``).
 """
 
 from __future__ import annotations
@@ -52,8 +65,13 @@ from typing import Protocol
 
 import numpy as np
 from rlops_contracts.metrics import (  # noqa: F401  (re-exported)
+    ACTION_BIN_REFERENCE,
+    ACTION_DRIFT_BIN,
     ACTION_REFERENCE,
+    ACTION_VALUE_COUNT,
+    ACTION_VALUE_SUM,
     ACTIONS,
+    CONTINUOUS_ACTION,
     DECISION_LOG_DROPPED,
     DECISIONS_LOGGED,
     F_INFERENCE_ERROR,
@@ -119,10 +137,59 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(OBSERVATION_DRIFT_BIN, "counter", "count", ("feature", "bin")),
     MetricSpec(OBSERVATION_REFERENCE, "gauge", "ratio", ("feature", "bin")),
     MetricSpec(ACTION_REFERENCE, "gauge", "ratio", ("action",)),
+    MetricSpec(ACTION_DRIFT_BIN, "counter", "count", ("dimension", "bin")),
+    MetricSpec(ACTION_BIN_REFERENCE, "gauge", "ratio", ("dimension", "bin")),
+    MetricSpec(ACTION_VALUE_SUM, "counter", "action", ("dimension",)),
+    MetricSpec(ACTION_VALUE_COUNT, "counter", "count", ("dimension",)),
     MetricSpec(DECISIONS_LOGGED, "counter", "count", ()),
     MetricSpec(DECISION_LOG_DROPPED, "counter", "count", ()),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+
+# --- drift bins ------------------------------------------------------------------------------------
+
+DRIFT_CHUNK_CELLS = 1 << 22
+"""Comparisons per chunk when binning values (bounds the temporary boolean array to 4 MiB)."""
+
+
+class ReferenceBins:
+    """The reference bins of a model card, one list of ascending edges per column (observation feature or
+    Box action dimension): ``card.reference.observation.bins`` or ``card.reference.actions.bins``.
+
+    A value ``x`` of column ``j`` falls in bin ``searchsorted(edges[j], x, side='right')``, so column
+    ``j`` has ``len(edges[j]) + 1`` bins, the first and last open-ended.
+    """
+
+    def __init__(self, bins: list[dict[str, list[float]]]) -> None:
+        self.columns = len(bins)
+        width = max(len(b["edges"]) for b in bins) if bins else 0
+        edges = np.full((self.columns, width), np.inf)
+        for j, b in enumerate(bins):
+            edges[j, : len(b["edges"])] = b["edges"]
+        self.edges = edges
+        """float64 [columns, max_edges]: edges per column, padded with +inf (nothing reaches a pad)."""
+        self.bins = np.array([len(b["edges"]) + 1 for b in bins], dtype=np.int64)
+        """Bins per column."""
+        self.proportions: list[list[float]] = [list(b["proportions"]) for b in bins]
+        """The card's share of the training data per (column, bin)."""
+        self.valid = np.arange(width + 1)[None, :] < self.bins[:, None]
+        """bool [columns, max_edges + 1]: the (column, bin) cells of :meth:`counts` that exist."""
+
+    def counts(self, values: np.ndarray) -> np.ndarray:
+        """int64 [columns, max_edges + 1]: rows of ``values`` ([n, columns]) per (column, bin)."""
+        width = self.edges.shape[1]
+        counts = np.zeros((self.columns, width + 1), dtype=np.int64)
+        if width == 0:
+            counts[:, 0] = len(values)
+            return counts
+        flat_offsets = np.arange(self.columns, dtype=np.int64) * (width + 1)
+        chunk = max(1, DRIFT_CHUNK_CELLS // max(1, self.columns * width))
+        for start in range(0, len(values), chunk):
+            x = values[start : start + chunk].astype(np.float64)
+            bins = (x[:, :, None] >= self.edges[None, :, :]).sum(axis=2)
+            counts += np.bincount((bins + flat_offsets).ravel(), minlength=counts.size).reshape(counts.shape)
+        return counts
 
 
 # --- recording -------------------------------------------------------------------------------------
@@ -163,6 +230,11 @@ class MetricsRecorder:
     since the last flush at once: action counts, entropy of the served distributions, drift bins
     (``binner(observations) -> counts[feature, bin]``) and, for q_values policies (``values=True``),
     the mean of the best score per decision.
+
+    With ``action_bins`` (the card's ``reference.actions.bins``) the policy is a Box policy: its actions
+    are float vectors, counted per reference bin of each dimension and summed per dimension, every
+    decision counted under ``action="continuous"``; it has no entropy (a density's differential entropy
+    says nothing comparable) and no action shares (``reference`` holds no action proportions then).
     """
 
     MAX_PENDING_ROWS = 65_536
@@ -180,6 +252,7 @@ class MetricsRecorder:
         flush_seconds: float = 1.0,
         decision_log: LogCounters | None = None,
         reference: tuple[list[list[float]], list[float]] | None = None,
+        action_bins: ReferenceBins | None = None,
     ) -> None:
         self._emit = emit
         self.labels = [policy, "none" if version is None else str(version)]
@@ -191,6 +264,8 @@ class MetricsRecorder:
         self._drift_valid = np.arange(int(bins.max(initial=1)))[None, :] < bins[:, None]
         self._n_actions = n_actions
         self._action_labels = [str(a) for a in range(n_actions)]
+        self._action_bins = action_bins
+        self._action_reference = action_bins.proportions if action_bins is not None else None
         self._lock = threading.Lock()
         self._batches: list[BatchOutcome] = []
         self._pending_rows = 0
@@ -278,9 +353,15 @@ class MetricsRecorder:
                 for j, proportions in enumerate(bins):
                     for b, share in enumerate(proportions):
                         self._send(OBSERVATION_REFERENCE, share, [str(j), str(b)])
-                for a, share in enumerate(actions):
-                    self._send(ACTION_REFERENCE, share, [self._action_labels[a]])
+                if self._action_bins is None:
+                    for a, share in enumerate(actions):
+                        self._send(ACTION_REFERENCE, share, [self._action_labels[a]])
                 self._reference = None
+            if self._action_reference is not None:
+                for j, proportions in enumerate(self._action_reference):
+                    for b, share in enumerate(proportions):
+                        self._send(ACTION_BIN_REFERENCE, share, [str(j), str(b)])
+                self._action_reference = None
             if batches:
                 self._flush_decisions(batches)
             if self._log is not None:
@@ -294,6 +375,10 @@ class MetricsRecorder:
     def _flush_decisions(self, batches: list[BatchOutcome]) -> None:
         obs = np.concatenate([b.observations for b in batches])
         actions = np.concatenate([b.actions for b in batches])
+        self._send_bins(OBSERVATION_DRIFT_BIN, self._binner(obs), self._drift_valid)
+        if self._action_bins is not None:
+            self._flush_box_actions(actions, self._action_bins)
+            return
         probs = np.concatenate([b.probabilities for b in batches])
         good = ~np.concatenate([b.fallback for b in batches])
         counts = np.bincount(actions, minlength=self._n_actions)
@@ -310,10 +395,21 @@ class MetricsRecorder:
                     best = best[np.isfinite(best)]
                     if len(best):
                         self._send(VALUE_ESTIMATE, float(best.mean()))
-        drift = self._binner(obs)
-        features, bins = np.nonzero((drift > 0) & self._drift_valid)
-        for j, b, count in zip(features.tolist(), bins.tolist(), drift[features, bins].tolist(), strict=True):
-            self._send(OBSERVATION_DRIFT_BIN, count, [str(j), str(b)])
+
+    def _flush_box_actions(self, actions: np.ndarray, bins: ReferenceBins) -> None:
+        """Box actions ([n, k], every answered one, fallbacks included: drift is about what was served)."""
+        self._send(ACTIONS, len(actions), [CONTINUOUS_ACTION])
+        self._send_bins(ACTION_DRIFT_BIN, bins.counts(actions), bins.valid)
+        sums = actions.astype(np.float64).sum(axis=0)
+        for j, total in enumerate(sums.tolist()):
+            self._send(ACTION_VALUE_SUM, total, [str(j)])
+            self._send(ACTION_VALUE_COUNT, len(actions), [str(j)])
+
+    def _send_bins(self, name: str, counts: np.ndarray, valid: np.ndarray) -> None:
+        """The non-zero cells of ``counts[column, bin]`` that exist (``valid``), labelled column, bin."""
+        columns, bins = np.nonzero((counts > 0) & valid)
+        for j, b, count in zip(columns.tolist(), bins.tolist(), counts[columns, bins].tolist(), strict=True):
+            self._send(name, count, [str(j), str(b)])
 
     def start(self) -> MetricsRecorder:
         """Flush every ``flush_seconds`` (or when many observations are pending) until :meth:`close`."""

@@ -8,6 +8,12 @@ Requests are JSON objects, one observation or a batch::
     {"observations": [[...], [...]], "decision_ids": [...], "episode_ids": [...], "steps": [...],
      "action_masks": [[...], [...]] | "action_mask": [...], ...}
 
+A policy with a Box action space takes ``std`` (exploration noise before the tanh squashing, in
+``[0, MAX_STD]``) or ``deterministic: true`` instead of ``temperature``/``epsilon``, has no action masks,
+and its ``return`` may ask only for ``scores``: the pre-squash mean, one value per action dimension
+(the action is ``mid + half * tanh(scores)`` when deterministic). A field of the other kind of policy is
+refused 422, naming it and what this policy accepts.
+
 Every problem raises :class:`RequestError` (status 400, 413 or 422) with a JSON body that says what was
 wrong and what is accepted. A :class:`RequestParser` knows the served policy's shapes and defaults.
 """
@@ -31,7 +37,11 @@ MAX_ID_LENGTH = 128
 """Longest accepted ``decision_id`` / ``episode_id``."""
 MAX_STEP = 2**63 - 1
 """Largest accepted ``step``: the decision log and the dataset hold steps as 64-bit integers."""
+MAX_STD = 10.0
+"""Largest ``std`` a Box request may ask for. It is in pre-squash units: beyond about 3 nearly every
+draw already lands close to a bound, so larger values only spread draws between the two bounds."""
 RETURN_OPTIONS = ("probabilities", "scores")
+BOX_RETURN_OPTIONS = ("scores",)
 ACCEPTED_BODY = (
     "a JSON object as the request body, sent with Content-Type: application/json, such as "
     '{"observation": [...]} or {"observations": [[...], ...]}'
@@ -63,7 +73,11 @@ def shown(value: Any) -> str:
 
 _SINGLE_FIELDS = ("observation", "decision_id", "episode_id", "step", "action_mask")
 _BATCH_FIELDS = ("observations", "decision_ids", "episode_ids", "steps", "action_masks", "action_mask")
-_COMMON_FIELDS = ("deterministic", "temperature", "epsilon", "return")
+_COMMON_FIELDS = ("deterministic", "temperature", "epsilon", "std", "return")
+_DISCRETE_ONLY = ("temperature", "epsilon", "action_mask", "action_masks")
+"""Fields that only a policy with a Discrete action space accepts."""
+_BOX_ONLY = ("std",)
+"""Fields that only a policy with a Box action space accepts."""
 
 
 class RequestError(Exception):
@@ -105,6 +119,8 @@ class ParsedRequest:
     """bool [k, n_actions]; None: every action allowed."""
     want_probabilities: bool = False
     want_scores: bool = False
+    std: float = 0.0
+    """Box policies: exploration noise before the tanh squashing (0: the deterministic action)."""
 
     def __len__(self) -> int:
         return len(self.observations)
@@ -162,7 +178,11 @@ def _json_type(value: Any) -> str:
 
 
 class RequestParser:
-    """Checks requests against one served policy: its observation shape, actions and selection."""
+    """Checks requests against one served policy: its observation shape, actions and selection.
+
+    ``action_dim`` None: a Discrete policy of ``n_actions`` actions; k: a Box policy of k dimensions,
+    whose default exploration noise is ``std``.
+    """
 
     def __init__(
         self,
@@ -171,12 +191,17 @@ class RequestParser:
         temperature: float,
         epsilon: float,
         max_batch_observations: int,
+        *,
+        action_dim: int | None = None,
+        std: float = 0.0,
     ) -> None:
         self.obs_shape = obs_shape
         self.obs_dim = math.prod(obs_shape)
         self.n_actions = n_actions
         self.temperature = temperature
         self.epsilon = epsilon
+        self.action_dim = action_dim
+        self.std = std
         self.max_batch_observations = max_batch_observations
         self._accepted_obs = (
             f"'observation': a list of {self.obs_dim} finite numbers (observation shape {list(obs_shape)})"
@@ -197,7 +222,11 @@ class RequestParser:
                 "the request has no 'observation' (or 'observations' for a batch)",
                 self._accepted_obs + "; or 'observations': a list of such lists",
             )
-        allowed = (_BATCH_FIELDS if batch else _SINGLE_FIELDS) + _COMMON_FIELDS
+        self._check_policy_kind(req)
+        foreign = _BOX_ONLY if self.action_dim is None else _DISCRETE_ONLY
+        allowed = tuple(
+            f for f in (_BATCH_FIELDS if batch else _SINGLE_FIELDS) + _COMMON_FIELDS if f not in foreign
+        )
         unknown = [k for k in req if k not in allowed]
         if unknown:
             raise _reject(
@@ -209,8 +238,12 @@ class RequestParser:
             )
         obs = self._observations(req["observations"] if batch else req["observation"], batch)
         k = len(obs)
-        temperature, epsilon = self._exploration(req)
-        want = self._return_options(req.get("return"))
+        std = 0.0
+        if self.action_dim is None:
+            temperature, epsilon = self._exploration(req)
+        else:
+            temperature, epsilon, std = 0.0, 0.0, self._noise(req)
+        want = self._return_options(req.get("return"), self.action_dim is not None)
         if batch:
             decision_ids = self._id_list(req, "decision_ids", k)
             episode_ids = self._id_list(req, "episode_ids", k)
@@ -254,7 +287,62 @@ class RequestParser:
             masks=masks,
             want_probabilities="probabilities" in want,
             want_scores="scores" in want,
+            std=std,
         )
+
+    def _check_policy_kind(self, req: dict[str, Any]) -> None:
+        """Refuse the fields of the other kind of action space, saying what this policy accepts."""
+        if self.action_dim is None:
+            foreign = [k for k in _BOX_ONLY if k in req]
+            if foreign:
+                raise _reject(
+                    422,
+                    m.R_BAD_OPTION,
+                    f"'{foreign[0]}' is for policies with a Box action space; this policy has "
+                    f"{self.n_actions} discrete actions",
+                    "a Discrete policy accepts 'temperature', 'epsilon', 'deterministic', 'action_mask(s)' "
+                    f"and 'return': a list of any of {', '.join(RETURN_OPTIONS)}",
+                )
+            return
+        foreign = [k for k in _DISCRETE_ONLY if k in req]
+        if foreign:
+            raise _reject(
+                422,
+                m.R_BAD_OPTION,
+                f"'{foreign[0]}' is for policies with a Discrete action space; this policy has a Box "
+                f"action space of {self.action_dim} dimension(s)",
+                self._accepted_box,
+            )
+
+    @property
+    def _accepted_box(self) -> str:
+        return (
+            f"a Box policy accepts 'std' (a number in [0, {MAX_STD:g}]), 'deterministic': true (std 0) "
+            "and 'return': ['scores'] (the pre-squash mean); no temperature, epsilon or action masks"
+        )
+
+    def _noise(self, req: dict[str, Any]) -> float:
+        """The exploration noise of a Box request: its ``std``, 0 when deterministic, else the card's."""
+        deterministic = req.get("deterministic", False)
+        if not isinstance(deterministic, bool):
+            raise _reject(
+                422,
+                m.R_BAD_OPTION,
+                f"'deterministic' is {shown(deterministic)}",
+                "'deterministic': true or false",
+            )
+        if deterministic and "std" in req:
+            raise _reject(
+                422,
+                m.R_BAD_OPTION,
+                "'deterministic': true cannot be combined with 'std'",
+                "'deterministic': true (the mean action), or 'std' to override the exploration noise",
+            )
+        if deterministic:
+            return 0.0
+        if "std" in req:
+            return self._number(req["std"], "std", 0.0, MAX_STD)
+        return self.std
 
     def _observations(self, value: Any, batch: bool) -> np.ndarray:
         where = "observations" if batch else "observation"
@@ -359,8 +447,10 @@ class RequestParser:
         return float(value)
 
     @staticmethod
-    def _return_options(value: Any) -> tuple[str, ...]:
+    def _return_options(value: Any, box: bool = False) -> tuple[str, ...]:
         accepted = f"'return': a list of any of {', '.join(RETURN_OPTIONS)}"
+        if box:
+            accepted = "'return': ['scores'] (the pre-squash mean; a Box policy has no probabilities)"
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -368,6 +458,13 @@ class RequestParser:
         unknown = [v for v in value if v not in RETURN_OPTIONS]
         if unknown:
             raise _reject(422, m.R_BAD_OPTION, f"'return' asks for unknown {shown(unknown)}", accepted)
+        if box and "probabilities" in value:
+            raise _reject(
+                422,
+                m.R_BAD_OPTION,
+                "'return' asks for 'probabilities', which a policy with a Box action space does not have",
+                accepted,
+            )
         return tuple(value)
 
     @staticmethod

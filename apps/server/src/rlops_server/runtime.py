@@ -1,9 +1,12 @@
 """The serving core: load a policy version, validate requests, choose actions. No TorchServe here.
 
-A policy version directory holds ``policy.pt`` (TorchScript: ``forward(obs) -> scores`` and
-``action_probs(obs, temperature, epsilon) -> probs``), ``model-card.json`` and ``SHA256SUMS`` (the
-artifact contract, :mod:`rlops_contracts.artifact`). :meth:`PolicyRuntime.load` refuses a directory whose
-card is invalid or whose files, the card included, do not match their recorded sha256.
+A policy version directory holds ``policy.pt``, ``model-card.json`` and ``SHA256SUMS`` (the artifact
+contract, :mod:`rlops_contracts.artifact`). :meth:`PolicyRuntime.load` refuses a directory whose card is
+invalid or whose files, the card included, do not match their recorded sha256. ``policy.pt`` is
+TorchScript, for a Discrete action space ``forward(obs) -> scores`` and ``action_probs(obs, temperature,
+epsilon) -> probs``; for a Box action space (card ``policy.score_kind`` = ``action``) ``forward(obs) ->
+action`` [B, k], ``act(obs, std) -> (action [B, k], log_density [B])`` (NaN log-density when std <= 0)
+and, for ``return: ["scores"]``, ``pre_squash(obs)`` [B, k].
 
 Requests are checked by :mod:`rlops_server.requests` (4xx with reasons) before the policy runs.
 :meth:`PolicyRuntime.decide` takes the parsed requests of
@@ -11,6 +14,12 @@ a whole server batch and runs the policy once on all their observations. The act
 from the policy's own ``action_probs`` (the rule is written once, inside ``policy.pt``); a mask zeroes
 disallowed actions and the rest is renormalised; the action is sampled from that distribution and its
 probability is the propensity. Non-finite model outputs get the fallback action, flagged.
+
+A Box policy decides a server batch with one ``act`` call per exploration noise ``std`` in it (usually
+one); the answer carries the action (k floats, inside the bounds) and its log-density (null when
+deterministic). Its fallback, for non-finite actions or log-densities and failed passes, is the card's
+``reference.actions.mean`` (the mean training action) clipped into the action bounds, with a null
+log-density. Both kinds share the batching, the fallback accounting, the ids and the answer envelope.
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,11 +39,9 @@ from rlops_contracts import POLICY_FILE
 from rlops_contracts.artifact import verify_policy_dir
 from rlops_contracts.card import ArtifactError
 
+from rlops_server.metrics import ReferenceBins
 from rlops_server.requests import ParsedRequest, RequestParser
 from rlops_server.settings import ServingSettings
-
-DRIFT_CHUNK_CELLS = 1 << 22
-"""Comparisons per chunk when binning observations (bounds the temporary boolean array to 4 MiB)."""
 
 
 class PolicyLoadError(RuntimeError):
@@ -48,15 +55,16 @@ class Decisions:
     observations: np.ndarray
     """float32 [n, obs_dim]: the observations of all requests, concatenated."""
     actions: np.ndarray
-    """int64 [n]"""
+    """int64 [n] (Discrete) or float32 [n, k] (Box, raw action units inside the bounds)."""
     propensities: np.ndarray
-    """float64 [n]: probability of the chosen action under the served (masked) distribution."""
+    """float64 [n]: probability of the chosen action under the served (masked) distribution; NaN for Box."""
     fallback: np.ndarray
     """bool [n]: the action is the fallback (non-finite model output or a failed forward pass)."""
     probabilities: np.ndarray
-    """float64 [n, n_actions]: the served distribution (a point mass on fallback rows)."""
+    """float64 [n, n_actions]: the served distribution (a point mass on fallback rows); [n, 0] for Box."""
     scores: np.ndarray | None
-    """float32 [n, n_actions]: what forward() returned; None when the forward pass raised."""
+    """float32 [n, n_actions]: what forward() returned; None when the forward pass raised. Box: the
+    pre-squash mean [n, k], computed only when a request asked for scores (else None)."""
     offsets: list[int]
     """Start index of each request's observations."""
     nonfinite: int
@@ -65,6 +73,9 @@ class Decisions:
     """Observations answered with the fallback because the forward pass raised."""
     time: float
     """Unix time of the decision."""
+    log_densities: np.ndarray | None = None
+    """Box: float64 [n], log-density of each action under the served distribution, NaN where unknown
+    (std 0, fallback). None for Discrete."""
 
 
 # --- the runtime -----------------------------------------------------------------------------------
@@ -102,12 +113,60 @@ class PolicyRuntime:
         self.settings = settings
         self.name: str = card["name"]
         self.version: int | None = card["version"]
-        self.n_actions: int = card["action_space"]["n"]
         self.obs_shape: tuple[int, ...] = tuple(card["observation_space"]["shape"])
         self.obs_dim: int = card["policy"]["input"]["shape"][1]
         self.score_kind: str = card["policy"]["score_kind"]
-        self.temperature = float(card["policy"]["selection"]["temperature"])
-        self.epsilon = float(card["policy"]["selection"]["epsilon"])
+        selection = card["policy"]["selection"]
+        self.temperature = float(selection["temperature"])
+        self.epsilon = float(selection["epsilon"])
+        self.std = float(selection.get("std", 0.0))
+        self._rng = np.random.default_rng(settings.seed)
+        self.observation_bins = ReferenceBins(card["reference"]["observation"]["bins"])
+        """The card's observation reference bins (drift per feature)."""
+        self.drift_bins = self.observation_bins.bins
+        """Bins per feature."""
+        space = card["action_space"]
+        self.continuous: bool = space["type"] == "Box"
+        """A Box action space: actions are float vectors (see the module docstring)."""
+        if self.continuous:
+            self._init_box(card, settings)
+        else:
+            self._init_discrete(card, settings)
+        self.requests = RequestParser(
+            self.obs_shape,
+            self.n_actions,
+            self.temperature,
+            self.epsilon,
+            settings.max_batch_observations,
+            action_dim=self.action_dim if self.continuous else None,
+            std=self.std,
+        )
+
+    def _init_box(self, card: dict[str, Any], settings: ServingSettings) -> None:
+        space = card["action_space"]
+        self.n_actions = 0
+        self.action_dim: int = int(space["shape"][0])
+        self.action_low = np.asarray(space["low"], dtype=np.float32)
+        self.action_high = np.asarray(space["high"], dtype=np.float32)
+        if settings.fallback_action is not None:
+            raise PolicyLoadError(
+                f"fallback_action {settings.fallback_action} is an action index, for Discrete policies; "
+                f"{self.name} has a Box action space, whose fallback is the card's reference.actions.mean "
+                "clipped into the bounds (leave fallback_action null)"
+            )
+        if settings.seed is not None:
+            # act() draws its noise from torch's generator, which is per process: one policy per worker.
+            torch.manual_seed(settings.seed)
+        mean = np.asarray(card["reference"]["actions"]["mean"], dtype=np.float32)
+        self.fallback_box = np.clip(mean, self.action_low, self.action_high)
+        """float32 [k]: the fallback action, the mean training action clipped into the bounds."""
+        self.action_bins: ReferenceBins | None = ReferenceBins(card["reference"]["actions"]["bins"])
+        """Box: the card's action reference bins (drift per dimension)."""
+
+    def _init_discrete(self, card: dict[str, Any], settings: ServingSettings) -> None:
+        self.n_actions = int(card["action_space"]["n"])
+        self.action_dim = 1
+        self.action_bins = None
         proportions = card["reference"]["actions"]["proportions"]
         default_fallback = int(np.argmax(proportions))
         self.fallback_action = (
@@ -121,21 +180,8 @@ class PolicyRuntime:
         # Fallback under a mask: the allowed action that comes first in this order.
         order = [self.fallback_action] + [int(a) for a in np.argsort(proportions, kind="stable")[::-1]]
         self._fallback_order = np.array(list(dict.fromkeys(order)), dtype=np.int64)
-        self._rng = np.random.default_rng(settings.seed)
         # Policies exported before scores_and_probs existed need two passes (forward, action_probs).
-        self._one_pass = hasattr(module, "scores_and_probs")
-        bins = card["reference"]["observation"]["bins"]
-        width = max(len(b["edges"]) for b in bins) if bins else 0
-        edges = np.full((self.obs_dim, width), np.inf)
-        for j, b in enumerate(bins):
-            edges[j, : len(b["edges"])] = b["edges"]
-        self.drift_edges = edges
-        """float64 [obs_dim, max_edges]: reference bin edges per feature, padded with +inf."""
-        self.drift_bins = np.array([len(b["edges"]) + 1 for b in bins], dtype=np.int64)
-        """Bins per feature."""
-        self.requests = RequestParser(
-            self.obs_shape, self.n_actions, self.temperature, self.epsilon, settings.max_batch_observations
-        )
+        self._one_pass = hasattr(self.module, "scores_and_probs")
 
     @classmethod
     def load(cls, model_dir: Path | str, settings: ServingSettings | None = None) -> PolicyRuntime:
@@ -163,9 +209,13 @@ class PolicyRuntime:
         # request path needs no inference_mode/no_grad context around each call.
         for param in module.parameters():
             param.requires_grad_(False)
-        if not hasattr(module, "action_probs"):
+        box = card["action_space"]["type"] == "Box"
+        needed = "act" if box else "action_probs"
+        if not hasattr(module, needed):
+            signature = "act(obs, std)" if box else "action_probs(obs, temperature, epsilon)"
             raise PolicyLoadError(
-                f"{model_dir / POLICY_FILE}: has no exported action_probs(obs, temperature, epsilon) method"
+                f"{model_dir / POLICY_FILE}: has no exported {signature} method, which a policy with a "
+                f"{card['action_space']['type']} action space needs"
             )
         try:
             runtime = cls(module, card, settings or ServingSettings())
@@ -177,6 +227,9 @@ class PolicyRuntime:
     def _self_check(self, model_dir: Path) -> None:
         """Run the policy once so that a shape mismatch stops the worker at start, not per request."""
         probe = torch.zeros((1, self.obs_dim), dtype=torch.float32)
+        if self.continuous:
+            self._self_check_box(model_dir, probe)
+            return
         try:
             scores = self.module.forward(probe)
             probs = self.module.action_probs(probe, self.temperature, self.epsilon)
@@ -187,6 +240,21 @@ class PolicyRuntime:
             raise PolicyLoadError(
                 f"{model_dir / POLICY_FILE}: outputs shapes {tuple(scores.shape)} and {tuple(probs.shape)}, "
                 f"expected {expected} (one score per action of the card's action space)"
+            )
+
+    def _self_check_box(self, model_dir: Path, probe: torch.Tensor) -> None:
+        try:
+            action = self.module.forward(probe)
+            explored, logp = self.module.act(probe, 0.5)
+        except RuntimeError as e:
+            raise PolicyLoadError(f"{model_dir / POLICY_FILE}: fails on a zero observation: {e}") from e
+        expected = (1, self.action_dim)
+        shapes = (tuple(action.shape), tuple(explored.shape), tuple(logp.shape))
+        if shapes != (expected, expected, (1,)):
+            raise PolicyLoadError(
+                f"{model_dir / POLICY_FILE}: forward and act output shapes {shapes[0]}, {shapes[1]} and "
+                f"{shapes[2]}, expected {expected}, {expected} and (1,) (an action of the card's "
+                f"{self.action_dim} dimension(s) and one log-density per observation)"
             )
 
     def parse(self, body: Any) -> ParsedRequest:
@@ -212,6 +280,8 @@ class PolicyRuntime:
             else np.concatenate([r.observations for r in requests])
         )
         x = torch.from_numpy(obs)
+        if self.continuous:
+            return self._decide_box(requests, offsets, obs, x)
         n, a = total, self.n_actions
         scores: np.ndarray | None = None
         failed = False
@@ -231,14 +301,7 @@ class PolicyRuntime:
                 scores = self.module.forward(x).numpy()
                 # Different exploration settings in one server batch: one call per setting.
                 probs = np.empty((n, a), dtype=np.float64)
-                for t, e in settings:
-                    rows = np.concatenate(
-                        [
-                            np.arange(off, off + len(r))
-                            for off, r in zip(offsets, requests, strict=True)
-                            if (r.temperature, r.epsilon) == (t, e)
-                        ]
-                    )
+                for (t, e), rows in _rows_by(requests, offsets, lambda r: (r.temperature, r.epsilon)).items():
                     probs[rows] = self.module.action_probs(x[torch.from_numpy(rows)], t, e).numpy()
         except RuntimeError:
             # A forward pass that raises on valid input is the model's fault: answer the fallback, counted.
@@ -275,6 +338,58 @@ class PolicyRuntime:
             nonfinite=nonfinite,
             errors=n if failed else 0,
             time=time.time(),
+        )
+
+    def _decide_box(
+        self, requests: Sequence[ParsedRequest], offsets: list[int], obs: np.ndarray, x: torch.Tensor
+    ) -> Decisions:
+        """Actions of a Box policy: one ``act`` call per exploration noise in the batch (see the module
+        docstring for the fallback)."""
+        n, k = len(obs), self.action_dim
+        stds = np.concatenate([np.full(len(r), r.std) for r in requests]) if len(requests) > 1 else None
+        scores: np.ndarray | None = None
+        failed = False
+        try:
+            if stds is None or len({r.std for r in requests}) == 1:
+                a_t, l_t = self.module.act(x, requests[0].std)
+                actions, logp = a_t.numpy(), l_t.numpy().astype(np.float64)
+            else:
+                actions = np.empty((n, k), dtype=np.float32)
+                logp = np.empty(n, dtype=np.float64)
+                for std, rows in _rows_by(requests, offsets, lambda r: r.std).items():
+                    a_t, l_t = self.module.act(x[torch.from_numpy(rows)], std)
+                    actions[rows], logp[rows] = a_t.numpy(), l_t.numpy()
+            if any(r.want_scores for r in requests):
+                scores = self.module.pre_squash(x).numpy()
+        except RuntimeError:
+            # A pass that raises on valid input is the model's fault: answer the fallback, counted.
+            failed = True
+            actions = np.empty((n, k), dtype=np.float32)
+            logp = np.full(n, np.nan)
+            scores = None
+        if failed:
+            fallback = np.ones(n, dtype=bool)
+        else:
+            stochastic = (stds if stds is not None else np.full(n, requests[0].std)) > 0.0
+            # A deterministic action has no density (NaN by contract); an explored one must have one.
+            fallback = ~(np.isfinite(actions).all(axis=1) & (np.isfinite(logp) | ~stochastic))
+        if fallback.any():
+            actions[fallback] = self.fallback_box
+            logp[fallback] = np.nan
+        # tanh keeps actions inside the bounds up to float rounding; the answer must be inside them exactly.
+        np.clip(actions, self.action_low, self.action_high, out=actions)
+        return Decisions(
+            observations=obs,
+            actions=actions,
+            propensities=np.full(n, np.nan),
+            fallback=fallback,
+            probabilities=np.empty((n, 0), dtype=np.float64),
+            scores=scores,
+            offsets=offsets,
+            nonfinite=0 if failed else int(fallback.sum()),
+            errors=n if failed else 0,
+            time=time.time(),
+            log_densities=logp,
         )
 
     def _masked(
@@ -324,18 +439,7 @@ class PolicyRuntime:
 
     def drift_counts(self, obs: np.ndarray) -> np.ndarray:
         """Observations per (feature, reference bin): bin = searchsorted(edges, x, side='right')."""
-        width = self.drift_edges.shape[1]
-        counts = np.zeros((self.obs_dim, width + 1), dtype=np.int64)
-        if width == 0:
-            counts[:, 0] = len(obs)
-            return counts
-        flat_offsets = np.arange(self.obs_dim, dtype=np.int64) * (width + 1)
-        chunk = max(1, DRIFT_CHUNK_CELLS // max(1, self.obs_dim * width))
-        for start in range(0, len(obs), chunk):
-            x = obs[start : start + chunk].astype(np.float64)
-            bins = (x[:, :, None] >= self.drift_edges[None, :, :]).sum(axis=2)
-            counts += np.bincount((bins + flat_offsets).ravel(), minlength=counts.size).reshape(counts.shape)
-        return counts
+        return self.observation_bins.counts(obs)
 
     # --- answering ---------------------------------------------------------------------------------
 
@@ -365,8 +469,12 @@ class PolicyRuntime:
         start = decisions.offsets[index]
         stop = start + len(request)
         actions = decisions.actions[start:stop].tolist()
-        props = decisions.propensities[start:stop].tolist()
         fallback = decisions.fallback[start:stop].tolist()
+        # Box: the log-density (null when unknown) in place of the propensity.
+        if decisions.log_densities is not None:
+            chance, chance_key = _nullable(decisions.log_densities[start:stop]), "log_density"
+        else:
+            chance, chance_key = decisions.propensities[start:stop].tolist(), "propensity"
         probs = decisions.probabilities[start:stop].tolist() if request.want_probabilities else None
         scores: list[list[float] | None] | None = None
         if request.want_scores:
@@ -381,7 +489,7 @@ class PolicyRuntime:
         for i in range(len(request)):
             item: dict[str, Any] = {
                 "action": actions[i],
-                "propensity": props[i],
+                chance_key: chance[i],
                 "policy": self.name,
                 "version": self.version,
                 "decision_id": ids[i],
@@ -402,12 +510,34 @@ class PolicyRuntime:
         stop = start + len(request)
         observations = request.observations.tolist()
         actions = decisions.actions[start:stop].tolist()
-        props = decisions.propensities[start:stop].tolist()
         fallback = decisions.fallback[start:stop].tolist()
-        masks = request.masks.astype(np.int8).tolist() if request.masks is not None else None
         episodes = request.episode_ids
         steps = request.steps
         t = decisions.time
+        if decisions.log_densities is not None:
+            logp = _nullable(decisions.log_densities[start:stop])
+            return [
+                {
+                    "decision_id": ids[i],
+                    "time": t,
+                    "policy": self.name,
+                    "version": self.version,
+                    "episode_id": episodes[i] if episodes is not None else None,
+                    "step": steps[i] if steps is not None else None,
+                    "observation": observations[i],
+                    "action": actions[i],
+                    "propensity": None,
+                    "log_density": logp[i],
+                    "temperature": None,
+                    "epsilon": None,
+                    "std": request.std,
+                    "action_mask": None,
+                    "fallback": fallback[i],
+                }
+                for i in range(len(request))
+            ]
+        props = decisions.propensities[start:stop].tolist()
+        masks = request.masks.astype(np.int8).tolist() if request.masks is not None else None
         return [
             {
                 "decision_id": ids[i],
@@ -419,13 +549,34 @@ class PolicyRuntime:
                 "observation": observations[i],
                 "action": actions[i],
                 "propensity": props[i],
+                "log_density": None,
                 "temperature": request.temperature,
                 "epsilon": request.epsilon,
+                "std": None,
                 "action_mask": masks[i] if masks is not None else None,
                 "fallback": fallback[i],
             }
             for i in range(len(request))
         ]
+
+
+_Setting = TypeVar("_Setting", bound=Hashable)
+
+
+def _rows_by(
+    requests: Sequence[ParsedRequest], offsets: list[int], setting: Callable[[ParsedRequest], _Setting]
+) -> dict[_Setting, np.ndarray]:
+    """The batch rows (int64 indices) of each exploration setting that occurs in ``requests``."""
+    parts: dict[_Setting, list[np.ndarray]] = {}
+    for off, r in zip(offsets, requests, strict=True):
+        parts.setdefault(setting(r), []).append(np.arange(off, off + len(r)))
+    return {key: np.concatenate(rows) for key, rows in parts.items()}
+
+
+def _nullable(values: np.ndarray) -> list[float | None]:
+    """Floats as JSON can hold them: NaN (unknown) and infinities become null."""
+    finite = np.isfinite(values)
+    return [v if ok else None for v, ok in zip(values.tolist(), finite.tolist(), strict=True)]
 
 
 __all__ = ["Decisions", "PolicyLoadError", "PolicyRuntime", "uuid4_batch"]

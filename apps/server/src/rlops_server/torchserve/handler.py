@@ -132,9 +132,10 @@ class PolicyHandler(BaseHandler):
             flush_seconds=settings.metrics_flush_seconds,
             decision_log=self.decision_log,
             reference=(
-                [b["proportions"] for b in self.runtime.card["reference"]["observation"]["bins"]],
-                self.runtime.card["reference"]["actions"]["proportions"],
+                self.runtime.observation_bins.proportions,
+                self.runtime.card["reference"]["actions"].get("proportions", []),
             ),
+            action_bins=self.runtime.action_bins,
         ).start()
         # TorchServe 0.12 has no unload hook: a worker ends when the frontend closes its socket
         # (sys.exit) or on a signal. Turn SIGTERM into a normal exit so that queued decisions are written.
@@ -152,11 +153,13 @@ class PolicyHandler(BaseHandler):
         gc.collect()
         gc.freeze()
         log.info(
-            "rlops policy %s version %s ready: %d features, %d actions, decision log %s",
+            "rlops policy %s version %s ready: %d features, %s, decision log %s",
             self.runtime.name,
             self.runtime.version,
             self.runtime.obs_dim,
-            self.runtime.n_actions,
+            f"Box actions of {self.runtime.action_dim} dimension(s)"
+            if self.runtime.continuous
+            else f"{self.runtime.n_actions} actions",
             log_dir or "off",
         )
 
