@@ -96,19 +96,55 @@ def _actions_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _box_actions_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="Actions per dimension (raw units)", title_justify="left")
+    for col in ("dim", "bounds", "mean", "std", "min", "p25", "median", "p75", "max", "at a bound"):
+        table.add_column(col, justify="right")
+    for row in summary["actions"]["dimensions"]:
+        table.add_row(
+            str(row["dimension"]),
+            f"[{row['low']:g}, {row['high']:g}]",
+            *(_num(row[c], 3) for c in ("mean", "std", "min", "p25", "median", "p75", "max")),
+            f"{row['share_at_bound']:.1%}",
+        )
+    return table
+
+
+def _space(space: dict[str, Any]) -> str:
+    if space["type"] == "Discrete":
+        return f"Discrete({space['n']})"
+    low, high = space["low"], space["high"]
+    if len(set(map(str, low))) == 1 and len(set(map(str, high))) == 1:
+        bounds = f"{low[0]}, {high[0]}"  # one bound for every dimension, as gymnasium prints it
+    else:
+        bounds = f"{low}, {high}"
+    return f"Box({bounds}, {tuple(space['shape'])})"
+
+
+def _coverage(summary: dict[str, Any]) -> str:
+    prop = summary["propensity"]
+    if prop.get("kind") == "log_density":
+        stats = prop["log_density"]
+        if stats is None:
+            return "none (behavior_logp unknown: importance-sampling estimators cannot run)"
+        return (
+            f"{prop['share_with_propensity']:.0%} of rows; log-density min {_num(stats['min'], 2)}, "
+            f"median {_num(stats['median'], 2)}, max {_num(stats['max'], 2)}"
+        )
+    low_key = f"share_below_{LOW_PROPENSITY}"
+    if prop["min"] is None:
+        return "none (behavior_logp unknown: importance-sampling estimators cannot run)"
+    return (
+        f"{prop['share_with_propensity']:.0%} of rows; min {_num(prop['min'], 3)}, median "
+        f"{_num(prop['median'], 3)}, {prop[low_key]:.1%} below {LOW_PROPENSITY}"
+    )
+
+
 def render_summary(summary: dict[str, Any]) -> Group:
     """Rich tables for a :func:`rlops_trainer.datasets.inspect` summary."""
     overview = Table(title="Dataset", title_justify="left", show_header=False)
     overview.add_column("", style="bold", no_wrap=True)
     overview.add_column("", overflow="fold")
-    prop = summary["propensity"]
-    low_key = f"share_below_{LOW_PROPENSITY}"
-    coverage = (
-        f"{prop['share_with_propensity']:.0%} of rows; min {_num(prop['min'], 3)}, median "
-        f"{_num(prop['median'], 3)}, {prop[low_key]:.1%} below {LOW_PROPENSITY}"
-        if prop["min"] is not None
-        else "none (behavior_logp unknown: importance-sampling estimators cannot run)"
-    )
     obs = summary["observation_space"]
     rows = [
         ("environment", summary["env_id"]),
@@ -121,13 +157,15 @@ def render_summary(summary: dict[str, Any]) -> Group:
             f"{summary['episodes_truncated']:,} truncated)",
         ),
         ("observation space", f"{obs['type']}{tuple(obs['shape'])}"),
-        ("action space", f"Discrete({summary['action_space']['n']})"),
-        ("propensities", coverage),
+        ("action space", _space(summary["action_space"])),
+        ("propensities", _coverage(summary)),
         ("fingerprint", summary["fingerprint"]),
     ]
     for label, value in rows:
         overview.add_row(label, escape(str(value)))
-    return Group(overview, _stats_table(summary), _histogram(summary), _actions_table(summary))
+    continuous = summary["action_space"]["type"] == "Box"
+    actions = _box_actions_table(summary) if continuous else _actions_table(summary)
+    return Group(overview, _stats_table(summary), _histogram(summary), actions)
 
 
 def _report(t: Transitions, where: Path, elapsed_s: float, verb: str) -> None:
