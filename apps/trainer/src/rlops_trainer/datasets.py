@@ -526,7 +526,7 @@ def _box_actions(
         raise err(f"dtype {arr.dtype} is not numeric; expected float32 vectors for {space}", "action", None)
     values = arr.astype(np.float32, copy=False)
     finite = np.isfinite(values)
-    row = _first(~finite.all(axis=1))
+    row = _first(~np.all(finite, axis=1))
     if row is not None:
         j = int((~finite[row]).argmax())
         raise err(

@@ -226,6 +226,11 @@ class ImportFormat(StrEnum):
     minari = "minari"
 
 
+class BehaviorDistribution(StrEnum):
+    gaussian = "gaussian"
+    tanh_gaussian = "tanh_gaussian"
+
+
 @app.command("import")
 def import_cmd(
     source: Annotated[
@@ -255,11 +260,46 @@ def import_cmd(
             "only for files you trust.",
         ),
     ] = False,
+    action_low: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--action-low",
+            help="Box actions: lower bound, once (every dimension) or once per dimension in order, when "
+            "Gymnasium does not know the environment (e.g. -1 for D4RL MuJoCo tasks).",
+            show_default=False,
+        ),
+    ] = None,
+    action_high: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--action-high",
+            help="Box actions: upper bound, given like --action-low.",
+            show_default=False,
+        ),
+    ] = None,
+    behavior_distribution: Annotated[
+        BehaviorDistribution | None,
+        typer.Option(
+            "--behavior-distribution",
+            help="Box actions: what infos/action_mean and infos/action_log_std describe, when the file "
+            "does not say (metadata/policy/output_distribution). Default: gaussian.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Import a D4RL HDF5 / .pkl file or a local Minari dataset into the native Parquet format."""
     start = time.perf_counter()
     try:
-        t = import_dataset(fmt.value, source, env_id=env_id, n_actions=n_actions, allow_pickle=allow_pickle)
+        t = import_dataset(
+            fmt.value,
+            source,
+            env_id=env_id,
+            n_actions=n_actions,
+            allow_pickle=allow_pickle,
+            action_low=action_low or None,
+            action_high=action_high or None,
+            behavior_distribution=behavior_distribution.value if behavior_distribution else None,
+        )
         path = datasets.save(t, out)
     except DatasetError as e:
         _fail(str(e))
