@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlops_trainer import datasets
-from rlops_trainer.collect import CARTPOLE_MIXED, CollectError, collect
+from rlops_trainer.collect import CollectError, collect
 from rlops_trainer.commands import fail as _fail
 from rlops_trainer.commands import group
 from rlops_trainer.datasets import LOW_PROPENSITY, DatasetError, Transitions
@@ -185,17 +185,27 @@ def _report(t: Transitions, where: Path, elapsed_s: float, verb: str) -> None:
 def collect_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write (replaced atomically).")],
     env: Annotated[
-        str, typer.Option("--env", help="Gymnasium environment id (Discrete actions).")
+        str, typer.Option("--env", help="Gymnasium environment id (Discrete or Box actions).")
     ] = "CartPole-v1",
     behavior: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--behavior",
-            help="Behaviour policy: random | eps-greedy:<eps> | mixture:<component>=<weight>,... "
-            "(one component per episode). Default: the mixed-quality CartPole behaviour.",
+            help="Behaviour policy. Discrete: random | eps-greedy:<eps>[@<steps>]; Box: uniform | "
+            "gaussian:<std>[@<steps>]; mixture:<component>=<weight>,... (one component per episode). "
+            "Default: the mixed-quality behaviour (CartPole-style for Discrete, Pendulum-style for Box).",
             show_default=False,
         ),
-    ] = CARTPOLE_MIXED,
+    ] = None,
+    policy_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Box actions: an exported policy directory (policy.pt) for the gaussian components to "
+            "explore around, instead of the built-in controller.",
+            show_default=False,
+        ),
+    ] = None,
     episodes: Annotated[
         int, typer.Option("--episodes", "-n", min=1, help="Number of episodes to record.")
     ] = 200,
@@ -211,7 +221,15 @@ def collect_cmd(
     """Record a dataset by running a behaviour policy in a Gymnasium environment."""
     start = time.perf_counter()
     try:
-        t = collect(env, behavior, episodes, seed, progress=progress, max_episode_steps=max_episode_steps)
+        t = collect(
+            env,
+            behavior,
+            episodes,
+            seed,
+            progress=progress,
+            max_episode_steps=max_episode_steps,
+            policy_dir=policy_dir,
+        )
         path = datasets.save(t, out)
     except (CollectError, DatasetError) as e:
         _fail(str(e))
