@@ -136,7 +136,8 @@ def test_parse_behavior_canonical_form() -> None:
 def test_bad_behaviour_specs_list_the_accepted_forms(spec: str, expected: str) -> None:
     with pytest.raises(CollectError, match=expected) as e:
         parse_behavior(spec)
-    assert "accepted behaviours: 'random'; 'eps-greedy:<eps>'" in str(e.value)
+    assert "accepted behaviours: for Discrete actions 'random'; 'eps-greedy:<eps>'" in str(e.value)
+    assert "for Box actions 'uniform'; 'gaussian:<std>'" in str(e.value)
 
 
 def test_unknown_env_gives_a_hint() -> None:
