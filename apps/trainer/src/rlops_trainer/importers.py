@@ -237,7 +237,8 @@ def _box_log_density(
         arr = data[key].astype(np.float64)
         arr = arr.reshape(-1, 1) if arr.ndim == 1 and k == 1 else arr
         try:
-            arr = np.broadcast_to(arr, (n, k))
+            # A copy: the broadcast view is read-only, which torch will not wrap.
+            arr = np.broadcast_to(arr, (n, k)).copy()
         except ValueError:
             raise DatasetError(
                 f"shape {data[key].shape}; expected [N, {k}] (one value per row and action dimension)",
