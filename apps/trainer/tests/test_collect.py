@@ -13,6 +13,7 @@ from rlops_trainer.collect import (
     CARTPOLE_MIXED,
     CollectError,
     collect,
+    make_env,
     parse_behavior,
     train_greedy_policy,
 )
@@ -135,7 +136,8 @@ def test_parse_behavior_canonical_form() -> None:
 def test_bad_behaviour_specs_list_the_accepted_forms(spec: str, expected: str) -> None:
     with pytest.raises(CollectError, match=expected) as e:
         parse_behavior(spec)
-    assert "accepted behaviours: 'random'; 'eps-greedy:<eps>'" in str(e.value)
+    assert "accepted behaviours: for Discrete actions 'random'; 'eps-greedy:<eps>'" in str(e.value)
+    assert "for Box actions 'uniform'; 'gaussian:<std>'" in str(e.value)
 
 
 def test_unknown_env_gives_a_hint() -> None:
@@ -143,9 +145,9 @@ def test_unknown_env_gives_a_hint() -> None:
         collect("CartPol-v1", "random", episodes=1, seed=0, progress=False)
 
 
-def test_continuous_actions_are_refused() -> None:
-    with pytest.raises(CollectError, match="only Discrete action spaces are supported for now"):
-        collect("Pendulum-v1", "random", episodes=1, seed=0, progress=False)
+def test_box_actions_are_refused_where_only_discrete_ones_are_asked_for() -> None:
+    with pytest.raises(CollectError, match="only Discrete action spaces are supported"):
+        make_env("Pendulum-v1")
 
 
 def test_episode_count_must_be_positive() -> None:

@@ -5,6 +5,9 @@ behaviour policy, source, schema version) is JSON in the Arrow schema's metadata
 :data:`rlops_contracts.DATASET_METADATA_KEY`. The trainer (collect, import) and the server's reward join
 both write through :func:`write_transitions`, so the files are alike to the byte in layout; only the
 trainer reads and validates them (``rlops_trainer.datasets``).
+
+The ``action`` column depends on the action space: ``int64`` for Discrete actions (``action_dim=None``),
+``fixed_size_list<float32>[k]`` for Box actions of ``k`` dimensions (``action_dim=k``, raw action units).
 """
 
 from __future__ import annotations
@@ -23,11 +26,22 @@ from rlops_contracts.durable import atomic_file
 COMPRESSION = "zstd"
 
 
+def _check_action_dim(action_dim: int | None) -> None:
+    if action_dim is not None and (
+        isinstance(action_dim, bool) or not isinstance(action_dim, int) or action_dim < 1
+    ):
+        raise ValueError(
+            "action_dim must be None (Discrete actions) or a positive integer (Box actions), "
+            f"got {action_dim!r}"
+        )
+
+
 def arrow_schema(
     obs_dim: int, metadata_json: str | None = None, *, action_dim: int | None = None
 ) -> pa.Schema:
-    """The dataset's Arrow schema for observations of ``obs_dim`` features; ``action_dim`` None for
-    Discrete actions (int64), k for Box actions (``fixed_size_list<float32>[k]``)."""
+    """The dataset's Arrow schema for observations of ``obs_dim`` features and actions that are integers
+    (``action_dim=None``, Discrete) or vectors of ``action_dim`` floats (Box)."""
+    _check_action_dim(action_dim)
     obs = pa.list_(pa.float32(), obs_dim)
     types = {
         "episode_id": pa.int64(),
@@ -46,14 +60,14 @@ def arrow_schema(
 
 def transitions_table(obs_dim: int, columns: dict[str, Any], *, action_dim: int | None = None) -> pa.Table:
     """An Arrow table of the dataset's columns from array-likes (one entry per transition; observations
-    as rows of ``obs_dim`` values; Box actions, ``action_dim`` = k, as rows of k values). An unknown
+    as rows of ``obs_dim`` values; Box actions, ``action_dim=k``, as rows of ``k`` values). An unknown
     ``behavior_logp`` (NaN or None) becomes null."""
     missing = [c for c in DATASET_COLUMNS if c not in columns]
     if missing:
         raise KeyError(f"transition columns missing: {', '.join(missing)}")
     schema = arrow_schema(obs_dim, action_dim=action_dim)
 
-    def rows(values: Any, column: str) -> pa.Array:
+    def vectors(values: Any, column: str) -> pa.Array:
         flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), type=pa.float32())
         return pa.FixedSizeListArray.from_arrays(flat, type=schema.field(column).type)
 
@@ -61,14 +75,14 @@ def transitions_table(obs_dim: int, columns: dict[str, Any], *, action_dim: int 
     arrays = {
         "episode_id": pa.array(np.asarray(columns["episode_id"], dtype=np.int64)),
         "step": pa.array(np.asarray(columns["step"], dtype=np.int64)),
-        "observation": rows(columns["observation"], "observation"),
+        "observation": vectors(columns["observation"], "observation"),
         "action": (
             pa.array(np.asarray(columns["action"], dtype=np.int64))
             if action_dim is None
-            else rows(columns["action"], "action")
+            else vectors(columns["action"], "action")
         ),
         "reward": pa.array(np.asarray(columns["reward"], dtype=np.float32)),
-        "next_observation": rows(columns["next_observation"], "next_observation"),
+        "next_observation": vectors(columns["next_observation"], "next_observation"),
         "terminated": pa.array(np.asarray(columns["terminated"], dtype=np.bool_)),
         "truncated": pa.array(np.asarray(columns["truncated"], dtype=np.bool_)),
         "behavior_logp": pa.array(logp, mask=np.isnan(logp)),
@@ -86,8 +100,8 @@ def write_transitions(
 ) -> Path:
     """Write one Parquet file of transitions, atomically, from one table or a stream of tables.
 
-    The tables must have the dataset's columns (:func:`transitions_table`). A crash mid-write leaves the
-    previous file (or nothing) at ``path``, never half a file.
+    The tables must have the dataset's columns (:func:`transitions_table` with the same ``action_dim``).
+    A crash mid-write leaves the previous file (or nothing) at ``path``, never half a file.
     """
     schema = arrow_schema(obs_dim, metadata_json, action_dim=action_dim)
     if isinstance(tables, pa.Table):

@@ -1,6 +1,6 @@
 """Record a transition dataset from a Gymnasium environment with behaviour policies of graded quality.
 
-Behaviour specs:
+Behaviour specs for Discrete action spaces:
 
 * ``random``: uniform over the actions; log-propensity ``-log(n)``.
 * ``eps-greedy:<eps>``: with probability ``eps`` a uniform action, otherwise the greedy action of a
@@ -10,6 +10,16 @@ Behaviour specs:
 * ``mixture:<component>=<weight>,...``: every *episode* draws one component (``random`` or
   ``eps-greedy:<eps>``) with the given weights and follows it to the end; the logged propensity
   is that component's.
+
+For Box action spaces (actions in ``[low, high]``, logged ``behavior_logp`` a log-density):
+
+* ``uniform``: uniform over the Box; log-density ``-Σ log(high - low)``.
+* ``gaussian:<std>`` (``std > 0``): a squashed Gaussian around a controller: ``z = u(obs) + std * N(0, I)``,
+  action ``mid + half * tanh(z)``, sampled and its exact log-density computed in one call,
+  :meth:`~rlops_trainer.policy.ContinuousPolicyModule.act`. The controller is a policy directory
+  (``policy=``, an exported ``policy.pt``) or else a small controller trained here;
+  ``gaussian:<std>@<steps>`` trains that controller with a budget of ``<steps>`` environment steps.
+* ``mixture:...`` as above, with ``uniform`` and ``gaussian:...`` components.
 
 Why the component's propensity is the right one for a per-episode mixture: the component is drawn
 once and held for the whole episode, so the probability of an episode's action sequence is
@@ -24,22 +34,40 @@ The greedy policy is trained inside this module by the cross-entropy method on a
 (``argmax(W @ obs + b)``), seeded and bounded by a budget of environment steps: a few seconds on
 CartPole-v1, with the exploration rate as the quality knob. It is cached per (env, seed, budget)
 so that mixtures and repeated collections reuse it.
+
+The built-in controller for Box actions is trained the same way: the cross-entropy method on a small
+network (one hidden layer of :data:`CONTROLLER_HIDDEN` tanh units) whose output, the pre-squash mean
+``u``, is clipped to ±:data:`PRE_SQUASH_LIMIT`. The clip keeps ``z`` far from where float32 ``tanh``
+rounds onto a bound, so the logged log-density is that of the action as stored (it is what importance
+weights recompute). On Pendulum-v1 (observations ``cos θ, sin θ, θ̇``) 400,000 steps (about 10 s) give
+a controller that swings up from most starts; see :data:`PENDULUM_MIXED`.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from rlops_trainer.datasets import DatasetMeta, Transitions, box_space, discrete_space, validate
+from rlops_trainer.datasets import (
+    DatasetMeta,
+    Transitions,
+    bound_tolerance,
+    box_space,
+    discrete_space,
+    validate,
+)
+from rlops_trainer.policy import ContinuousPolicyModule
 
 CARTPOLE_MIXED = "mixture:eps-greedy:0.1@2000=0.58,eps-greedy:0.3=0.09,random=0.33"
 """The mixed-quality CartPole-v1 behaviour of the demo and the benchmark, modelled on production logs:
@@ -48,13 +76,32 @@ budget), a few from a better but noisy policy (epsilon 0.3 around the fully trai
 uniform exploration. Cloning the majority reproduces the mediocre policy; learning from the rewards
 can do better. The behaviour policy averages under 150 (see docs/benchmarks.md)."""
 
+PENDULUM_MIXED = "mixture:gaussian:0.5@100000=0.5,gaussian:1@400000=0.2,uniform=0.3"
+"""The mixed-quality Pendulum-v1 behaviour, shaped like D4RL's medium-replay data: half the episodes
+come from a partially trained controller with little noise, a fifth from the same controller with much
+noise, the rest are uniform. 200 episodes at seed 0: the 100,000-step controller plays -1,064 alone
+(deterministic) and -1,123 with its noise, the 400,000-step one -139 alone and -215 with its noise,
+uniform -1,160; the behaviour averages -969. Cloning the majority reproduces a poor controller; the
+good episodes (a sixth of the data) show what learning from rewards can reach."""
+
 TRAIN_BUDGET_STEPS = 20_000
 """Environment steps the cross-entropy method may spend training the greedy policy."""
 
+CONTROLLER_BUDGET_STEPS = 400_000
+"""Environment steps the cross-entropy method may spend training the Box controller."""
+
+CONTROLLER_HIDDEN = 8
+"""Hidden tanh units of the built-in Box controller."""
+
+PRE_SQUASH_LIMIT = 3.0
+"""Bound on the built-in controller's pre-squash mean: tanh(3) = 0.995 of the half-width."""
+
 BEHAVIOR_FORMS = (
-    "accepted behaviours: 'random'; 'eps-greedy:<eps>' or 'eps-greedy:<eps>@<training steps>' with "
-    "0 <= eps <= 1; 'mixture:<component>=<weight>,...' with components 'random' or 'eps-greedy:...' "
-    "and positive weights, e.g. 'mixture:random=0.5,eps-greedy:0.3@2000=0.5'"
+    "accepted behaviours: for Discrete actions 'random'; 'eps-greedy:<eps>' or "
+    "'eps-greedy:<eps>@<training steps>' with 0 <= eps <= 1; for Box actions 'uniform'; "
+    "'gaussian:<std>' or 'gaussian:<std>@<training steps>' with std > 0; "
+    "'mixture:<component>=<weight>,...' of those components with positive weights, e.g. "
+    "'mixture:random=0.5,eps-greedy:0.3@2000=0.5' or 'mixture:uniform=0.3,gaussian:0.3=0.7'"
 )
 
 
@@ -69,17 +116,25 @@ class CollectError(ValueError):
 
 @dataclass(frozen=True)
 class Component:
-    """One behaviour: uniform exploration with probability ``epsilon``, greedy otherwise."""
+    """One behaviour: uniform exploration with probability ``epsilon``, greedy otherwise (Discrete), or
+    a squashed Gaussian of pre-squash ``std`` around a controller (Box)."""
 
     epsilon: float
-    """1.0 for ``random``: no greedy policy is needed."""
+    """1.0 for ``random`` and ``uniform``: no greedy policy or controller is needed."""
     spec: str
     budget_steps: int | None = None
-    """Training budget of this component's greedy policy; None: the collection's default."""
+    """Training budget of this component's greedy policy or controller; None: the collection's default."""
+    std: float | None = None
+    """``gaussian:<std>``: the exploration noise before squashing; None for the other forms."""
 
     @property
     def needs_policy(self) -> bool:
         return self.epsilon < 1.0
+
+    @property
+    def for_box(self) -> bool:
+        """Whether this component acts in a Box action space (``uniform``, ``gaussian:...``)."""
+        return self.std is not None or self.spec == "uniform"
 
 
 @dataclass(frozen=True)
@@ -93,8 +148,22 @@ class Behavior:
 
 def _parse_component(text: str, whole: str) -> Component:
     text = text.strip()
-    if text == "random":
-        return Component(epsilon=1.0, spec="random")
+    if text in ("random", "uniform"):
+        return Component(epsilon=1.0, spec=text)
+    match = re.fullmatch(r"gaussian:([^@]+)(?:@(.*))?", text)
+    if match:
+        try:
+            std = float(match.group(1))
+        except ValueError:
+            raise CollectError(
+                f"bad std {match.group(1)!r} in behaviour {whole!r}; {BEHAVIOR_FORMS}"
+            ) from None
+        if not (math.isfinite(std) and std > 0.0):
+            # std 0 is a point mass: no log-density could be logged for importance weights.
+            raise CollectError(f"std {std:g} in behaviour {whole!r} must be positive; {BEHAVIOR_FORMS}")
+        budget = _budget(match.group(2), whole)
+        suffix = f"@{budget}" if budget is not None else ""
+        return Component(epsilon=0.0, spec=f"gaussian:{std:g}{suffix}", budget_steps=budget, std=std)
     match = re.fullmatch(r"eps-greedy:([^@]+)(?:@(.*))?", text)
     if match:
         try:
@@ -105,17 +174,22 @@ def _parse_component(text: str, whole: str) -> Component:
             ) from None
         if not 0.0 <= eps <= 1.0:
             raise CollectError(f"epsilon {eps:g} in behaviour {whole!r} is outside [0, 1]; {BEHAVIOR_FORMS}")
-        if match.group(2) is None:
+        budget = _budget(match.group(2), whole)
+        if budget is None:
             return Component(epsilon=eps, spec=f"eps-greedy:{eps:g}")
-        budget_text = match.group(2)
-        if not budget_text.isdigit() or int(budget_text) < 1:
-            raise CollectError(
-                f"bad training budget {budget_text!r} in behaviour {whole!r}: a positive whole number of "
-                f"environment steps; {BEHAVIOR_FORMS}"
-            )
-        budget = int(budget_text)
         return Component(epsilon=eps, spec=f"eps-greedy:{eps:g}@{budget}", budget_steps=budget)
     raise CollectError(f"unknown behaviour component {text!r} in {whole!r}; {BEHAVIOR_FORMS}")
+
+
+def _budget(text: str | None, whole: str) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise CollectError(
+            f"bad training budget {text!r} in behaviour {whole!r}: a positive whole number of "
+            f"environment steps; {BEHAVIOR_FORMS}"
+        )
+    return int(text)
 
 
 def parse_behavior(spec: str) -> Behavior:
@@ -157,15 +231,22 @@ def parse_behavior(spec: str) -> Behavior:
 class EnvHandle:
     env: gym.Env[Any, Any]
     n_actions: int
+    """Discrete: the number of actions; 0 for a Box action space (see ``action_space``)."""
     start: int
     """Value of the first action (``Discrete.start``): dataset actions are 0-based."""
     observation_space: gym.spaces.Box
+    action_space: gym.spaces.Discrete | gym.spaces.Box
 
 
 def make_env(
-    env_id: str, max_episode_steps: int | None = None, kwargs: dict[str, Any] | None = None
+    env_id: str,
+    max_episode_steps: int | None = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    box_actions: bool = False,
 ) -> EnvHandle:
-    """``gym.make`` with errors that say what is accepted: Box observations, Discrete actions.
+    """``gym.make`` with errors that say what is accepted: Box observations, Discrete actions (and, with
+    ``box_actions``, Box actions with finite bounds).
 
     ``kwargs`` go to the environment's constructor.
     """
@@ -184,10 +265,16 @@ def make_env(
             f"unknown or unavailable Gymnasium environment {env_id!r} ({e}){hint} "
             "(python -c 'import gymnasium; gymnasium.pprint_registry()' lists the registered ids)"
         ) from None
-    if not isinstance(env.action_space, gym.spaces.Discrete):
+    action_space = env.action_space
+    if isinstance(action_space, gym.spaces.Box) and box_actions:
+        if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
+            env.close()
+            raise CollectError(f"{env_id} has action space {action_space}: Box actions need finite bounds")
+    elif not isinstance(action_space, gym.spaces.Discrete):
         env.close()
+        accepted = "Discrete or Box" if box_actions else "only Discrete"
         raise CollectError(
-            f"{env_id} has action space {env.action_space}: only Discrete action spaces are supported for now"
+            f"{env_id} has action space {action_space}: {accepted} action spaces are supported"
         )
     if not isinstance(env.observation_space, gym.spaces.Box):
         env.close()
@@ -195,11 +282,13 @@ def make_env(
             f"{env_id} has observation space {env.observation_space}: "
             "only Box observation spaces are supported"
         )
-    action_space, observation_space = env.action_space, env.observation_space
+    observation_space = env.observation_space
     if env.spec is None or env.spec.max_episode_steps is None:
         env.close()
         raise CollectError(f"{env_id} has no time limit: pass max_episode_steps so that every episode ends")
-    return EnvHandle(env, int(action_space.n), int(action_space.start), observation_space)
+    if isinstance(action_space, gym.spaces.Box):
+        return EnvHandle(env, 0, 0, observation_space, action_space)
+    return EnvHandle(env, int(action_space.n), int(action_space.start), observation_space, action_space)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,40 +373,254 @@ def train_greedy_policy(
 
 
 # --------------------------------------------------------------------------------------------------
+# The briefly trained Box controller
+# --------------------------------------------------------------------------------------------------
+
+
+def controller_module(
+    theta: np.ndarray, obs_dim: int, low: np.ndarray, high: np.ndarray, hidden: int = CONTROLLER_HIDDEN
+) -> ContinuousPolicyModule:
+    """The built-in controller with flat parameters ``theta`` as a policy module: pre-squash mean
+    ``clip(W2 tanh(W1 obs + b1) + b2, ±PRE_SQUASH_LIMIT)`` on raw observations."""
+    k = int(low.size)
+    # The layers' random initialisation is overwritten below: keep it from drawing on the caller's generator.
+    with torch.random.fork_rng(devices=[]):
+        net = torch.nn.Sequential(
+            torch.nn.Linear(obs_dim, hidden),
+            torch.nn.Tanh(),
+            torch.nn.Linear(hidden, k),
+            torch.nn.Hardtanh(-PRE_SQUASH_LIMIT, PRE_SQUASH_LIMIT),
+        )
+    torch.nn.utils.vector_to_parameters(torch.as_tensor(theta, dtype=torch.float32), net.parameters())
+    return ContinuousPolicyModule(net, np.zeros(obs_dim), np.ones(obs_dim), low, high).eval()
+
+
+def _controller_size(obs_dim: int, k: int, hidden: int = CONTROLLER_HIDDEN) -> int:
+    return hidden * obs_dim + hidden + k * hidden + k
+
+
+def _controller_action(theta: np.ndarray, obs: np.ndarray, mid: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """:func:`controller_module`'s deterministic action in numpy (the search evaluates thousands)."""
+    d, k, h = obs.size, mid.size, CONTROLLER_HIDDEN
+    w1, rest = theta[: h * d].reshape(h, d), theta[h * d :]
+    b1, rest = rest[:h], rest[h:]
+    w2, b2 = rest[: k * h].reshape(k, h), rest[k * h :]
+    u = np.clip(w2 @ np.tanh(w1 @ obs + b1) + b2, -PRE_SQUASH_LIMIT, PRE_SQUASH_LIMIT)
+    return mid + half * np.tanh(u)
+
+
+def _controller_return(
+    env: gym.Env[Any, Any], theta: np.ndarray, seed: int, mid: np.ndarray, half: np.ndarray
+) -> tuple[float, int]:
+    obs, _ = env.reset(seed=seed)
+    total, steps = 0.0, 0
+    while True:
+        action = _controller_action(theta, np.asarray(obs, np.float64).ravel(), mid, half)
+        obs, reward, terminated, truncated, _ = env.step(action.astype(np.float32))
+        total += float(reward)
+        steps += 1
+        if terminated or truncated:
+            return total, steps
+
+
+@dataclass(frozen=True)
+class Controller:
+    """A Box policy to explore around: the built-in controller or a loaded ``policy.pt``."""
+
+    policy: Any
+    """A :class:`ContinuousPolicyModule` or its TorchScript form (both have ``act``)."""
+    train_info: dict[str, Any]
+
+
+_CONTROLLER_CACHE: dict[tuple[str, int, int, int | None], Controller] = {}
+
+
+def train_controller(
+    env_id: str, seed: int, budget_steps: int = CONTROLLER_BUDGET_STEPS, max_episode_steps: int | None = None
+) -> Controller:
+    """Cross-entropy method on the built-in Box controller, seeded; cached per (env, seed, budget).
+
+    Every candidate of an iteration plays the same two start states (common random numbers), so the
+    elite is chosen by the controller rather than by lucky starts.
+    """
+    key = (env_id, seed, budget_steps, max_episode_steps)
+    if key in _CONTROLLER_CACHE:
+        return _CONTROLLER_CACHE[key]
+    handle = make_env(env_id, max_episode_steps, box_actions=True)
+    env, space = handle.env, handle.action_space
+    if not isinstance(space, gym.spaces.Box):
+        env.close()
+        raise CollectError(f"{env_id} has action space {space}: the controller is for Box action spaces")
+    low, high = space.low.astype(np.float64).ravel(), space.high.astype(np.float64).ravel()
+    mid, half = (high + low) / 2.0, (high - low) / 2.0
+    d = int(np.prod(handle.observation_space.shape))
+    rng = np.random.default_rng([seed, 3])
+    population, n_elite, starts = 32, 6, 2
+    mean = np.zeros(_controller_size(d, low.size))
+    std = np.ones_like(mean)
+    used, iterations, elite_return = 0, 0, float("nan")
+    while used < budget_steps:
+        thetas = mean + std * rng.standard_normal((population, mean.size))
+        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=starts)]
+        returns = np.zeros(population)
+        for i, theta in enumerate(thetas):
+            results = [_controller_return(env, theta, s, mid, half) for s in seeds]
+            returns[i] = np.mean([r for r, _ in results])
+            used += sum(steps for _, steps in results)
+        elite = np.argsort(-returns, kind="stable")[:n_elite]
+        # The floor on std keeps the search from collapsing before the budget is spent.
+        mean, std = thetas[elite].mean(axis=0), thetas[elite].std(axis=0) + 0.1
+        elite_return = float(returns[elite].mean())
+        iterations += 1
+    eval_seeds = rng.integers(0, 2**31 - 1, size=10)
+    deterministic_return = float(
+        np.mean([_controller_return(env, mean, int(s), mid, half)[0] for s in eval_seeds])
+    )
+    env.close()
+    info = {
+        "method": f"cross-entropy method, tanh MLP ({CONTROLLER_HIDDEN} hidden), pre-squash mean "
+        f"clipped to ±{PRE_SQUASH_LIMIT:g}",
+        "budget_steps": budget_steps,
+        "steps_used": used,
+        "iterations": iterations,
+        "elite_return": elite_return,
+        "deterministic_return": deterministic_return,
+    }
+    trained = Controller(controller_module(mean, d, low, high), info)
+    _CONTROLLER_CACHE[key] = trained
+    return trained
+
+
+def load_controller(
+    policy_dir: str | Path, env_id: str, low: np.ndarray, high: np.ndarray, obs_dim: int
+) -> Controller:
+    """An exported Box policy (``policy.pt`` with score_kind "action") as the controller to explore around."""
+    from rlops_contracts import MODEL_CARD_FILE, POLICY_FILE
+
+    from rlops_trainer.export import load_script
+
+    root = Path(policy_dir)
+    file = root / POLICY_FILE
+    if not file.is_file():
+        raise CollectError(f"{root}: no {POLICY_FILE}; expected an exported policy directory")
+    card_file = root / MODEL_CARD_FILE
+    if card_file.is_file():
+        try:
+            kind = json.loads(card_file.read_text())["policy"]["score_kind"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CollectError(
+                f"{card_file}: cannot read policy.score_kind ({type(e).__name__}: {e})"
+            ) from None
+        if kind != "action":
+            raise CollectError(
+                f"{root}: the policy's score_kind is {kind!r}; exploring a Box action space needs an "
+                "'action' policy (a Box policy exported by rlops)"
+            )
+    try:
+        module = load_script(file)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise CollectError(f"{file}: not a loadable TorchScript policy ({e})") from None
+    if not (hasattr(module, "act") and hasattr(module, "action_mid") and hasattr(module, "action_half")):
+        raise CollectError(f"{file}: not a Box policy (it has no act() and action bounds)")
+    mid = module.action_mid.detach().double().numpy()
+    half = module.action_half.detach().double().numpy()
+    if mid.shape != low.shape or not np.allclose(
+        np.stack([mid - half, mid + half]), np.stack([low, high]), rtol=1e-6, atol=1e-6
+    ):
+        raise CollectError(
+            f"{file}: the policy squashes actions into [{(mid - half).tolist()}, {(mid + half).tolist()}], "
+            f"but {env_id} acts in [{low.tolist()}, {high.tolist()}]"
+        )
+    try:
+        with torch.no_grad():
+            module.act(torch.zeros(1, obs_dim), 0.0)
+    except RuntimeError as e:
+        raise CollectError(
+            f"{file}: the policy does not take {env_id}'s {obs_dim} observation features ({e})"
+        ) from None
+    return Controller(module, {"policy_dir": str(root)})
+
+
+# --------------------------------------------------------------------------------------------------
 # Collection
 # --------------------------------------------------------------------------------------------------
 
 
+def _progress_bar(progress: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+        transient=True,
+    )
+
+
 def collect(
     env_id: str,
-    behavior: str,
+    behavior: str | None,
     episodes: int,
     seed: int,
     progress: bool = True,
     *,
     max_episode_steps: int | None = None,
-    budget_steps: int = TRAIN_BUDGET_STEPS,
+    budget_steps: int | None = None,
+    policy_dir: str | Path | None = None,
 ) -> Transitions:
     """Roll out ``behavior`` for ``episodes`` episodes and return the validated transitions.
 
-    The same arguments give the same dataset (and fingerprint) on the same machine.
+    ``behavior`` None picks the mixed-quality default of the action space: :data:`CARTPOLE_MIXED` for
+    Discrete, :data:`PENDULUM_MIXED` for Box actions.
+
+    ``budget_steps`` is the default training budget of components without ``@<steps>``
+    (:data:`TRAIN_BUDGET_STEPS` for Discrete, :data:`CONTROLLER_BUDGET_STEPS` for Box actions).
+    ``policy_dir``: Box actions only, an exported policy directory whose policy the ``gaussian``
+    components explore around instead of the built-in controller. The same arguments give the same
+    dataset (and fingerprint) on the same machine.
     """
-    spec = parse_behavior(behavior)
+    if behavior is not None:
+        parse_behavior(behavior)  # a malformed spec fails before the environment is made
     if episodes < 1:
         raise CollectError(f"episodes must be at least 1, got {episodes}")
-    handle = make_env(env_id, max_episode_steps)
+    handle = make_env(env_id, max_episode_steps, box_actions=True)
+    box = isinstance(handle.action_space, gym.spaces.Box)
+    spec = parse_behavior(behavior if behavior is not None else PENDULUM_MIXED if box else CARTPOLE_MIXED)
+    wrong = [c.spec for c in spec.components if c.for_box != box]
+    if wrong:
+        handle.env.close()
+        kind, other = ("Box", "Discrete") if box else ("Discrete", "Box")
+        raise CollectError(
+            f"behaviour component(s) {', '.join(wrong)} are for {other} action spaces, but {env_id} has "
+            f"{handle.action_space} ({kind}); {BEHAVIOR_FORMS}"
+        )
+    if policy_dir is not None and not box:
+        handle.env.close()
+        raise CollectError(f"a policy directory is for Box action spaces; {env_id} has {handle.action_space}")
+    if policy_dir is not None and any(c.budget_steps is not None for c in spec.components):
+        handle.env.close()
+        raise CollectError(
+            f"behaviour {spec.spec!r} names a training budget (@<steps>) but the policy comes from "
+            f"{policy_dir}: drop the budget"
+        )
+    if isinstance(handle.action_space, gym.spaces.Box):
+        return _collect_box(
+            handle,
+            handle.action_space,
+            env_id,
+            spec,
+            episodes,
+            seed,
+            _progress_bar(progress),
+            budget_steps or CONTROLLER_BUDGET_STEPS,
+            max_episode_steps,
+            policy_dir,
+        )
+    budget_steps = budget_steps or TRAIN_BUDGET_STEPS
     env, n, start = handle.env, handle.n_actions, handle.start
     obs_space = handle.observation_space
-    console = Console(stderr=True)
-    progress_bar = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not progress,
-        transient=True,
-    )
+    progress_bar = _progress_bar(progress)
 
     # One greedy policy per training budget; components with the same budget share it.
     policies: dict[int, LinearPolicy] = {}
@@ -399,6 +702,112 @@ def collect(
         terminated=np.asarray(columns["term"], dtype=np.bool_),
         truncated=np.asarray(columns["trunc"], dtype=np.bool_),
         behavior_logp=np.asarray(logps, dtype=np.float32),
+        meta=meta,
+    )
+    return validate(t)
+
+
+def _collect_box(
+    handle: EnvHandle,
+    space: gym.spaces.Box,
+    env_id: str,
+    spec: Behavior,
+    episodes: int,
+    seed: int,
+    progress_bar: Progress,
+    budget_steps: int,
+    max_episode_steps: int | None,
+    policy_dir: str | Path | None,
+) -> Transitions:
+    """:func:`collect` for a Box action space: uniform or squashed-Gaussian components."""
+    env = handle.env
+    low, high = space.low.astype(np.float64).ravel(), space.high.astype(np.float64).ravel()
+    obs_dim = int(np.prod(handle.observation_space.shape))
+    # One controller per training budget (components with the same budget share it), or the given policy.
+    controllers: dict[int, Controller] = {}
+    with progress_bar:
+        budgets = sorted({c.budget_steps or budget_steps for c in spec.components if c.needs_policy})
+        for budget in budgets:
+            if policy_dir is not None:
+                controllers[budget] = load_controller(policy_dir, env_id, low, high, obs_dim)
+                continue
+            progress_bar.add_task(f"training a controller on {env_id} ({budget} steps)", total=None)
+            controllers[budget] = train_controller(env_id, seed, budget, max_episode_steps)
+        task = progress_bar.add_task(f"collecting {env_id} with {spec.spec}", total=episodes)
+
+        rng = np.random.default_rng([seed, 2])
+        log_uniform = -float(np.log(high - low).sum())
+        columns: dict[str, list[Any]] = {
+            c: [] for c in ("obs", "action", "reward", "next_obs", "term", "trunc", "logp")
+        }
+        lengths: list[int] = []
+        chosen = rng.choice(len(spec.components), size=episodes, p=spec.weights)
+        # The Gaussian noise comes from torch's generator: seed it, and leave the caller's state alone.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(int(rng.integers(0, 2**31 - 1)))
+            for episode in range(episodes):
+                component = spec.components[chosen[episode]]
+                controller = controllers.get(component.budget_steps or budget_steps)
+                obs, _ = env.reset(seed=int(rng.integers(0, 2**31 - 1)))
+                obs = np.asarray(obs, dtype=np.float32).ravel()
+                steps = 0
+                while True:
+                    if controller is None or component.std is None:
+                        action, logp = rng.uniform(low, high).astype(np.float32), log_uniform
+                    else:
+                        sample, density = controller.policy.act(torch.as_tensor(obs)[None], component.std)
+                        action, logp = sample[0].numpy().astype(np.float32), float(density[0])
+                    next_obs, reward, terminated, truncated, _ = env.step(action)
+                    next_obs = np.asarray(next_obs, dtype=np.float32).ravel()
+                    for key, value in (
+                        ("obs", obs),
+                        ("action", action),
+                        ("reward", float(reward)),
+                        ("next_obs", next_obs),
+                        ("term", bool(terminated)),
+                        ("trunc", bool(truncated) and not terminated),
+                        ("logp", logp),
+                    ):
+                        columns[key].append(value)
+                    obs = next_obs
+                    steps += 1
+                    if terminated or truncated:
+                        break
+                lengths.append(steps)
+                progress_bar.advance(task)
+    env.close()
+
+    action = np.stack(columns["action"])
+    on_bound = (action <= low + bound_tolerance(low)) | (action >= high - bound_tolerance(high))
+    counts = np.bincount(chosen, minlength=len(spec.components))
+    extra: dict[str, Any] = {
+        "seed": seed,
+        "episodes": episodes,
+        "episodes_per_component": {c.spec: int(k) for c, k in zip(spec.components, counts, strict=True)},
+        "rows_with_an_action_on_a_bound": int(on_bound.any(axis=1).sum()),
+    }
+    if controllers:
+        extra["controllers"] = {str(b): c.train_info for b, c in controllers.items()}
+    meta = DatasetMeta(
+        env_id=env_id,
+        observation_space=box_space(handle.observation_space.low, handle.observation_space.high),
+        action_space=box_space(low, high),
+        behavior_policy=spec.spec if policy_dir is None else f"{spec.spec} around {policy_dir}",
+        source="collect",
+        extra=extra,
+    )
+    length_arr = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(length_arr)[:-1]])
+    t = Transitions(
+        episode_id=np.repeat(np.arange(episodes, dtype=np.int64), length_arr),
+        step=np.arange(int(length_arr.sum()), dtype=np.int64) - np.repeat(starts, length_arr),
+        observation=np.stack(columns["obs"]),
+        action=action,
+        reward=np.asarray(columns["reward"], dtype=np.float32),
+        next_observation=np.stack(columns["next_obs"]),
+        terminated=np.asarray(columns["term"], dtype=np.bool_),
+        truncated=np.asarray(columns["trunc"], dtype=np.bool_),
+        behavior_logp=np.asarray(columns["logp"], dtype=np.float32),
         meta=meta,
     )
     return validate(t)

@@ -355,16 +355,19 @@ def validate(t: Transitions, path: str | None = None, locate: Locator | None = N
     if row is not None:
         raise err(f"value {_fmt(reward[row])} is not finite", column="reward", row=row)
 
-    action = _integer_column(np.asarray(t.action), "action", err)
-    n_actions = meta.n_actions
-    row = _first((action < 0) | (action >= n_actions))
-    if row is not None:
-        raise err(
-            f"action {action[row]} is outside the action space Discrete({n_actions}): "
-            f"expected 0..{n_actions - 1}",
-            column="action",
-            row=row,
-        )
+    if meta.is_continuous:
+        action = _box_actions(np.asarray(t.action), meta, err)
+    else:
+        action = _integer_column(np.asarray(t.action), "action", err)
+        n_actions = meta.n_actions
+        row = _first((action < 0) | (action >= n_actions))
+        if row is not None:
+            raise err(
+                f"action {action[row]} is outside the action space Discrete({n_actions}): "
+                f"expected 0..{n_actions - 1}",
+                column="action",
+                row=row,
+            )
 
     logp = np.asarray(t.behavior_logp)
     if not np.issubdtype(logp.dtype, np.floating):
@@ -385,7 +388,17 @@ def validate(t: Transitions, path: str | None = None, locate: Locator | None = N
             column="behavior_logp",
             row=row,
         )
-    if not unknown[0]:
+    if not unknown[0] and meta.is_continuous:
+        # A log-density, not a log-probability: a narrow density exceeds 1, so positive values are fine.
+        row = _first(np.isinf(logp))
+        if row is not None:
+            raise err(
+                f"log-density {_fmt(logp[row])} is not finite: the behaviour policy's density at the "
+                "logged action must be a finite number (NaN in every row = unknown)",
+                column="behavior_logp",
+                row=row,
+            )
+    elif not unknown[0]:
         row = _first(logp > 0)
         if row is not None:
             raise err(
@@ -481,6 +494,65 @@ def _integer_column(
     raise err(f"dtype {arr.dtype} is not an integer type; expected int64", column, None)
 
 
+BOUND_TOLERANCE = 1e-6
+"""Relative slack on Box action bounds: float32 storage and ``mid + half * tanh(z)`` can land a hair
+outside a bound. Within ``BOUND_TOLERANCE * max(|bound|, 1)`` an action is clipped onto the bound (the
+floor of 1 keeps a bound at 0 from demanding exact arithmetic)."""
+
+
+def bound_tolerance(bound: np.ndarray) -> np.ndarray:
+    """How far outside ``bound`` an action may lie and still count as on it (see :data:`BOUND_TOLERANCE`)."""
+    return BOUND_TOLERANCE * np.maximum(np.abs(bound), 1.0)
+
+
+def _box_actions(
+    arr: np.ndarray, meta: DatasetMeta, err: Callable[[str, str | None, int | None], DatasetError]
+) -> np.ndarray:
+    """Box actions as float32 [N, k]: finite and inside the bounds, values within rounding of a bound
+    clipped onto it."""
+    k = meta.action_dim
+    low, high = meta.action_bounds()
+    space = f"Box(low={_fmt_list(low)}, high={_fmt_list(high)})"
+    if arr.ndim == 1 and k == 1:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != 2 or arr.shape[1] != k:
+        raise err(
+            f"shape {arr.shape} does not match action_space shape {meta.action_space['shape']} "
+            f"(expected ({arr.shape[0] if arr.ndim else 0}, {k}) for {space})",
+            "action",
+            None,
+        )
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise err(f"dtype {arr.dtype} is not numeric; expected float32 vectors for {space}", "action", None)
+    values = arr.astype(np.float32, copy=False)
+    finite = np.isfinite(values)
+    row = _first(~np.all(finite, axis=1))
+    if row is not None:
+        j = int((~finite[row]).argmax())
+        raise err(
+            f"value {_fmt(values[row, j])} in dimension {j} is not finite; expected a number in "
+            f"[{_fmt(low[j])}, {_fmt(high[j])}] ({space})",
+            "action",
+            row,
+        )
+    wide = values.astype(np.float64)
+    outside = (wide < low - bound_tolerance(low)) | (wide > high + bound_tolerance(high))
+    row = _first(outside.any(axis=1))
+    if row is not None:
+        j = int(outside[row].argmax())
+        raise err(
+            f"value {_fmt(values[row, j])} in dimension {j} is outside the action space: expected "
+            f"[{_fmt(low[j])}, {_fmt(high[j])}] in that dimension ({space})",
+            "action",
+            row,
+        )
+    return np.clip(wide, low, high).astype(np.float32)
+
+
+def _fmt_list(values: np.ndarray) -> str:
+    return "[" + ", ".join(_fmt(float(v)) for v in values) + "]"
+
+
 # --------------------------------------------------------------------------------------------------
 # Parquet
 # --------------------------------------------------------------------------------------------------
@@ -491,8 +563,13 @@ METADATA_KEY = DATASET_METADATA_KEY
 def to_table(t: Transitions) -> pa.Table:
     """The Arrow table written to Parquet (unknown propensities become nulls)."""
     columns = {c: getattr(t, c) for c in DATASET_COLUMNS}
-    table = transitions_table(t.meta.obs_dim, columns)
+    table = transitions_table(t.meta.obs_dim, columns, action_dim=_action_dim(t.meta))
     return table.replace_schema_metadata({METADATA_KEY: t.meta.to_json().encode()})
+
+
+def _action_dim(meta: DatasetMeta) -> int | None:
+    """The contract's ``action_dim``: None for a Discrete (int64) action column, k for a Box one."""
+    return meta.action_dim if meta.is_continuous else None
 
 
 def save(t: Transitions, path: str | os.PathLike[str]) -> Path:
@@ -503,7 +580,9 @@ def save(t: Transitions, path: str | os.PathLike[str]) -> Path:
     """
     target = Path(path)
     t = validate(t, path=str(target))
-    return write_transitions(target, t.meta.obs_dim, t.meta.to_json(), to_table(t))
+    return write_transitions(
+        target, t.meta.obs_dim, t.meta.to_json(), to_table(t), action_dim=_action_dim(t.meta)
+    )
 
 
 _INT_COLUMNS = ("episode_id", "step", "action")
@@ -514,7 +593,7 @@ _EXPECTED_TYPES = {
     "episode_id": "int64",
     "step": "int64",
     "observation": "fixed_size_list<float32>[obs_dim]",
-    "action": "int64",
+    "action": "int64 (Discrete action space)",
     "reward": "float32",
     "next_observation": "fixed_size_list<float32>[obs_dim]",
     "terminated": "bool",
@@ -551,10 +630,17 @@ def _read_part(file: Path) -> tuple[DatasetMeta, dict[str, np.ndarray], int]:
         typ = arr.type
 
         def bad_type(c: str = c, typ: pa.DataType = typ) -> DatasetError:
-            return DatasetError(f"wrong type {typ}; expected {_EXPECTED_TYPES[c]}", path=name, column=c)
+            expected = _EXPECTED_TYPES[c]
+            if c == "action" and meta.is_continuous:
+                expected = f"fixed_size_list<float32>[{meta.action_dim}] (Box action space)"
+            return DatasetError(f"wrong type {typ}; expected {expected}", path=name, column=c)
 
         if c in _OBS_COLUMNS:
-            cols[c] = _obs_column(arr, meta, name, c, bad_type)
+            cols[c] = _vector_column(arr, meta.obs_dim, meta.observation_space, name, c, bad_type)
+            continue
+        if c == "action" and meta.is_continuous and not (meta.action_dim == 1 and _is_number(typ)):
+            # A Box action of one dimension may also be a plain number column; validate() reshapes it.
+            cols[c] = _vector_column(arr, meta.action_dim, meta.action_space, name, c, bad_type)
             continue
         if c == "behavior_logp":
             if pa.types.is_null(typ):
@@ -583,24 +669,35 @@ def _read_part(file: Path) -> tuple[DatasetMeta, dict[str, np.ndarray], int]:
     return meta, cols, table.num_rows
 
 
-def _obs_column(
-    arr: pa.Array, meta: DatasetMeta, name: str, c: str, bad_type: Callable[[], DatasetError]
+def _is_number(typ: pa.DataType) -> bool:
+    return bool(pa.types.is_floating(typ) or pa.types.is_integer(typ))
+
+
+def _vector_column(
+    arr: pa.Array,
+    dim: int,
+    space: dict[str, Any],
+    name: str,
+    c: str,
+    bad_type: Callable[[], DatasetError],
 ) -> np.ndarray:
+    """A list column of ``dim`` numbers per row (observations, Box actions) as float32 [N, dim]; fixed
+    or variable-size lists are accepted as long as every row has ``dim`` values."""
     typ = arr.type
     if not (pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)):
         raise bad_type()
-    if not (pa.types.is_floating(typ.value_type) or pa.types.is_integer(typ.value_type)):
+    if not _is_number(typ.value_type):
         raise bad_type()
+    noun = "observation" if c in _OBS_COLUMNS else c
     if arr.null_count:
         row = _first(np.asarray(arr.is_null()))
-        raise DatasetError("null observation", path=name, column=c, row=row)
-    dim = meta.obs_dim
+        raise DatasetError(f"null {noun}", path=name, column=c, row=row)
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     row = _first(lengths != dim)
     if row is not None:
+        kind = "observation_space" if c in _OBS_COLUMNS else "action_space"
         raise DatasetError(
-            f"has {lengths[row]} values, expected {dim} (observation_space shape "
-            f"{meta.observation_space['shape']})",
+            f"has {lengths[row]} values, expected {dim} ({kind} shape {space['shape']})",
             path=name,
             column=c,
             row=row,
@@ -608,7 +705,7 @@ def _obs_column(
     values = arr.flatten()
     if values.null_count:
         row = int(np.asarray(values.is_null()).argmax()) // dim
-        raise DatasetError("null value inside the observation", path=name, column=c, row=row)
+        raise DatasetError(f"null value inside the {noun}", path=name, column=c, row=row)
     return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
 
 
@@ -657,6 +754,9 @@ def load(path: str | os.PathLike[str]) -> Transitions:
 LOW_PROPENSITY = 0.05
 
 
+_STAT_NAMES = ("mean", "std", "min", "p25", "median", "p75", "max")
+
+
 def _stats(x: np.ndarray) -> dict[str, float]:
     q = np.percentile(x, [25, 50, 75]) if x.size else [np.nan] * 3
     return {
@@ -673,23 +773,62 @@ def _stats(x: np.ndarray) -> dict[str, float]:
 def inspect(t: Transitions, bins: int = 10) -> dict[str, Any]:
     """A JSON-ready summary: sizes, returns, episode lengths, actions, propensity coverage, provenance.
 
-    Per action, ``ess`` is the effective sample size (Σw)²/Σw² of the importance weights
-    w = [a_i = a] / p_i, i.e. how many rows' worth of evidence the data hold about the policy that
-    always picks ``a``; ``ess_share`` divides it by the number of rows.
+    Discrete actions: counts and shares per action, and per action ``ess``, the effective sample size
+    (Σw)²/Σw² of the importance weights w = [a_i = a] / p_i, i.e. how many rows' worth of evidence the
+    data hold about the policy that always picks ``a``; ``ess_share`` divides it by the number of rows.
+
+    Box actions: per dimension the statistics of the logged actions (raw units) and the share of rows on
+    a bound (a saturated controller shows up there); the propensity section describes the logged
+    log-densities, which have no per-action breakdown.
     """
     n = len(t)
     starts = t.episode_starts()
     returns = t.episode_returns()
     lengths = np.diff(np.append(starts, n))
     ends = np.append(starts[1:], n) - 1
-    counts = np.bincount(t.action, minlength=t.meta.n_actions) if n else np.zeros(t.meta.n_actions, int)
     if returns.size:
         hist_counts, edges = np.histogram(returns, bins=bins)
     else:
         hist_counts, edges = np.zeros(0, int), np.zeros(0)
-
     known = ~np.isnan(t.behavior_logp)
-    propensity: dict[str, Any] = {"share_with_propensity": float(known.mean()) if n else 0.0}
+    share_known = float(known.mean()) if n else 0.0
+    if t.meta.is_continuous:
+        actions, propensity = _box_action_summary(t, known, share_known)
+    else:
+        actions, propensity = _discrete_action_summary(t, known, share_known)
+
+    summary = {
+        "n_transitions": n,
+        "n_episodes": int(starts.size) if n else 0,
+        "returns": _stats(returns) if returns.size else None,
+        "return_histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in hist_counts]},
+        "episode_length": _stats(lengths.astype(np.float64)) if lengths.size else None,
+        "episodes_terminated": int(t.terminated[ends].sum()) if n else 0,
+        "episodes_truncated": int(t.truncated[ends].sum()) if n else 0,
+        "actions": actions,
+        "propensity": propensity,
+        "env_id": t.meta.env_id,
+        "observation_space": t.meta.observation_space,
+        "action_space": t.meta.action_space,
+        "behavior_policy": t.meta.behavior_policy,
+        "source": t.meta.source,
+        "schema_version": t.meta.schema_version,
+        "extra": t.meta.extra,
+        "fingerprint": t.fingerprint(),
+    }
+    return dict(_json_safe(summary))
+
+
+def _discrete_action_summary(
+    t: Transitions, known: np.ndarray, share_known: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    n = len(t)
+    counts = np.bincount(t.action, minlength=t.meta.n_actions) if n else np.zeros(t.meta.n_actions, int)
+    actions = {
+        "counts": [int(c) for c in counts],
+        "shares": [float(c) / n if n else 0.0 for c in counts],
+    }
+    propensity: dict[str, Any] = {"share_with_propensity": share_known, "kind": "probability"}
     if known.any():
         p = np.exp(t.behavior_logp[known].astype(np.float64))
         per_action = []
@@ -722,27 +861,29 @@ def inspect(t: Transitions, bins: int = 10) -> dict[str, Any]:
             f"share_below_{LOW_PROPENSITY}": None,
             "per_action": [],
         }
+    return actions, propensity
 
-    summary = {
-        "n_transitions": n,
-        "n_episodes": int(starts.size) if n else 0,
-        "returns": _stats(returns) if returns.size else None,
-        "return_histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in hist_counts]},
-        "episode_length": _stats(lengths.astype(np.float64)) if lengths.size else None,
-        "episodes_terminated": int(t.terminated[ends].sum()) if n else 0,
-        "episodes_truncated": int(t.truncated[ends].sum()) if n else 0,
-        "actions": {
-            "counts": [int(c) for c in counts],
-            "shares": [float(c) / n if n else 0.0 for c in counts],
-        },
-        "propensity": propensity,
-        "env_id": t.meta.env_id,
-        "observation_space": t.meta.observation_space,
-        "action_space": t.meta.action_space,
-        "behavior_policy": t.meta.behavior_policy,
-        "source": t.meta.source,
-        "schema_version": t.meta.schema_version,
-        "extra": t.meta.extra,
-        "fingerprint": t.fingerprint(),
+
+def _box_action_summary(
+    t: Transitions, known: np.ndarray, share_known: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    low, high = t.meta.action_bounds()
+    action = t.action.astype(np.float64).reshape(len(t), -1)
+    on_bound = (action <= low + bound_tolerance(low)) | (action >= high - bound_tolerance(high))
+    dimensions = [
+        {
+            "dimension": j,
+            "low": float(low[j]),
+            "high": float(high[j]),
+            **(_stats(action[:, j]) if len(t) else dict.fromkeys(_STAT_NAMES)),
+            "share_at_bound": float(on_bound[:, j].mean()) if len(t) else 0.0,
+        }
+        for j in range(t.meta.action_dim)
+    ]
+    logp = t.behavior_logp[known].astype(np.float64)
+    propensity: dict[str, Any] = {
+        "share_with_propensity": share_known,
+        "kind": "log_density",
+        "log_density": _stats(logp) if logp.size else None,
     }
-    return dict(_json_safe(summary))
+    return {"dimensions": dimensions}, propensity

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlops_trainer import datasets
-from rlops_trainer.collect import CARTPOLE_MIXED, CollectError, collect
+from rlops_trainer.collect import CollectError, collect
 from rlops_trainer.commands import fail as _fail
 from rlops_trainer.commands import group
 from rlops_trainer.datasets import LOW_PROPENSITY, DatasetError, Transitions
@@ -96,19 +96,55 @@ def _actions_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _box_actions_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="Actions per dimension (raw units)", title_justify="left")
+    for col in ("dim", "bounds", "mean", "std", "min", "p25", "median", "p75", "max", "at a bound"):
+        table.add_column(col, justify="right")
+    for row in summary["actions"]["dimensions"]:
+        table.add_row(
+            str(row["dimension"]),
+            f"[{row['low']:g}, {row['high']:g}]",
+            *(_num(row[c], 3) for c in ("mean", "std", "min", "p25", "median", "p75", "max")),
+            f"{row['share_at_bound']:.1%}",
+        )
+    return table
+
+
+def _space(space: dict[str, Any]) -> str:
+    if space["type"] == "Discrete":
+        return f"Discrete({space['n']})"
+    low, high = space["low"], space["high"]
+    if len(set(map(str, low))) == 1 and len(set(map(str, high))) == 1:
+        bounds = f"{low[0]}, {high[0]}"  # one bound for every dimension, as gymnasium prints it
+    else:
+        bounds = f"{low}, {high}"
+    return f"Box({bounds}, {tuple(space['shape'])})"
+
+
+def _coverage(summary: dict[str, Any]) -> str:
+    prop = summary["propensity"]
+    if prop.get("kind") == "log_density":
+        stats = prop["log_density"]
+        if stats is None:
+            return "none (behavior_logp unknown: importance-sampling estimators cannot run)"
+        return (
+            f"{prop['share_with_propensity']:.0%} of rows; log-density min {_num(stats['min'], 2)}, "
+            f"median {_num(stats['median'], 2)}, max {_num(stats['max'], 2)}"
+        )
+    low_key = f"share_below_{LOW_PROPENSITY}"
+    if prop["min"] is None:
+        return "none (behavior_logp unknown: importance-sampling estimators cannot run)"
+    return (
+        f"{prop['share_with_propensity']:.0%} of rows; min {_num(prop['min'], 3)}, median "
+        f"{_num(prop['median'], 3)}, {prop[low_key]:.1%} below {LOW_PROPENSITY}"
+    )
+
+
 def render_summary(summary: dict[str, Any]) -> Group:
     """Rich tables for a :func:`rlops_trainer.datasets.inspect` summary."""
     overview = Table(title="Dataset", title_justify="left", show_header=False)
     overview.add_column("", style="bold", no_wrap=True)
     overview.add_column("", overflow="fold")
-    prop = summary["propensity"]
-    low_key = f"share_below_{LOW_PROPENSITY}"
-    coverage = (
-        f"{prop['share_with_propensity']:.0%} of rows; min {_num(prop['min'], 3)}, median "
-        f"{_num(prop['median'], 3)}, {prop[low_key]:.1%} below {LOW_PROPENSITY}"
-        if prop["min"] is not None
-        else "none (behavior_logp unknown: importance-sampling estimators cannot run)"
-    )
     obs = summary["observation_space"]
     rows = [
         ("environment", summary["env_id"]),
@@ -121,13 +157,15 @@ def render_summary(summary: dict[str, Any]) -> Group:
             f"{summary['episodes_truncated']:,} truncated)",
         ),
         ("observation space", f"{obs['type']}{tuple(obs['shape'])}"),
-        ("action space", f"Discrete({summary['action_space']['n']})"),
-        ("propensities", coverage),
+        ("action space", _space(summary["action_space"])),
+        ("propensities", _coverage(summary)),
         ("fingerprint", summary["fingerprint"]),
     ]
     for label, value in rows:
         overview.add_row(label, escape(str(value)))
-    return Group(overview, _stats_table(summary), _histogram(summary), _actions_table(summary))
+    continuous = summary["action_space"]["type"] == "Box"
+    actions = _box_actions_table(summary) if continuous else _actions_table(summary)
+    return Group(overview, _stats_table(summary), _histogram(summary), actions)
 
 
 def _report(t: Transitions, where: Path, elapsed_s: float, verb: str) -> None:
@@ -147,17 +185,27 @@ def _report(t: Transitions, where: Path, elapsed_s: float, verb: str) -> None:
 def collect_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write (replaced atomically).")],
     env: Annotated[
-        str, typer.Option("--env", help="Gymnasium environment id (Discrete actions).")
+        str, typer.Option("--env", help="Gymnasium environment id (Discrete or Box actions).")
     ] = "CartPole-v1",
     behavior: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--behavior",
-            help="Behaviour policy: random | eps-greedy:<eps> | mixture:<component>=<weight>,... "
-            "(one component per episode). Default: the mixed-quality CartPole behaviour.",
+            help="Behaviour policy. Discrete: random | eps-greedy:<eps>[@<steps>]; Box: uniform | "
+            "gaussian:<std>[@<steps>]; mixture:<component>=<weight>,... (one component per episode). "
+            "Default: the mixed-quality behaviour (CartPole-style for Discrete, Pendulum-style for Box).",
             show_default=False,
         ),
-    ] = CARTPOLE_MIXED,
+    ] = None,
+    policy_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Box actions: an exported policy directory (policy.pt) for the gaussian components to "
+            "explore around, instead of the built-in controller.",
+            show_default=False,
+        ),
+    ] = None,
     episodes: Annotated[
         int, typer.Option("--episodes", "-n", min=1, help="Number of episodes to record.")
     ] = 200,
@@ -173,7 +221,15 @@ def collect_cmd(
     """Record a dataset by running a behaviour policy in a Gymnasium environment."""
     start = time.perf_counter()
     try:
-        t = collect(env, behavior, episodes, seed, progress=progress, max_episode_steps=max_episode_steps)
+        t = collect(
+            env,
+            behavior,
+            episodes,
+            seed,
+            progress=progress,
+            max_episode_steps=max_episode_steps,
+            policy_dir=policy_dir,
+        )
         path = datasets.save(t, out)
     except (CollectError, DatasetError) as e:
         _fail(str(e))
@@ -186,6 +242,11 @@ class ImportFormat(StrEnum):
     d4rl_hdf5 = "d4rl-hdf5"
     d4rl_pkl = "d4rl-pkl"
     minari = "minari"
+
+
+class BehaviorDistribution(StrEnum):
+    gaussian = "gaussian"
+    tanh_gaussian = "tanh_gaussian"
 
 
 @app.command("import")
@@ -217,11 +278,46 @@ def import_cmd(
             "only for files you trust.",
         ),
     ] = False,
+    action_low: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--action-low",
+            help="Box actions: lower bound, once (every dimension) or once per dimension in order, when "
+            "Gymnasium does not know the environment (e.g. -1 for D4RL MuJoCo tasks).",
+            show_default=False,
+        ),
+    ] = None,
+    action_high: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--action-high",
+            help="Box actions: upper bound, given like --action-low.",
+            show_default=False,
+        ),
+    ] = None,
+    behavior_distribution: Annotated[
+        BehaviorDistribution | None,
+        typer.Option(
+            "--behavior-distribution",
+            help="Box actions: what infos/action_mean and infos/action_log_std describe, when the file "
+            "does not say (metadata/policy/output_distribution). Default: gaussian.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Import a D4RL HDF5 / .pkl file or a local Minari dataset into the native Parquet format."""
     start = time.perf_counter()
     try:
-        t = import_dataset(fmt.value, source, env_id=env_id, n_actions=n_actions, allow_pickle=allow_pickle)
+        t = import_dataset(
+            fmt.value,
+            source,
+            env_id=env_id,
+            n_actions=n_actions,
+            allow_pickle=allow_pickle,
+            action_low=action_low or None,
+            action_high=action_high or None,
+            behavior_distribution=behavior_distribution.value if behavior_distribution else None,
+        )
         path = datasets.save(t, out)
     except DatasetError as e:
         _fail(str(e))
