@@ -157,6 +157,8 @@ def test_join_builds_transitions_and_counts_what_it_left_out(
         "no_next_observation": 1,
         "after_episode_end": 2,
         "mismatched": 0,
+        "unknown_logp": 0,
+        "dropped_logp": 0,
         "transitions": 12,
         "episodes": 6,
     }

@@ -85,7 +85,10 @@ def test_box_decisions_join_into_a_box_dataset(logs: Path, registry: Path, tmp_p
     assert [r["action"] for r in rows] == [
         pytest.approx([0.1 * s, 2.0 + 0.5 * s], rel=1e-6) for s in range(4)
     ]
-    assert [r["behavior_logp"] for r in rows] == [-1.0, -2.0, None, -4.0]
+    # One decision was served deterministically (no density): a dataset has a behavior_logp on every row or
+    # on none, so the three known densities are left out and counted.
+    assert [r["behavior_logp"] for r in rows] == [None] * 4
+    assert (stats.unknown_logp, stats.dropped_logp) == (1, 3)
     assert [r["terminated"] for r in rows] == [False, False, False, True]
     meta = json.loads(table.schema.metadata[b"rlops"])
     assert meta["action_space"] == {"type": "Box", "shape": [2], "low": BOX_LOW, "high": BOX_HIGH}
@@ -137,18 +140,19 @@ def test_actions_of_the_other_kind_or_size_are_counted_as_mismatched() -> None:
     assert discrete["mismatched"] == 3
 
 
-@pytest.mark.xfail(
-    reason="the trainer's dataset reader takes the Box action column (fixed_size_list<float32>[k]) once "
-    "the continuous dataset support lands in rlops_trainer.datasets",
-    strict=False,
-)
 def test_the_trainer_loads_the_joined_box_dataset(logs: Path, registry: Path, tmp_path: Path) -> None:
     # Only the test may import the trainer: the server package never does.
     from rlops_trainer.datasets import load
 
     out = tmp_path / "box.parquet"
-    join(logs, logs, out, policy="reacher", registry=registry)
+    stats = join(logs, logs, out, policy="reacher", registry=registry)
     t = load(out)
+    # The logs mix explored and deterministic decisions: the dataset keeps every transition and no density
+    # (a dataset has a behavior_logp on every row or on none), and says how many it left out.
+    assert 0 < stats.unknown_logp < stats.transitions
+    assert stats.dropped_logp == stats.transitions - stats.unknown_logp
+    assert not t.has_propensities
+    assert t.meta.extra["join"]["dropped_logp"] == stats.dropped_logp
     assert t.meta.is_continuous
     assert t.meta.action_dim == 2
     assert t.action.shape == (4, 2)

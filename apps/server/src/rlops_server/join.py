@@ -19,7 +19,8 @@ The join, in three steps that run the same on one machine or on Ray Data (``use_
    observation is unknown are counted and dropped. ``behavior_logp`` = log(propensity) for Discrete
    actions; for Box actions (a list of floats per decision) it is the decision's ``log_density``,
    null when unknown (deterministic decisions, fallbacks), and the dataset's ``action`` column is
-   ``fixed_size_list<float32>[k]``.
+   ``fixed_size_list<float32>[k]``. A dataset has a ``behavior_logp`` on every row or on none: when
+   some transitions have none, the others' are left out too (counted as ``dropped_logp``).
 
 Episode ids become int64 by hashing the episode's key, so joining more data later keeps every
 episode's id. Episodes are written in order of their first decision's time.
@@ -261,7 +262,14 @@ def merge_group(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # Step 3: one row per episode, holding its transitions
 # --------------------------------------------------------------------------------------------------
 
-EPISODE_STATS = ("transitions", "step_conflicts", "no_next_observation", "after_episode_end", "mismatched")
+EPISODE_STATS = (
+    "transitions",
+    "step_conflicts",
+    "no_next_observation",
+    "after_episode_end",
+    "mismatched",
+    "unknown_logp",
+)
 
 
 def episode_schema(action_dim: int | None = None) -> pa.Schema:
@@ -346,6 +354,7 @@ def build_episode(
         cols["terminated"].append(r["terminated"])
         cols["truncated"].append(r["truncated"])
         cols["behavior_logp"].append(d["logp"])
+        stats["unknown_logp"] += d["logp"] is None
     stats["transitions"] = len(cols["step"])
     return {
         "episode_key": key,
@@ -524,6 +533,10 @@ class JoinStats:
     no_next_observation: int = 0
     after_episode_end: int = 0
     mismatched: int = 0
+    unknown_logp: int = 0
+    """Transitions whose decision has no log-propensity (Box decisions served deterministically)."""
+    dropped_logp: int = 0
+    """Log-propensities left out because other transitions have none: a dataset has all or none."""
     transitions: int = 0
     episodes: int = 0
     policy: str = ""
@@ -606,8 +619,13 @@ def join(
             f"{stats.unrewarded_decisions} decisions have no reward yet, {stats.orphan_rewards} rewards have "
             f"no decision, {stats.no_next_observation} steps lack a next observation"
         )
+    # The dataset contract: every row has a behavior_logp or none does. Logs that mix explored and
+    # deterministic Box decisions lose the densities they have (counted), not the transitions.
+    drop_logp = 0 < stats.unknown_logp < stats.transitions
+    if drop_logp:
+        stats.dropped_logp = stats.transitions - stats.unknown_logp
     meta = dataset_metadata(spaces, chosen, versions, stats.counts())
-    _write(out, runner.episode_batches(), spaces.obs_dim, meta, spaces.action_dim)
+    _write(out, runner.episode_batches(), spaces.obs_dim, meta, spaces.action_dim, drop_logp)
     return stats
 
 
@@ -774,7 +792,9 @@ def _keep_policy(batch: pa.Table, policy: str) -> pa.Table:
 # --------------------------------------------------------------------------------------------------
 
 
-def _transitions_table(episodes: list[dict[str, Any]], obs_dim: int, action_dim: int | None) -> pa.Table:
+def _transitions_table(
+    episodes: list[dict[str, Any]], obs_dim: int, action_dim: int | None, drop_logp: bool = False
+) -> pa.Table:
     lengths = [e["transitions"] for e in episodes]
 
     def flat(column: str) -> list[Any]:
@@ -782,15 +802,22 @@ def _transitions_table(episodes: list[dict[str, Any]], obs_dim: int, action_dim:
 
     columns: dict[str, Any] = {c: flat(c) for c in DATASET_COLUMNS if c != "episode_id"}
     columns["episode_id"] = np.repeat([e["episode_id"] for e in episodes], lengths)
+    if drop_logp:
+        columns["behavior_logp"] = [None] * len(columns["behavior_logp"])
     return transitions_table(obs_dim, columns, action_dim=action_dim)
 
 
 def _write(
-    out: Path, batches: Iterable[list[dict[str, Any]]], obs_dim: int, meta: str, action_dim: int | None
+    out: Path,
+    batches: Iterable[list[dict[str, Any]]],
+    obs_dim: int,
+    meta: str,
+    action_dim: int | None,
+    drop_logp: bool = False,
 ) -> None:
     """Stream the episodes into one Parquet file of the dataset format, written atomically."""
     tables = (
-        _transitions_table(kept, obs_dim, action_dim)
+        _transitions_table(kept, obs_dim, action_dim, drop_logp)
         for episodes in batches
         if (kept := [e for e in episodes if e["transitions"]])
     )
