@@ -30,8 +30,44 @@ from rich.table import Table
 
 console = Console()
 
-POLICY_NAME = "cartpole"
-ENV_ID = "CartPole-v1"
+
+@dataclass(frozen=True)
+class Profile:
+    """What differs between the demo's environments; every step and command is the same."""
+
+    env_id: str
+    policy: str
+    """Registry name of the policy the demo trains, serves and retrains."""
+    behavior: str
+    """``rlops data collect --behavior`` spec of the logged data."""
+    algorithms: tuple[tuple[str, tuple[str, ...]], ...]
+    """Offline candidates: (algorithm, extra ``rlops train`` arguments)."""
+    loop_train: str
+    """The loop's algorithm and its ``train:`` settings (YAML flow mapping, without steps and seed)."""
+
+
+def _profiles() -> dict[str, Profile]:
+    from rlops_trainer.collect import CARTPOLE_MIXED, PENDULUM_MIXED
+
+    return {
+        # CQL's penalty weight suits the data: on logs led by one mediocre policy a light penalty (0.1)
+        # lets the rewards speak; the default (1.0) stays close to that policy (docs/benchmarks.md).
+        "CartPole-v1": Profile(
+            "CartPole-v1",
+            "cartpole",
+            CARTPOLE_MIXED,
+            (("bc", ()), ("cql", ("--set", "alpha=0.1"))),
+            "cql|alpha: 0.1",
+        ),
+        # Continuous actions: a noisy partially trained controller mixed with uniform random actions.
+        "Pendulum-v1": Profile(
+            "Pendulum-v1",
+            "pendulum",
+            PENDULUM_MIXED,
+            (("bc", ()), ("td3bc", ())),
+            "td3bc|",
+        ),
+    }
 
 
 @dataclass
@@ -128,13 +164,15 @@ def _best_passing(report_path: Path) -> dict[str, object] | None:
     return max(passing, key=lambda p: float(p["gate"]["candidate_lower"]), default=None)
 
 
-def _loop_config(steps: int, fqe_steps: int | None, seed: int) -> str:
+def _loop_config(profile: Profile, steps: int, fqe_steps: int | None, seed: int) -> str:
     """The loop's settings for the demo: retrain on what the served traffic logged, with a short canary."""
+    algorithm, settings = profile.loop_train.split("|")
+    extra = f", {settings}" if settings else ""
     return "\n".join(
         [
-            f"policy: {POLICY_NAME}",
-            "algorithm: cql",
-            f"train: {{steps: {steps}, alpha: 0.1, seed: {seed}}}",
+            f"policy: {profile.policy}",
+            f"algorithm: {algorithm}",
+            f"train: {{steps: {steps}{extra}, seed: {seed}}}",
             "min_new_transitions: 200",
             "reward_wait: 1s",
             "gate: {bootstrap: 300" + ("" if fqe_steps is None else f", fqe_steps: {fqe_steps}") + "}",
@@ -148,13 +186,19 @@ def demo(
     directory: Annotated[
         Path, typer.Option("--dir", help="Folder for data, runs, reports, registry, logs and the server.")
     ] = Path(".rlops/demo"),
+    env_id: Annotated[
+        str,
+        typer.Option(
+            "--env", help="The loop's environment: CartPole-v1 (discrete) or Pendulum-v1 (continuous)."
+        ),
+    ] = "CartPole-v1",
     episodes: Annotated[int, typer.Option(help="Episodes of logged data to collect.", min=10)] = 300,
     steps: Annotated[int, typer.Option(help="Gradient steps per training run.", min=100)] = 10000,
     env_episodes: Annotated[
         int, typer.Option(help="Ground-truth rollouts per policy in the evaluation.", min=0)
     ] = 30,
     traffic_episodes: Annotated[
-        int, typer.Option(help="CartPole episodes driven by the served policy.", min=1)
+        int, typer.Option(help="Environment episodes driven by the served policy.", min=1)
     ] = 20,
     fqe_steps: Annotated[
         int | None,
@@ -171,7 +215,12 @@ def demo(
 ) -> None:
     """Run the loop on this machine: collect → train → OPE → gate → registry → serve (watched by
     Prometheus) → traffic → join → retrain → gate → canary → decision → report."""
-    from rlops_trainer.collect import CARTPOLE_MIXED
+    profiles = _profiles()
+    if env_id not in profiles:
+        console.print(f"[red]error:[/] --env {env_id!r} is not one of the demo's: {', '.join(profiles)}")
+        raise typer.Exit(2)
+    profile = profiles[env_id]
+    policy_name = profile.policy
 
     d = directory.resolve()
     marker = d / ".rlops-demo"
@@ -183,7 +232,7 @@ def demo(
         shutil.rmtree(d)
     d.mkdir(parents=True)
     marker.touch()
-    data = d / "data" / "cartpole-mixed.parquet"
+    data = d / "data" / f"{policy_name}-mixed.parquet"
     runs = d / "runs"
     report = d / "reports" / "offline"
     registry = d / "registry"
@@ -203,24 +252,22 @@ def demo(
     # Offline: data → policies → evaluation → gate → registry.
     demo.run(
         "collect a mixed-quality dataset",
-        *("data", "collect", "--env", ENV_ID, "--behavior", CARTPOLE_MIXED),
+        *("data", "collect", "--env", env_id, "--behavior", profile.behavior),
         *("--episodes", str(episodes), "--seed", str(seed), "--out", data),
         outputs=(data,),
     )
-    # CQL's penalty weight suits the data: on logs led by one mediocre policy a light penalty (0.1) lets
-    # the rewards speak; the default (1.0) stays close to that policy (docs/benchmarks.md).
-    for algo, overrides in (("bc", ()), ("cql", ("--set", "alpha=0.1"))):
+    for algo, overrides in profile.algorithms:
         demo.run(
             f"train {algo.upper()}",
-            *("train", algo, "--data", data, "--out", runs / algo, "--name", POLICY_NAME),
+            *("train", algo, "--data", data, "--out", runs / algo, "--name", policy_name),
             *("--steps", str(steps), "--seed", str(seed), *overrides),
             outputs=(runs / algo / "policy",),
         )
     demo.run(
         "off-policy evaluation with confidence intervals, next to rollout truth",
         *("evaluate", "--data", data),
-        *("--policy", runs / "bc" / "policy", "--policy", runs / "cql" / "policy"),
-        *("--registry", registry, "--champion", POLICY_NAME, "--env-episodes", str(env_episodes)),
+        *(arg for algo, _ in profile.algorithms for arg in ("--policy", runs / algo / "policy")),
+        *("--registry", registry, "--champion", policy_name, "--env-episodes", str(env_episodes)),
         *(() if fqe_steps is None else ("--fqe-steps", str(fqe_steps))),
         *("--out", report),
         outputs=(report / "report.json", report / "report.png"),
@@ -232,12 +279,12 @@ def demo(
         return
     demo.run(
         f"publish the best gated candidate ({best['label']})",
-        *("registry", "publish", str(best["path"]), "--name", POLICY_NAME),
+        *("registry", "publish", str(best["path"]), "--name", policy_name),
         *("--report", report / "report.json"),
-        outputs=(registry / POLICY_NAME,),
+        outputs=(registry / policy_name,),
     )
-    version = max(int(v.name) for v in (registry / POLICY_NAME).iterdir() if v.name.isdigit())
-    demo.run("promote it through the gate", "registry", "promote", POLICY_NAME, str(version))
+    version = max(int(v.name) for v in (registry / policy_name).iterdir() if v.name.isdigit())
+    demo.run("promote it through the gate", "registry", "promote", policy_name, str(version))
 
     # Online: archive → TorchServe (watched by the local Prometheus) → traffic from a real environment →
     # decision log + rewards → dataset.
@@ -245,14 +292,14 @@ def demo(
     ports = {k: _free_port() for k in [*serving, "prometheus", "alertmanager", "webhook"]}
     demo.run(
         "archive the champion for TorchServe",
-        *("serve", "archive", POLICY_NAME, "champion", "--store", serve_dir / "model-store"),
+        *("serve", "archive", policy_name, "champion", "--store", serve_dir / "model-store"),
         outputs=(serve_dir / "model-store",),
     )
     inference_url = f"http://127.0.0.1:{ports['inference']}"
     feedback_url = f"http://127.0.0.1:{ports['feedback']}"
     summary_path = d / "reports" / "traffic.json"
     serve_start = (
-        *("serve", "start", "--name", POLICY_NAME, "--run-dir", serve_dir, "--decision-log-dir", logs),
+        *("serve", "start", "--name", policy_name, "--run-dir", serve_dir, "--decision-log-dir", logs),
         *("--port", str(ports["inference"]), "--management-port", str(ports["management"])),
         *("--metrics-port", str(ports["metrics"]), "--grpc-port", str(ports["grpc"])),
     )
@@ -275,8 +322,8 @@ def demo(
             demo.run("start TorchServe with the champion", *serve_start, outputs=(serve_dir,))
             try:
                 demo.run(
-                    f"drive {ENV_ID} with the served policy",
-                    *("serve", "traffic", "--url", inference_url, "--model", POLICY_NAME, "--env", ENV_ID),
+                    f"drive {env_id} with the served policy",
+                    *("serve", "traffic", "--url", inference_url, "--model", policy_name, "--env", env_id),
                     *("--episodes", str(traffic_episodes), "--feedback-url", feedback_url),
                     *("--run-dir", serve_dir, "--summary", summary_path, "--seed", str(seed + 1000)),
                     outputs=(summary_path,),
@@ -286,7 +333,7 @@ def demo(
         demo.run(
             "join decisions with rewards into a training dataset",
             *("feedback", "join", "--decisions", logs, "--rewards", logs, "--out", joined),
-            *("--policy", POLICY_NAME, "--registry", registry),
+            *("--policy", policy_name, "--registry", registry),
             outputs=(joined,),
         )
         demo.run("inspect the joined dataset", "data", "inspect", joined)
@@ -294,13 +341,13 @@ def demo(
         # The loop closes: served logs → join → retrain → OPE gate → canary → promote or roll back, with
         # traffic flowing all along.
         loop_config.parent.mkdir(parents=True, exist_ok=True)
-        loop_config.write_text(_loop_config(loop_steps, fqe_steps, seed), encoding="utf-8")
+        loop_config.write_text(_loop_config(profile, loop_steps, fqe_steps, seed), encoding="utf-8")
         with demo.background("reward feedback service", *feedback, ready_url=f"{feedback_url}/healthz"):
             demo.run("serve the champion again for the loop", *serve_start, outputs=(serve_dir,))
             try:
                 with demo.background(
-                    f"keep {ENV_ID} traffic flowing (split between champion and candidate)",
-                    *("rollout", "traffic", "--url", inference_url, "--model", POLICY_NAME, "--env", ENV_ID),
+                    f"keep {env_id} traffic flowing (split between champion and candidate)",
+                    *("rollout", "traffic", "--url", inference_url, "--model", policy_name, "--env", env_id),
                     *("--episodes", "1000000", "--feedback-url", feedback_url, "--concurrency", "2"),
                     *("--serve-run-dir", serve_dir, "--seed", str(seed + 5000)),
                     ready_url=None,
