@@ -75,6 +75,9 @@ class Handler(BaseHTTPRequestHandler):
             payload = json.dumps(answer(body)).encode()
         elif behaviour == "server-fallback":
             payload = json.dumps({**answer(body), "fallback": True, "reason": "non_finite"}).encode()
+        elif behaviour.startswith("box:"):  # a Box policy's answer, with its action as given in the script
+            raw = json.loads(behaviour[4:])
+            payload = json.dumps({**answer(body), "propensity": None, **raw}).encode()
         elif behaviour == "garbage":
             payload = b"<html>oops"
         elif behaviour == "bad-token":  # TorchServe 0.12's answer to a wrong or stale inference key
@@ -295,3 +298,24 @@ def test_a_refused_token_without_new_keys_falls_back_without_retry(server: FakeS
     assert unchanged.act([0.5]).fallback
     assert len(server.requests) == 2
     assert fixed.fallbacks["rejected"] == unchanged.fallbacks["rejected"] == 1
+
+
+def test_box_answers_are_parsed_and_bad_ones_fall_back(server: FakeServer) -> None:
+    server.script = [
+        'box:{"action": [0.5, -1.25], "log_density": -1.5}',
+        'box:{"action": [0.5, 2], "log_density": null}',
+        'box:{"action": [0.5, "x"], "log_density": -1.0}',
+        'box:{"action": [], "log_density": -1.0}',
+        'box:{"action": [0.5], "log_density": "high"}',
+    ]
+    client = PolicyClient(server.url, "reacher", fallback_action=0)
+    explored, deterministic, *bad = [client.act([0.1, 0.2, 0.3, 0.4]) for _ in range(5)]
+    assert (explored.action, explored.log_density, explored.fallback, explored.version) == (
+        [0.5, -1.25],
+        -1.5,
+        False,
+        3,
+    )
+    assert (deterministic.action, deterministic.log_density) == ([0.5, 2.0], None)
+    assert all(d.fallback and d.reason == BAD_RESPONSE and d.action == 0 for d in bad)
+    assert client.fallbacks == {BAD_RESPONSE: 3}

@@ -245,3 +245,17 @@ def test_traffic_token_refuses_a_broken_key_file(tmp_path: Path, monkeypatch: py
     (tmp_path / "key_file.json").write_text("{not json")
     with pytest.raises(ServeError, match=r"key_file\.json"):
         traffic_token(tmp_path)
+
+
+def test_answered_actions_become_what_the_environment_steps_with() -> None:
+    import gymnasium as gym
+    import numpy as np
+    from rlops_server.traffic import _env_action
+
+    box = _env_action(gym.spaces.Box(low=np.array([-2.0, 0.0]), high=np.array([2.0, 1.0]), dtype=np.float32))
+    answered = box([0.5, 0.25])
+    assert answered.dtype == np.float32
+    assert answered.tolist() == [0.5, 0.25]
+    # The client's own fallback is an integer: in a Box environment the middle of the bounds is taken.
+    assert box(0).tolist() == [0.0, 0.5]
+    assert _env_action(gym.spaces.Discrete(2))(1) == 1

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import urllib.parse
@@ -68,9 +69,11 @@ class Decision:
     """What to do now. ``fallback`` is true when the action did not come from the policy's distribution
     (the client's fallback, or the server's own fallback for a non-finite model output)."""
 
-    action: int
+    action: int | list[float]
+    """An integer for a Discrete policy, a list of floats for a Box policy."""
     propensity: float
-    """Probability of ``action`` under the served distribution; 1.0 for a fallback action."""
+    """Probability of ``action`` under the served distribution; 1.0 for a fallback action and for Box
+    actions (which have a density, ``log_density``, not a probability)."""
     version: int | str | None
     """Policy version that decided; ``None`` when the client fell back."""
     decision_id: str
@@ -79,6 +82,9 @@ class Decision:
     """Why the action is a fallback (one of :data:`REASONS`, or ``server:<why>``); ``None`` otherwise."""
     latency_s: float
     """Wall time of the call, retries included."""
+    log_density: float | None = None
+    """Box policies: log-density of ``action`` under the served distribution; None when it has none
+    (deterministic serving, fallbacks)."""
 
 
 class _Failure(Exception):
@@ -313,8 +319,26 @@ class PolicyClient:
         if not isinstance(answer, dict):
             raise _Failure(BAD_RESPONSE, f"expected a JSON object, got {str(answer)[:200]}", retry=False)
         action, propensity = answer.get("action"), answer.get("propensity", 1.0)
-        if isinstance(action, bool) or not isinstance(action, int):
-            raise _Failure(BAD_RESPONSE, f"'action' is {action!r}, expected an integer", retry=False)
+        log_density = answer.get("log_density")
+        if isinstance(action, list):
+            # A Box policy: a vector of finite numbers, a log-density or null, no probability.
+            if not action or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in action
+            ):
+                raise _Failure(
+                    BAD_RESPONSE, f"'action' is {action!r}, expected a list of finite numbers", retry=False
+                )
+            if log_density is not None and (
+                isinstance(log_density, bool) or not isinstance(log_density, int | float)
+            ):
+                raise _Failure(
+                    BAD_RESPONSE, f"'log_density' is {log_density!r}, expected a number or null", retry=False
+                )
+            action, propensity = [float(v) for v in action], 1.0
+        elif isinstance(action, bool) or not isinstance(action, int):
+            raise _Failure(
+                BAD_RESPONSE, f"'action' is {action!r}, expected an integer or a list of numbers", retry=False
+            )
         if isinstance(propensity, bool) or not isinstance(propensity, int | float):
             raise _Failure(BAD_RESPONSE, f"'propensity' is {propensity!r}, expected a number", retry=False)
         server_fallback = answer.get("fallback") is True
@@ -330,6 +354,7 @@ class PolicyClient:
             fallback=server_fallback,
             reason=reason,
             latency_s=time.perf_counter() - start,
+            log_density=None if log_density is None else float(log_density),
         )
 
     def _fallback(self, obs: list[float], decision_id: str, failure: _Failure, start: float) -> Decision:

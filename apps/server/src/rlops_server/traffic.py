@@ -121,6 +121,24 @@ class _Totals:
     first_error: str | None = None
 
 
+def _env_action(space: Any) -> Callable[[int | list[float]], Any]:
+    """What ``env.step`` takes for an answered action: the integer of a Discrete policy, or for a Box
+    environment the vector as an array of the space's shape. The client's own fallback is an integer
+    (it does not know the policy's space); in a Box environment it becomes the middle of the bounds."""
+    import gymnasium as gym
+
+    if not isinstance(space, gym.spaces.Box):
+        return lambda action: action
+    middle = ((space.low.astype(np.float64) + space.high.astype(np.float64)) / 2).astype(space.dtype)
+
+    def box(action: int | list[float]) -> Any:
+        if isinstance(action, list):
+            return np.asarray(action, dtype=space.dtype).reshape(space.shape)
+        return middle
+
+    return box
+
+
 def run_traffic(
     client: PolicyClient,
     rewards: RewardSender | None,
@@ -144,6 +162,7 @@ def run_traffic(
         raise TrafficError(f"cannot make environment {env_id!r}: {e}") from None
     if rewards is not None:
         rewards.check()
+    env_action = _env_action(envs[0].action_space)
     run_id = uuid.uuid4().hex[:12]
     totals = _Totals()
     lock = threading.Lock()
@@ -174,7 +193,7 @@ def run_traffic(
                 deterministic=deterministic,
             )
             latencies.append(d.latency_s)
-            next_obs, reward, terminated, truncated, _ = env.step(d.action)
+            next_obs, reward, terminated, truncated, _ = env.step(env_action(d.action))
             done = bool(terminated or truncated)
             total += float(reward)
             if d.fallback and not (d.reason or "").startswith("server:"):
