@@ -62,6 +62,9 @@ BENCH = Path(__file__).resolve().parent
 ENV_ID = "Pendulum-v1"
 GAMMA = 0.99
 DETERMINISTIC = Selection()
+MEDIUM = "gaussian:0.3@200000"
+"""D4RL's "medium" shape: one partially trained controller (the cross-entropy method's, at half the
+budget of the good one in :data:`rlops_trainer.collect.PENDULUM_MIXED`) explored with small noise."""
 
 # (label suffix, rlops algorithm, d3rlpy runner --algo)
 ALGOS: tuple[tuple[str, str], ...] = (("CQL", "cql"), ("IQL", "iql"), ("TD3+BC", "td3bc"), ("BC", "bc"))
@@ -147,7 +150,9 @@ def prepare_datasets(s: Settings) -> tuple[dict[str, Transitions], dict[str, Pat
             "extra": data.meta.extra,
         }
         loaded[name] = data
-        console.print(f"{name}: {len(returns)} episodes, behaviour return {returns.mean():.1f} -> {paths[name]}")
+        console.print(
+            f"{name}: {len(returns)} episodes, behaviour return {returns.mean():.1f} -> {paths[name]}"
+        )
     return loaded, paths, info
 
 
@@ -158,11 +163,11 @@ def random_return(s: Settings) -> float:
     env = gym.make(ENV_ID)
     totals = []
     for i in range(s.eval_episodes):
-        obs, _ = env.reset(seed=s.eval_seed + i)
+        env.reset(seed=s.eval_seed + i)
         env.action_space.seed(s.eval_seed + i)
         total, done = 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
             total += float(reward)
             done = terminated or truncated
         totals.append(total)
@@ -185,7 +190,14 @@ def train_ours(algo: str, data: Transitions, seed: int, s: Settings) -> TrainRes
 
 
 def d3rlpy_job(
-    python: Path, path: Path, algo: str, seed: int, hidden: tuple[int, ...], s: Settings, log: Path, export: Path
+    python: Path,
+    path: Path,
+    algo: str,
+    seed: int,
+    hidden: tuple[int, ...],
+    s: Settings,
+    log: Path,
+    export: Path,
 ) -> dict[str, Any]:
     cmd = [
         str(python),
@@ -549,24 +561,40 @@ def main(
     fqe_steps: Annotated[int, typer.Option(help="FQE gradient steps per OPE candidate.")] = 5000,
     n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of every OPE interval.")] = 500,
     data_seed: Annotated[int, typer.Option(help="Seed of the dataset collection.")] = 0,
-    medium: Annotated[str, typer.Option(help="Behaviour spec of the 'medium' dataset.")] = "",
-    medium_replay: Annotated[str, typer.Option(help="Behaviour spec of the 'medium-replay' dataset.")] = "",
+    datasets_: Annotated[
+        str, typer.Option("--datasets", help="Comma-separated: medium-replay, medium (in this order).")
+    ] = "medium-replay",
+    medium: Annotated[str, typer.Option(help="Behaviour spec of the 'medium' dataset.")] = MEDIUM,
+    medium_replay: Annotated[
+        str, typer.Option(help="Behaviour spec of the 'medium-replay' dataset.")
+    ] = collect.PENDULUM_MIXED,
     expert_return: Annotated[
         float, typer.Option(help="Return that scores 100 (a well-trained Pendulum-v1 controller).")
     ] = -150.0,
     quick: Annotated[
-        bool, typer.Option("--quick", help="1 seed, 20 episodes, 300 steps, few rollouts: checks the plumbing.")
+        bool,
+        typer.Option("--quick", help="1 seed, 20 episodes, 300 steps: checks the plumbing."),
     ] = False,
     out: Annotated[Path, typer.Option(help="Directory for the results.")] = BENCH / "results" / "continuous",
 ) -> None:
     """Train rlops and d3rlpy CQL, IQL, TD3+BC and BC on Pendulum-v1 datasets; compare normalised returns,
     gradient steps per second and FQE with rollout truth; write results.json and results.md to --out."""
     if quick:
-        seeds, episodes, steps, eval_episodes, truth_episodes, fqe_steps, n_bootstrap = 1, 20, 300, 2, 4, 300, 50
-    behaviors = {
-        "medium": medium or collect.PENDULUM_MEDIUM,
-        "medium-replay": medium_replay or collect.PENDULUM_MIXED,
-    }
+        seeds, episodes, steps, eval_episodes, truth_episodes, fqe_steps, n_bootstrap = (
+            1,
+            20,
+            300,
+            2,
+            4,
+            300,
+            50,
+        )
+    specs = {"medium-replay": medium_replay, "medium": medium}
+    names = [n.strip() for n in datasets_.split(",") if n.strip()]
+    if not names or any(n not in specs for n in names) or "medium-replay" not in names:
+        console.print(f"[red]--datasets: medium-replay and optionally medium, got {datasets_!r}[/red]")
+        raise typer.Exit(2)
+    behaviors = {n: specs[n] for n in specs if n in names}
     for name, spec in behaviors.items():
         try:
             collect.parse_behavior(spec)
