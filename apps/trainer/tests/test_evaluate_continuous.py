@@ -67,24 +67,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "root": root,
         "data": data,
+        "path": datasets.save(data, root / "pendulum.parquet"),
         "explores": box_policy_dir(root, data, "pendulum", policy, std=0.5),
         "deterministic": box_policy_dir(root / "det", data, "pendulum", policy, std=0.0),
     }
 
 
-def run(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch, *args: str | Path) -> Any:
-    # Box datasets load from Parquet once the dataset IO supports them; here the transitions are handed
-    # to the command directly.
-    monkeypatch.setattr(datasets, "load", lambda path: setup["data"])
-    fast = ("--fqe-steps", "300", "--fqe-models", "2", "--bootstrap", "100", "--data", setup["root"] / "d")
+def run(setup: dict[str, Any], *args: str | Path) -> Any:
+    fast = ("--fqe-steps", "300", "--fqe-models", "2", "--bootstrap", "100", "--data", setup["path"])
     return runner.invoke(app, [str(a) for a in (*fast, *args)])
 
 
-def test_box_policies_get_estimates_rollouts_and_a_gate(
-    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_box_policies_get_estimates_rollouts_and_a_gate(setup: dict[str, Any]) -> None:
     out = setup["root"] / "out"
-    res = run(setup, monkeypatch, "--policy", setup["explores"], "--env-episodes", "2", "--out", out)
+    res = run(setup, "--policy", setup["explores"], "--env-episodes", "2", "--out", out)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["estimators"] == list(ESTIMATORS)
@@ -103,17 +99,15 @@ def test_box_policies_get_estimates_rollouts_and_a_gate(
     assert (out / "report.png").is_file()
 
 
-def test_a_deterministic_box_policy_is_valued_with_fqe(
-    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_deterministic_box_policy_is_valued_with_fqe(setup: dict[str, Any]) -> None:
     out = setup["root"] / "out-det"
-    res = run(setup, monkeypatch, "--policy", setup["deterministic"], "--out", out)
+    res = run(setup, "--policy", setup["deterministic"], "--out", out)
     assert res.exit_code == 0, res.output
     assert "deterministic continuous policy" in res.output
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["estimators"] == ["fqe"]
     assert report["policies"][0]["gate"]["estimator"] == "fqe"
 
-    res = run(setup, monkeypatch, "--policy", setup["deterministic"], "--estimators", "fqe,dr", "--out", out)
+    res = run(setup, "--policy", setup["deterministic"], "--estimators", "fqe,dr", "--out", out)
     assert res.exit_code != 0
     assert "point mass has no density" in res.output

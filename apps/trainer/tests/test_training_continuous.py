@@ -352,14 +352,10 @@ def test_cli_refuses_td3bc_on_discrete_data(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
-def test_cli_trains_the_box_implementation_on_box_data(
-    data: Transitions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cli_trains_the_box_implementation_on_box_data(data: Transitions, tmp_path: Path) -> None:
     import rlops_trainer.datasets
 
-    path = write_metadata_only(data.meta, tmp_path / "box.parquet")
-    # Box Parquet columns are read by the dataset module; here the rows come from memory.
-    monkeypatch.setattr(rlops_trainer.datasets, "load", lambda _path: data)
+    path = rlops_trainer.datasets.save(data, tmp_path / "box.parquet")
     out = tmp_path / "run"
     args = [
         "bc",
