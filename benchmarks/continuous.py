@@ -554,12 +554,12 @@ def run_benchmark(s: Settings, command: str) -> dict[str, Any]:
 def main(
     seeds: Annotated[int, typer.Option(help="Training seeds (0 .. N-1) per algorithm and dataset.")] = 3,
     episodes: Annotated[int, typer.Option(help="Episodes per collected dataset (200 steps each).")] = 100,
-    steps: Annotated[int, typer.Option(help="Gradient steps of every training run.")] = 10_000,
+    steps: Annotated[int, typer.Option(help="Gradient steps of every training run.")] = 3000,
     batch_size: Annotated[int, typer.Option(help="Transitions per gradient step, every run.")] = 256,
     eval_episodes: Annotated[int, typer.Option(help="Deterministic rollouts per trained policy.")] = 10,
-    truth_episodes: Annotated[int, typer.Option(help="Rollouts per OPE candidate for the truth.")] = 50,
+    truth_episodes: Annotated[int, typer.Option(help="Rollouts per OPE candidate for the truth.")] = 30,
     fqe_steps: Annotated[int, typer.Option(help="FQE gradient steps per OPE candidate.")] = 5000,
-    n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of every OPE interval.")] = 500,
+    n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of every OPE interval.")] = 300,
     data_seed: Annotated[int, typer.Option(help="Seed of the dataset collection.")] = 0,
     datasets_: Annotated[
         str, typer.Option("--datasets", help="Comma-separated: medium-replay, medium (in this order).")
