@@ -514,30 +514,17 @@ class PolicyRuntime:
         episodes = request.episode_ids
         steps = request.steps
         t = decisions.time
+        n = len(request)
+        none: list[Any] = [None] * n
+        # The columns that differ between the kinds: a Box decision has a log-density and a std, a
+        # Discrete one a propensity, temperature, epsilon and mask; the other kind's fields are null.
         if decisions.log_densities is not None:
-            logp = _nullable(decisions.log_densities[start:stop])
-            return [
-                {
-                    "decision_id": ids[i],
-                    "time": t,
-                    "policy": self.name,
-                    "version": self.version,
-                    "episode_id": episodes[i] if episodes is not None else None,
-                    "step": steps[i] if steps is not None else None,
-                    "observation": observations[i],
-                    "action": actions[i],
-                    "propensity": None,
-                    "log_density": logp[i],
-                    "temperature": None,
-                    "epsilon": None,
-                    "std": request.std,
-                    "action_mask": None,
-                    "fallback": fallback[i],
-                }
-                for i in range(len(request))
-            ]
-        props = decisions.propensities[start:stop].tolist()
-        masks = request.masks.astype(np.int8).tolist() if request.masks is not None else None
+            props, logp, masks = none, _nullable(decisions.log_densities[start:stop]), none
+            temperature, epsilon, std = None, None, request.std
+        else:
+            props, logp = decisions.propensities[start:stop].tolist(), none
+            masks = request.masks.astype(np.int8).tolist() if request.masks is not None else none
+            temperature, epsilon, std = request.temperature, request.epsilon, None
         return [
             {
                 "decision_id": ids[i],
@@ -549,14 +536,14 @@ class PolicyRuntime:
                 "observation": observations[i],
                 "action": actions[i],
                 "propensity": props[i],
-                "log_density": None,
-                "temperature": request.temperature,
-                "epsilon": request.epsilon,
-                "std": None,
-                "action_mask": masks[i] if masks is not None else None,
+                "log_density": logp[i],
+                "temperature": temperature,
+                "epsilon": epsilon,
+                "std": std,
+                "action_mask": masks[i],
                 "fallback": fallback[i],
             }
-            for i in range(len(request))
+            for i in range(n)
         ]
 
 
