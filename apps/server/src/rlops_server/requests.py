@@ -64,6 +64,19 @@ def writable_utf8(text: str) -> bool:
     return True
 
 
+def _deterministic(req: dict[str, Any]) -> bool:
+    """The request's ``deterministic`` flag (false when absent); anything but a boolean is refused."""
+    deterministic = req.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise _reject(
+            422,
+            m.R_BAD_OPTION,
+            f"'deterministic' is {shown(deterministic)}",
+            "'deterministic': true or false",
+        )
+    return deterministic
+
+
 def shown(value: Any) -> str:
     """A value from a request as an error message shows it: cut short. An answer that echoed a request of
     megabytes would exceed a server's response limit (TorchServe's max_response_size: the frontend drops
@@ -323,14 +336,7 @@ class RequestParser:
 
     def _noise(self, req: dict[str, Any]) -> float:
         """The exploration noise of a Box request: its ``std``, 0 when deterministic, else the card's."""
-        deterministic = req.get("deterministic", False)
-        if not isinstance(deterministic, bool):
-            raise _reject(
-                422,
-                m.R_BAD_OPTION,
-                f"'deterministic' is {shown(deterministic)}",
-                "'deterministic': true or false",
-            )
+        deterministic = _deterministic(req)
         if deterministic and "std" in req:
             raise _reject(
                 422,
@@ -409,14 +415,7 @@ class RequestParser:
         return obs
 
     def _exploration(self, req: dict[str, Any]) -> tuple[float, float]:
-        deterministic = req.get("deterministic", False)
-        if not isinstance(deterministic, bool):
-            raise _reject(
-                422,
-                m.R_BAD_OPTION,
-                f"'deterministic' is {shown(deterministic)}",
-                "'deterministic': true or false",
-            )
+        deterministic = _deterministic(req)
         temperature, epsilon = self.temperature, self.epsilon
         if "temperature" in req:
             temperature = self._number(req["temperature"], "temperature", 0.0, MAX_TEMPERATURE)
