@@ -138,22 +138,12 @@ BOX_OBS = 3
 
 
 def box_meta(low: np.ndarray = BOX_LOW, high: np.ndarray = BOX_HIGH, obs_dim: int = BOX_OBS) -> Any:
-    from rlops_trainer.datasets import DatasetMeta
+    from rlops_trainer.datasets import DatasetMeta, box_space
 
     return DatasetMeta(
         env_id="ToyBandit-v0",
-        observation_space={
-            "type": "Box",
-            "shape": [obs_dim],
-            "low": ["-inf"] * obs_dim,
-            "high": ["inf"] * obs_dim,
-        },
-        action_space={
-            "type": "Box",
-            "shape": [len(low)],
-            "low": list(map(float, low)),
-            "high": list(map(float, high)),
-        },
+        observation_space=box_space(np.full(obs_dim, -np.inf), np.full(obs_dim, np.inf)),
+        action_space=box_space(low, high),
         behavior_policy="uniform",
         source="test",
     )

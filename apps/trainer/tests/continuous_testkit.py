@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from rlops_trainer.datasets import DatasetMeta, Transitions
+from rlops_trainer.datasets import DatasetMeta, Transitions, box_space
 from rlops_trainer.policy import ContinuousPolicyModule, Selection
 from rlops_trainer.training import TrainResult
 
@@ -21,18 +21,8 @@ def box_meta(
 ) -> DatasetMeta:
     return DatasetMeta(
         env_id=env_id,
-        observation_space={
-            "type": "Box",
-            "shape": [obs_dim],
-            "low": ["-inf"] * obs_dim,
-            "high": ["inf"] * obs_dim,
-        },
-        action_space={
-            "type": "Box",
-            "shape": [len(low)],
-            "low": list(map(float, low)),
-            "high": list(map(float, high)),
-        },
+        observation_space=box_space(np.full(obs_dim, -np.inf), np.full(obs_dim, np.inf)),
+        action_space=box_space(low, high),
         behavior_policy="uniform",
         source="test",
     )
