@@ -44,11 +44,14 @@ from offline import (
     RUNNER,
     BenchmarkError,
     call_runner,
+    check_behavior,
+    check_minimums,
     console,
     ensure_d3rlpy_venv,
     machine,
     progress_bar,
     relative_error,
+    table_row,
 )
 from rlops_trainer import collect, datasets, importers, ope, rollout
 from rlops_trainer.algos import for_dataset
@@ -376,10 +379,6 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
@@ -394,14 +393,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Datasets",
         "",
-        _row(["dataset", "behaviour", "episodes", "transitions", "behaviour return", "normalised"]),
-        _row(["---"] * 6),
+        table_row(["dataset", "behaviour", "episodes", "transitions", "behaviour return", "normalised"]),
+        table_row(["---"] * 6),
     ]
     ref = result["reference"]
     for name, d in result["datasets"].items():
         score = normalised(d["behavior_return_mean"], ref["random_return"], ref["expert_return"])
         lines.append(
-            _row(
+            table_row(
                 [
                     name,
                     f"`{d['behavior']}`",
@@ -416,12 +415,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Returns and speed",
         "",
-        _row(["dataset", "run", "normalised return (mean ± std over seeds)", "return", "steps/s"]),
-        _row(["---"] * 5),
+        table_row(["dataset", "run", "normalised return (mean ± std over seeds)", "return", "steps/s"]),
+        table_row(["---"] * 5),
     ]
     for v in result["summary"].values():
         lines.append(
-            _row(
+            table_row(
                 [
                     v["dataset"],
                     v["label"],
@@ -432,11 +431,11 @@ def markdown(result: dict[str, Any]) -> str:
             )
         )
     lines += ["", "## Off-policy evaluation (FQE) against rollout truth", ""]
-    lines += [_row(["candidate", "truth", "FQE [95 % CI]", "error"]), _row(["---"] * 4)]
+    lines += [table_row(["candidate", "truth", "FQE [95 % CI]", "error"]), table_row(["---"] * 4)]
     for c in result["ope"]["candidates"]:
         e = c["estimates"]["fqe"]
         lines.append(
-            _row(
+            table_row(
                 [
                     c["name"],
                     f"{c['truth']:.1f}",
@@ -451,11 +450,11 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        _row(["target", "value", "threshold", "result"]),
-        _row(["---"] * 4),
+        table_row(["target", "value", "threshold", "result"]),
+        table_row(["---"] * 4),
     ]
     for t in result["targets"]:
-        lines.append(_row([t["target"], _fmt(t["value"]), _fmt(t["threshold"]), _fmt(t["passed"])]))
+        lines.append(table_row([t["target"], _fmt(t["value"]), _fmt(t["threshold"]), _fmt(t["passed"])]))
     return "\n".join(lines) + "\n"
 
 
@@ -596,24 +595,19 @@ def main(
         raise typer.Exit(2)
     behaviors = {n: specs[n] for n in specs if n in names}
     for name, spec in behaviors.items():
-        try:
-            collect.parse_behavior(spec)
-        except collect.CollectError as e:
-            console.print(f"[red]--{name}: {e}[/red]")
-            raise typer.Exit(2) from None
-    for flag, value, low in (
-        ("--seeds", seeds, 1),
-        ("--episodes", episodes, 2),
-        ("--steps", steps, 1),
-        ("--batch-size", batch_size, 1),
-        ("--eval-episodes", eval_episodes, 1),
-        ("--truth-episodes", truth_episodes, 2),
-        ("--fqe-steps", fqe_steps, 1),
-        ("--n-bootstrap", n_bootstrap, 10),
-    ):
-        if value < low:
-            console.print(f"[red]{flag} must be at least {low}, got {value}[/red]")
-            raise typer.Exit(2)
+        check_behavior(f"--{name}", spec)
+    check_minimums(
+        [
+            ("--seeds", seeds, 1),
+            ("--episodes", episodes, 2),
+            ("--steps", steps, 1),
+            ("--batch-size", batch_size, 1),
+            ("--eval-episodes", eval_episodes, 1),
+            ("--truth-episodes", truth_episodes, 2),
+            ("--fqe-steps", fqe_steps, 1),
+            ("--n-bootstrap", n_bootstrap, 10),
+        ]
+    )
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     settings = Settings(

@@ -455,8 +455,26 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _row(cells: list[str]) -> str:
+def table_row(cells: list[str]) -> str:
+    """One row of a Markdown table."""
     return "| " + " | ".join(cells) + " |"
+
+
+def check_behavior(flag: str, spec: str) -> None:
+    """Exit 2 with the collector's message when ``spec`` is not a behaviour ``rlops data collect`` takes."""
+    try:
+        collect.parse_behavior(spec)
+    except collect.CollectError as e:
+        console.print(f"[red]{flag}: {e}[/red]")
+        raise typer.Exit(2) from None
+
+
+def check_minimums(options: list[tuple[str, int, int]]) -> None:
+    """Exit 2 naming the first ``(flag, value, minimum)`` whose value is below its minimum."""
+    for flag, value, low in options:
+        if value < low:
+            console.print(f"[red]{flag} must be at least {low}, got {value}[/red]")
+            raise typer.Exit(2)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -479,15 +497,15 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Return and speed",
         "",
-        _row(
+        table_row(
             ["policy", *(f"seed {i}" for i in seeds), "mean ± std", "vs d3rlpy CQL", "vs rlops BC", "steps/s"]
         ),
-        _row(["---", *("---:" for _ in seeds), "---:", "---:", "---:", "---:"]),
+        table_row(["---", *("---:" for _ in seeds), "---:", "---:", "---:", "---:"]),
     ]
     for label, row in summary.items():
         mean = row["return_mean"]
         lines.append(
-            _row(
+            table_row(
                 [
                     label,
                     *(f"{x:.1f}" for x in row["return_per_seed"]),
@@ -500,7 +518,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
     behaviour = data["behavior_return_mean"]
     lines.append(
-        _row(
+        table_row(
             [
                 "behaviour policy (data)",
                 *("" for _ in seeds),
@@ -530,8 +548,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"importance weights (of {result['dataset']['n_episodes']} episodes); where it collapses, the "
         "importance-sampling estimates rest on a handful of episodes and doubly robust leans on FQE.",
         "",
-        _row(["candidate", "truth", *ests, "ESS", "FQE error", "DR error"]),
-        _row(["---", "---:", *("---:" for _ in ests), "---:", "---:", "---:"]),
+        table_row(["candidate", "truth", *ests, "ESS", "FQE error", "DR error"]),
+        table_row(["---", "---:", *("---:" for _ in ests), "---:", "---:", "---:"]),
     ]
     for c in o["candidates"]:
         cells = []
@@ -542,7 +560,7 @@ def markdown(result: dict[str, Any]) -> str:
         ess = c["estimates"]["dr"]["ess"]
         ess_cell = f"{ess:.1f}" if ess is not None else ""
         lines.append(
-            _row(
+            table_row(
                 [c["name"], f"{c['truth']:.2f}", *cells, ess_cell, f"{err['fqe']:+.1%}", f"{err['dr']:+.1%}"]
             )
         )
@@ -552,11 +570,11 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        _row(["target", "value", "threshold", "result"]),
-        _row(["---", "---:", "---:", "---"]),
+        table_row(["target", "value", "threshold", "result"]),
+        table_row(["---", "---:", "---:", "---"]),
     ]
     for t in result["targets"]:
-        lines.append(_row([t["target"], _fmt(t["value"]), _fmt(t["threshold"]), _fmt(t["passed"])]))
+        lines.append(table_row([t["target"], _fmt(t["value"]), _fmt(t["threshold"]), _fmt(t["passed"])]))
     return "\n".join(lines) + "\n"
 
 
@@ -815,23 +833,18 @@ def main(
     if cql_alpha is not None and cql_alpha < 0:
         console.print(f"[red]--cql-alpha must be >= 0, got {cql_alpha}[/red]")
         raise typer.Exit(2)
-    try:
-        collect.parse_behavior(behavior)
-    except collect.CollectError as e:
-        console.print(f"[red]--behavior: {e}[/red]")
-        raise typer.Exit(2) from None
-    for name, value, low in (
-        ("--seeds", seeds, 1),
-        ("--episodes", episodes, 10),
-        ("--steps", steps, 1),
-        ("--eval-episodes", eval_episodes, 1),
-        ("--truth-episodes", truth_episodes, 2),
-        ("--fqe-steps", fqe_steps, 1),
-        ("--n-bootstrap", n_bootstrap, 10),
-    ):
-        if value < low:
-            console.print(f"[red]{name} must be at least {low}, got {value}[/red]")
-            raise typer.Exit(2)
+    check_behavior("--behavior", behavior)
+    check_minimums(
+        [
+            ("--seeds", seeds, 1),
+            ("--episodes", episodes, 10),
+            ("--steps", steps, 1),
+            ("--eval-episodes", eval_episodes, 1),
+            ("--truth-episodes", truth_episodes, 2),
+            ("--fqe-steps", fqe_steps, 1),
+            ("--n-bootstrap", n_bootstrap, 10),
+        ]
+    )
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     settings = Settings(
