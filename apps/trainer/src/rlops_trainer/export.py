@@ -76,6 +76,17 @@ def probe_observations(data: Transitions, seed: int = 0, rows: int = PROBE_ROWS)
     return np.concatenate([sample, perturbed, uniform, corners, edges]).astype(np.float32)
 
 
+def within_tolerance(deviations: dict[str, float], tol: float) -> dict[str, float]:
+    """``deviations`` when the largest is within ``tol``; otherwise ExportError naming the output."""
+    worst = max(deviations, key=lambda k: deviations[k])
+    if deviations[worst] > tol:
+        raise ExportError(
+            f"exported policy differs from the eager one: max deviation {deviations[worst]:.3g} in {worst} "
+            f"(tolerance {tol:g})"
+        )
+    return deviations
+
+
 def check_parity(
     eager: PolicyModule,
     exported: torch.jit.ScriptModule,
@@ -111,13 +122,7 @@ def check_parity(
         raise ExportError(
             f"exported and eager policies choose different actions on {mismatched} of {len(x)} probes"
         )
-    worst = max(deviations, key=lambda k: deviations[k])
-    if deviations[worst] > tol:
-        raise ExportError(
-            f"exported policy differs from the eager one: max deviation {deviations[worst]:.3g} in {worst} "
-            f"(tolerance {tol:g})"
-        )
-    return deviations
+    return within_tolerance(deviations, tol)
 
 
 def probe_actions(low: np.ndarray, high: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
@@ -191,13 +196,7 @@ def check_continuous_parity(
             f"[{low.tolist()}, {high.tolist()}]: "
             + ", ".join(f"{v} of {len(x)} probes in {k}" for k, v in broken.items())
         )
-    worst = max(deviations, key=lambda k: deviations[k])
-    if deviations[worst] > tol:
-        raise ExportError(
-            f"exported policy differs from the eager one: max deviation {deviations[worst]:.3g} in {worst} "
-            f"(tolerance {tol:g})"
-        )
-    return deviations
+    return within_tolerance(deviations, tol)
 
 
 # --- policy directories ----------------------------------------------------------------------------
