@@ -50,6 +50,9 @@ class TinyPolicy(nn.Module):
         self.poison = POISON
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self._scores(obs)
+
+    def _scores(self, obs: torch.Tensor) -> torch.Tensor:
         scores = self.sign * obs[:, :3]
         poisoned = obs[:, 3:4] >= self.poison
         return torch.where(poisoned, torch.full_like(scores, float("nan")), scores)
@@ -116,6 +119,24 @@ class TinyBoxPolicy(nn.Module):
             return torch.full(u.shape[:-1], float("nan"))
         z = torch.atanh(((action - self.action_mid) / self.action_half).clamp(-1.0 + 1e-6, 1.0 - 1e-6))
         return self._log_density(z, u, std)
+
+
+class BusyTinyPolicy(TinyPolicy):
+    """TinyPolicy that also spends compute in proportion to the rows of a call: ``work`` products of a
+    (rows, 256) by (256, 256) matrix, about a millisecond per iteration at 1024 rows. A large batch keeps
+    the worker busy while a one-observation request costs nothing worth measuring."""
+
+    def __init__(self, sign: float, work: int) -> None:
+        super().__init__(sign)
+        self.work = work
+        self.weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) / 16.0
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        h = obs[:, :1].expand(-1, 256)
+        for _ in range(self.work):
+            h = torch.tanh(h @ self.weight)
+        # h is bounded by tanh, so 0 * h adds exactly zero, and keeps the work from being optimised away.
+        return self._scores(obs) + 0.0 * h[:, :3]
 
 
 class OnePassTinyPolicy(TinyPolicy):
@@ -255,12 +276,17 @@ def write_policy_dir(
     temperature: float = 0.0,
     epsilon: float = 0.0,
     one_pass: bool = False,
+    work: int = 0,
 ) -> Path:
     """A policy directory (policy.pt, model-card.json, SHA256SUMS) at ``path``; ``one_pass`` exports
-    ``scores_and_probs`` too."""
+    ``scores_and_probs`` too; ``work`` makes it a :class:`BusyTinyPolicy`."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        module = OnePassTinyPolicy(sign) if one_pass else TinyPolicy(sign)
+        module: TinyPolicy
+        if work:
+            module = BusyTinyPolicy(sign, work)
+        else:
+            module = OnePassTinyPolicy(sign) if one_pass else TinyPolicy(sign)
         scripted = torch.jit.script(module.eval())
         buf = io.BytesIO()
         torch.jit.save(scripted, buf)

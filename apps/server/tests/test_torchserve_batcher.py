@@ -4,12 +4,15 @@ finds the worker idle at once, and requests that queue while the worker is busy 
 The server runs with a three-second ``--max-batch-delay-ms``: TorchServe's own batcher would hold a lone
 request that long before answering it, so a lone request answered within the client's 1.5 s timeout shows
 that nothing waited. Requests of one server batch share one decision time in the decision log.
+A request that queues alone while the worker is busy is not held either: a lone client's next request
+often arrives before the worker is back for more.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +23,23 @@ from rlops_server.commands.serve import app
 from rlops_server.decision_log import complete_files
 from rlops_server.torchserve import process
 from rlops_server.torchserve.config import BATCHER_CLASS
-from server_testkit import free_ports, write_registry
+from server_testkit import free_ports, write_policy_dir
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
 
 OBS = [0.5, 2.0, -1.0, 0.3]
+BUSY_WORK = 300
+"""The served policy's work per call: about a second and a half for a request of 1024 observations
+(:class:`server_testkit.BusyTinyPolicy`), nothing worth measuring for one observation."""
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, str]]:
     root = tmp_path_factory.mktemp("batcher")
-    registry = write_registry(root / "registry")
+    registry = root / "registry"
+    write_policy_dir(registry / "toy" / "1", "toy", 1, work=BUSY_WORK)
+    (registry / "toy" / "aliases.json").write_text(json.dumps({"champion": 1}), encoding="utf-8")
     run_dir, log_dir = root / "run", root / "logs"
     port, mgmt, metrics_port, grpc, _ = free_ports(5)
     args = [
@@ -64,6 +72,38 @@ def test_the_frontend_loads_rlops_batcher(served: tuple[Path, Path, str]) -> Non
     result = CliRunner().invoke(app, ["status", "--run-dir", str(run_dir), "--json"])
     assert result.exit_code == 0, result.output
     assert {v["batcher"] for v in json.loads(result.output)["versions"]} == {"adaptive"}
+
+
+def test_a_request_queued_alone_behind_a_busy_worker_is_not_held(served: tuple[Path, Path, str]) -> None:
+    run_dir, _, url = served
+    token = process.inference_token(run_dir)
+    finished: dict[str, float] = {}
+
+    def heavy() -> None:
+        with PolicyClient(url, "toy", token=token, timeout=120.0, retries=0) as c:
+            answers = c.act_batch([OBS] * 1024)
+        finished["heavy"] = time.monotonic()
+        finished["heavy_fallbacks"] = sum(d.fallback for d in answers)
+
+    worker_busy = threading.Thread(target=heavy)
+    started = time.monotonic()
+    worker_busy.start()
+    time.sleep(0.3)  # the 1024 observations are in the worker by now; they keep it busy well over a second
+    with PolicyClient(url, "toy", token=token, timeout=60.0, retries=0) as lone:
+        decision = lone.act(OBS)
+    answered = time.monotonic()
+    worker_busy.join(120)
+    assert not decision.fallback, lone.fallbacks
+    assert finished["heavy_fallbacks"] == 0
+    assert answered > finished["heavy"], (
+        f"the lone request was answered before the batch of 1024 ({answered - started:.2f} s vs "
+        f"{finished['heavy'] - started:.2f} s after it was sent), so it never queued behind a busy worker"
+    )
+    # It was the only request waiting when the worker came back: it goes at once, not after the 3 s
+    # that the worker may wait to fill a batch when several requests wait.
+    assert answered - finished["heavy"] < 1.5, (
+        f"held {answered - finished['heavy']:.2f} s after the worker was free"
+    )
 
 
 def test_a_lone_request_does_not_wait_and_queued_requests_share_batches(

@@ -52,9 +52,9 @@ DelayOption = Annotated[
         "--max-batch-delay-ms",
         min=1,
         max=10_000,
-        help="How long a worker waits for a batch to fill: with --batcher adaptive only when requests were "
-        "already waiting; with --batcher delay whenever fewer requests are queued, which adds it to the "
-        "latency at low load.",
+        help="How long a worker waits for a batch to fill: with --batcher adaptive only when two or more "
+        "requests were already waiting; with --batcher delay whenever fewer requests are queued, which "
+        "adds it to the latency at low load.",
     ),
 ]
 
@@ -71,7 +71,7 @@ BatcherOption = Annotated[
     typer.Option(
         "--batcher",
         help="How a worker fills its batch: adaptive sends a request that finds a worker idle at once and "
-        "fills a batch for up to --max-batch-delay-ms only when requests were already waiting; delay is "
+        "fills a batch for up to --max-batch-delay-ms only when two or more requests were waiting; delay is "
         "TorchServe's own, which waits up to --max-batch-delay-ms for every batch that is not full.",
     ),
 ]

@@ -17,8 +17,8 @@ Choices, for a small machine first (2 cores: one worker per policy version, one 
   ``maxBatchDelay`` (at least 1 ms: it reads 0 as "not set" and uses 100 ms) for more requests
   whenever fewer than ``batchSize`` are queued, so at low load every request pays the delay. rlops'
   batcher (``adaptive``, the default) sends a request that finds a worker idle at once; a worker that
-  finds requests already waiting fills its batch for up to ``maxBatchDelay``. One client gets batch-1
-  latency and many clients get full batches. It is a class of the frontend
+  finds two or more requests already waiting fills its batch for up to ``maxBatchDelay``. One client
+  gets batch-1 latency and many clients get full batches. It is a class of the frontend
   (``frontend/ContinuousBatching.java``) that :func:`install_batcher` puts in the frontend's working
   directory, where it is loaded in place of the TorchServe class that ``continuousBatching: true``
   selects. ``delay`` keeps TorchServe's batcher. The per-model
@@ -61,7 +61,8 @@ class ModelSettings:
     """Most requests a worker takes at once (1: no batching)."""
     max_batch_delay_ms: int = ServePlan.max_batch_delay_ms
     """How long a worker waits for a batch to fill (TorchServe's minimum is 1): with the ``delay``
-    batcher for every batch that is not full, with ``adaptive`` only when requests were already waiting."""
+    batcher for every batch that is not full, with ``adaptive`` only when two or more requests were
+    already waiting."""
     min_workers: int = ServePlan.workers
     max_workers: int = ServePlan.workers
     response_timeout_s: int = 30

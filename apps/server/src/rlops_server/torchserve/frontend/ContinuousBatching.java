@@ -1,11 +1,11 @@
 /*
  * rlops' adaptive batcher for TorchServe 0.12: a request that finds a worker idle goes to it at once;
- * a worker that finds requests already waiting fills its batch, up to maxBatchDelay.
+ * a worker that finds several requests already waiting fills its batch, up to maxBatchDelay.
  *
  * TorchServe's own batcher waits up to maxBatchDelay (at least 1 ms) for every batch that is not
  * full, so with one client each request pays the whole delay. Here a worker that becomes free takes
- * what is queued; only when requests were queued already (the server is busy, and more are on the
- * way) does it wait, at most maxBatchDelay, for the batch to fill. One client gets batch-1 latency;
+ * what is queued; only when several requests were queued already (the server is busy, and more are
+ * on the way) does it wait, at most maxBatchDelay, for the batch to fill. One client gets batch-1 latency;
  * under load the batches are as full as TorchServe's, which on a small machine matters: a worker
  * that takes half a batch uses more CPU per request.
  *
@@ -80,8 +80,11 @@ public class ContinuousBatching extends BatchAggregator {
         lock.lockInterruptibly();
         try {
             Job first = queue.poll();
-            // Requests were waiting for this worker: the server is busy and more are on the way.
-            boolean busy = first != null;
+            // More than one request was waiting for this worker: the server is busy and more are on
+            // the way. One waiting request is not enough: a client that sends its next request as
+            // soon as it has an answer can get it queued before this worker is back here, and it
+            // must not pay the delay for requests that will never come.
+            boolean busy = first != null && queue.peek() != null;
             if (first == null) {
                 first = queue.take();
             }
