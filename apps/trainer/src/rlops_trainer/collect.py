@@ -558,6 +558,37 @@ def _progress_bar(progress: bool) -> Progress:
     )
 
 
+STEP_COLUMNS = ("obs", "action", "reward", "next_obs", "term", "trunc", "logp")
+"""What a rollout records per step (lists, one entry per step) for :func:`transitions_from_steps`."""
+
+
+def transitions_from_steps(
+    columns: dict[str, list[Any]], lengths: list[int], meta: DatasetMeta
+) -> Transitions:
+    """The validated dataset of consecutive episodes recorded step by step: ``columns`` holds the
+    :data:`STEP_COLUMNS` (``logp`` NaN where the behaviour's log-probability or density is unknown),
+    ``lengths`` the steps of each episode in order."""
+    length_arr = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(length_arr)[:-1]])
+    if meta.is_continuous:
+        action = np.stack(columns["action"]).astype(np.float32)
+    else:
+        action = np.asarray(columns["action"], dtype=np.int64)
+    t = Transitions(
+        episode_id=np.repeat(np.arange(len(lengths), dtype=np.int64), length_arr),
+        step=np.arange(int(length_arr.sum()), dtype=np.int64) - np.repeat(starts, length_arr),
+        observation=np.stack(columns["obs"]),
+        action=action,
+        reward=np.asarray(columns["reward"], dtype=np.float32),
+        next_observation=np.stack(columns["next_obs"]),
+        terminated=np.asarray(columns["term"], dtype=np.bool_),
+        truncated=np.asarray(columns["trunc"], dtype=np.bool_),
+        behavior_logp=np.asarray(columns["logp"], dtype=np.float32),
+        meta=meta,
+    )
+    return validate(t)
+
+
 def collect(
     env_id: str,
     behavior: str | None,
@@ -632,10 +663,7 @@ def collect(
 
         rng = np.random.default_rng([seed, 2])
         log_uniform = -math.log(n)
-        columns: dict[str, list[Any]] = {
-            c: [] for c in ("obs", "action", "reward", "next_obs", "term", "trunc")
-        }
-        logps: list[float] = []
+        columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
         lengths: list[int] = []
         chosen = rng.choice(len(spec.components), size=episodes, p=spec.weights)
         for episode in range(episodes):
@@ -663,7 +691,7 @@ def collect(
                 columns["next_obs"].append(next_obs)
                 columns["term"].append(bool(terminated))
                 columns["trunc"].append(bool(truncated) and not terminated)
-                logps.append(min(logp, 0.0))
+                columns["logp"].append(min(logp, 0.0))
                 obs = next_obs
                 steps += 1
                 if terminated or truncated:
@@ -688,23 +716,7 @@ def collect(
         source="collect",
         extra=extra,
     )
-    length_arr = np.asarray(lengths, dtype=np.int64)
-    episode_id = np.repeat(np.arange(episodes, dtype=np.int64), length_arr)
-    starts = np.concatenate([[0], np.cumsum(length_arr)[:-1]])
-    step = np.arange(int(length_arr.sum()), dtype=np.int64) - np.repeat(starts, length_arr)
-    t = Transitions(
-        episode_id=episode_id,
-        step=step,
-        observation=np.stack(columns["obs"]),
-        action=np.asarray(columns["action"], dtype=np.int64),
-        reward=np.asarray(columns["reward"], dtype=np.float32),
-        next_observation=np.stack(columns["next_obs"]),
-        terminated=np.asarray(columns["term"], dtype=np.bool_),
-        truncated=np.asarray(columns["trunc"], dtype=np.bool_),
-        behavior_logp=np.asarray(logps, dtype=np.float32),
-        meta=meta,
-    )
-    return validate(t)
+    return transitions_from_steps(columns, lengths, meta)
 
 
 def _collect_box(
@@ -737,9 +749,7 @@ def _collect_box(
 
         rng = np.random.default_rng([seed, 2])
         log_uniform = -float(np.log(high - low).sum())
-        columns: dict[str, list[Any]] = {
-            c: [] for c in ("obs", "action", "reward", "next_obs", "term", "trunc", "logp")
-        }
+        columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
         lengths: list[int] = []
         chosen = rng.choice(len(spec.components), size=episodes, p=spec.weights)
         # The Gaussian noise comes from torch's generator: seed it, and leave the caller's state alone.
@@ -796,18 +806,4 @@ def _collect_box(
         source="collect",
         extra=extra,
     )
-    length_arr = np.asarray(lengths, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(length_arr)[:-1]])
-    t = Transitions(
-        episode_id=np.repeat(np.arange(episodes, dtype=np.int64), length_arr),
-        step=np.arange(int(length_arr.sum()), dtype=np.int64) - np.repeat(starts, length_arr),
-        observation=np.stack(columns["obs"]),
-        action=action,
-        reward=np.asarray(columns["reward"], dtype=np.float32),
-        next_observation=np.stack(columns["next_obs"]),
-        terminated=np.asarray(columns["term"], dtype=np.bool_),
-        truncated=np.asarray(columns["trunc"], dtype=np.bool_),
-        behavior_logp=np.asarray(columns["logp"], dtype=np.float32),
-        meta=meta,
-    )
-    return validate(t)
+    return transitions_from_steps(columns, lengths, meta)
