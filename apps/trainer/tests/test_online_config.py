@@ -13,6 +13,7 @@ from rlops_trainer.online.config import (
     DQNTraining,
     OnlineConfig,
     PPOTraining,
+    SACTraining,
     load_config,
     parse_config,
 )
@@ -29,14 +30,13 @@ def minimal(**extra: object) -> dict[str, object]:
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_shipped_configs_are_valid(path: Path) -> None:
     cfg = load_config(path)
-    assert cfg.env == "CartPole-v1"
-    assert isinstance(
-        cfg.training, {"PPO": PPOTraining, "APPO": APPOTraining, "DQN": DQNTraining}[cfg.algorithm]
-    )
+    assert cfg.env == ("Pendulum-v1" if cfg.box_actions else "CartPole-v1")
+    classes = {"PPO": PPOTraining, "APPO": APPOTraining, "DQN": DQNTraining, "SAC": SACTraining}
+    assert isinstance(cfg.training, classes[cfg.algorithm])
 
 
 def test_examples_cover_every_algorithm() -> None:
-    assert {load_config(p).algorithm for p in EXAMPLES} == {"PPO", "APPO", "DQN"}
+    assert {load_config(p).algorithm for p in EXAMPLES} == {"PPO", "APPO", "DQN", "SAC"}
 
 
 def test_defaults_and_policy_name() -> None:
@@ -75,8 +75,17 @@ def test_training_keys_belong_to_the_algorithm() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ({"env": "CartPole-v1"}, "algorithm: must be one of PPO, APPO, DQN (missing)"),
-        (minimal(algorithm="A3C"), "algorithm: must be one of PPO, APPO, DQN (got 'A3C')"),
+        ({"env": "CartPole-v1"}, "algorithm: must be one of PPO, APPO, DQN, SAC (missing)"),
+        (minimal(algorithm="A3C"), "algorithm: must be one of PPO, APPO, DQN, SAC (got 'A3C')"),
+        (minimal(export={"serve_std": 0.3}), "export: serve_std is for Box actions (SAC); PPO serves"),
+        (
+            {"algorithm": "SAC", "env": "Pendulum-v1", "export": {"serve_temperature": 1.0}},
+            "export: serve_temperature and serve_epsilon are for Discrete actions; SAC serves Box",
+        ),
+        (
+            {"algorithm": "SAC", "env": "Pendulum-v1", "training": {"target_entropy": "high"}},
+            "training.target_entropy: expected a number, or auto for minus the number of action dimensions",
+        ),
         ({"algorithm": "PPO"}, "env: required key is missing"),
         (minimal(training={"lr": -1}), "training.lr: Input should be greater than 0 (got -1)"),
         (minimal(training={"gamma": 1.5}), "training.gamma: Input should be less than or equal to 1"),
@@ -182,4 +191,32 @@ def test_cli_lists_the_online_keys() -> None:
     result = CliRunner().invoke(app, ["config", "dqn"])
     assert result.exit_code == 0
     for key in ("epsilon_steps", "env_runners", "target_return", "episode_window"):
+        assert key in result.output
+
+
+def test_cli_matches_the_algorithm_to_the_action_space(tmp_path: Path) -> None:
+    runner = CliRunner()
+    path = write(tmp_path, {"algorithm": "SAC", "env": "CartPole-v1"})
+    result = runner.invoke(app, ["online", "--config", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "env: CartPole-v1 has action space Discrete(2): SAC needs a Box action space" in result.output
+    assert "PPO, APPO, DQN take Discrete actions" in " ".join(result.output.split())
+    path = write(tmp_path, minimal(env="Pendulum-v1"))
+    result = runner.invoke(app, ["online", "--config", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "env: Pendulum-v1 has action space Box(" in output
+    assert "only Discrete action spaces are supported; SAC takes Box actions" in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_sac_keys_and_defaults() -> None:
+    cfg = parse_config({"algorithm": "sac", "env": "Pendulum-v1", "training": {"target_entropy": -2}})
+    assert isinstance(cfg.training, SACTraining)
+    assert cfg.box_actions
+    assert cfg.training.target_entropy == -2.0
+    assert cfg.policy_name == "sac-pendulum-v1"
+    result = CliRunner().invoke(app, ["config", "sac"])
+    assert result.exit_code == 0, result.output
+    for key in ("actor_lr", "critic_lr", "alpha_lr", "target_entropy", "twin_q", "serve_std"):
         assert key in result.output

@@ -21,10 +21,11 @@ from rlops_trainer.online.export import (
 from rlops_trainer.online.rllib import (
     EPISODES_KEY,
     EpisodeWindow,
+    SquashedGaussian,
     algorithm_config,
     record_from_result,
 )
-from rlops_trainer.policy import Selection
+from rlops_trainer.policy import ContinuousPolicyModule, Selection
 
 CASES = {
     "ppo-separate-value": ("PPO", {"vf_share_layers": False}, {}),
@@ -38,9 +39,9 @@ CASES = {
 def config(
     algorithm: str, model: dict[str, Any] | None = None, training: dict[str, Any] | None = None
 ) -> OnlineConfig:
+    env = "Pendulum-v1" if algorithm == "SAC" else "CartPole-v1"
     return parse_config(
-        {"algorithm": algorithm, "env": "CartPole-v1", "model": model or {}, "training": training or {}},
-        "test",
+        {"algorithm": algorithm, "env": env, "model": model or {}, "training": training or {}}, "test"
     )
 
 
@@ -214,3 +215,118 @@ def test_dqn_records_report_the_epsilon_schedule() -> None:
     assert record["td_loss"] == 0.3
     assert record["q_mean"] == 4.0
     assert math.isnan(record["episode_return_mean"])
+
+
+# --------------------------------------------------------------------------------------------------
+# SAC (Box actions)
+
+
+def pendulum_observations(n: int = 512, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(-np.pi, np.pi, size=n)
+    speed = rng.uniform(-8.0, 8.0, size=n)
+    return np.stack([np.cos(angle), np.sin(angle), speed], axis=1).astype(np.float32)
+
+
+def rllib_action(module: Any, x: torch.Tensor) -> np.ndarray:
+    """The action RLlib's own inference path takes: the distribution's deterministic sample in [-1, 1],
+    rescaled into the bounds by the env connector's unsquash_action."""
+    from ray.rllib.utils.spaces.space_utils import unsquash_action
+
+    with torch.no_grad():
+        inputs = module.forward_inference({"obs": x})["action_dist_inputs"]
+        dist = module.get_inference_action_dist_cls().from_logits(inputs)
+        return np.asarray(unsquash_action(dist.to_deterministic().sample().numpy(), module.action_space))
+
+
+@pytest.mark.parametrize("model", [{"hidden": [32, 16], "activation": "relu"}, {"hidden": [8]}])
+def test_sac_exports_the_squashed_mean_of_rllibs_actor(model: dict[str, Any]) -> None:
+    cfg = config("SAC", model)
+    module = build_module(cfg)
+    policy = policy_from_module(module, "SAC", obs_dim=3)
+    assert isinstance(policy, ContinuousPolicyModule)
+    assert policy.score_kind == "action"
+    x = torch.as_tensor(pendulum_observations())
+    with torch.no_grad():
+        mean = module.forward_inference({"obs": x})["action_dist_inputs"][:, :1]
+        torch.testing.assert_close(policy.pre_squash(x), mean, rtol=1e-6, atol=1e-6)
+        expected = 2.0 * torch.tanh(mean)  # Pendulum's bounds are [-2, 2]
+        torch.testing.assert_close(policy(x), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(script_policy(policy)(x), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rllib_action(module, x), expected.numpy(), rtol=1e-5, atol=1e-6)
+    deviations = check_module_parity(module, policy, "SAC", pendulum_observations(), Selection(std=0.3))
+    assert set(deviations) == {"pre_squash", "action"}
+    assert max(deviations.values()) <= 1e-6
+
+
+def test_sac_greedy_action_is_squashed_not_clipped() -> None:
+    """RLlib 2.60's own squashed Gaussian returns the raw mean as its deterministic action, which the env
+    connector then clips into the bounds; rlops' catalog squashes it, as serving does."""
+    from ray.rllib.core.distribution.torch.torch_distribution import TorchSquashedGaussian
+
+    module = build_module(config("SAC", {"hidden": [8]}))
+    assert module.get_inference_action_dist_cls() is SquashedGaussian
+    assert module.get_train_action_dist_cls() is SquashedGaussian
+    inputs = torch.tensor([[1.5, 0.0], [-0.3, -1.0]])
+    ours = SquashedGaussian.from_logits(inputs).to_deterministic().sample()
+    torch.testing.assert_close(ours, torch.tanh(inputs[:, :1]))
+    theirs = TorchSquashedGaussian.from_logits(inputs).to_deterministic().sample()
+    if torch.allclose(theirs, torch.tanh(inputs[:, :1])):
+        pytest.fail("RLlib squashes its deterministic action now: SquashedGaussian can go")
+    # Sampling and log-densities stay RLlib's.
+    torch.manual_seed(0)
+    a, logp = SquashedGaussian.from_logits(inputs).sample_and_logp()
+    torch.manual_seed(0)
+    b, logp_b = TorchSquashedGaussian.from_logits(inputs).sample_and_logp()
+    torch.testing.assert_close((a, logp), (b, logp_b))
+
+
+def test_sac_parity_check_catches_a_different_network() -> None:
+    module = build_module(config("SAC", {"hidden": [16]}))
+    policy = policy_from_module(module, "SAC", obs_dim=3)
+    assert isinstance(policy, ContinuousPolicyModule)
+    with torch.no_grad():
+        policy.net[-2].bias.add_(0.5)  # the head's last layer: every mean moves
+    with pytest.raises(ExportError, match=r"does not reproduce RLlib's module: .* in (pre_squash|action)"):
+        check_module_parity(module, policy, "SAC", pendulum_observations(), Selection())
+
+
+def test_sac_reference_episodes_log_exact_densities() -> None:
+    cfg = config("SAC", {"hidden": [16]})
+    policy = policy_from_module(build_module(cfg), "SAC", obs_dim=3)
+    assert isinstance(policy, ContinuousPolicyModule)
+    explored = Selection(std=0.3)
+    data = reference_episodes(policy, explored, cfg, episodes=2, seed=3)
+    assert data.meta.is_continuous
+    assert (data.meta.action_space["low"], data.meta.action_space["high"]) == ([-2.0], [2.0])
+    assert data.meta.source == "online:sac"
+    assert "std 0.3" in data.meta.behavior_policy
+    assert len(data) == 400  # Pendulum's episodes last 200 steps
+    assert data.action.shape == (400, 1)
+    assert np.all(np.abs(data.action) <= 2.0)
+    with torch.no_grad():
+        expected = policy.log_prob(torch.as_tensor(data.observation), torch.as_tensor(data.action), 0.3)
+    np.testing.assert_allclose(data.behavior_logp, expected.numpy(), rtol=1e-4, atol=1e-4)
+    again = reference_episodes(policy, explored, cfg, episodes=2, seed=3)
+    assert again.fingerprint() == data.fingerprint()
+    greedy = reference_episodes(policy, Selection(), cfg, episodes=1, seed=3)
+    assert np.isnan(greedy.behavior_logp).all()  # a point mass has no density
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            greedy.action, policy(torch.as_tensor(greedy.observation)).numpy(), atol=1e-6
+        )
+
+
+def test_sac_records_report_temperature_and_entropy() -> None:
+    record = record_from_result(
+        result(1, 500.0, [(-1200.0, 200, 0, 0)], qf_loss=3.0, policy_loss=-5.0, alpha_value=0.4, logps=-0.8),
+        config("SAC"),
+        EpisodeWindow(5),
+        iteration_s=1.0,
+        env_steps_before=0.0,
+        time_s=1.0,
+    )
+    assert (record["td_loss"], record["policy_loss"], record["alpha"]) == (3.0, -5.0, 0.4)
+    assert record["entropy"] == pytest.approx(0.8)
+    assert record["episode_return_mean"] == -1200.0
+    assert "exploration_rate" not in record

@@ -348,3 +348,46 @@ def test_appo_and_dqn_export_through_the_same_path(local_ray: None, tmp_path: Pa
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     if algorithm == "DQN":
         assert 0.0 < record["exploration_rate"] <= 1.0
+
+
+def test_sac_trains_box_actions_and_exports_a_box_policy(local_ray: None, tmp_path: Path) -> None:
+    cfg = parse_config(
+        {
+            "algorithm": "SAC",
+            "env": "Pendulum-v1",
+            "seed": 2,
+            "resources": {"env_runners": 0, "envs_per_env_runner": 1},
+            "model": {"hidden": [16], "activation": "relu"},
+            "training": {"learning_starts": 64, "train_batch_size": 32},
+            "stop": {"iterations": 3, "env_steps": None},
+            "evaluation": {"every": 3, "episodes": 1},
+            "checkpoint": {"every": 0},
+            "export": {"reference_episodes": 2, "serve_std": 0.2},
+            "metrics": {"port": 0, "episode_window": 5},
+        },
+        "test",
+    )
+    result = train_online(cfg, OnlineRun(out_dir=tmp_path, progress=False))
+    assert result.iterations == 3
+    scripted, card = load_policy_dir(result.policy_dir)  # type: ignore[arg-type]
+    assert card["algorithm"] == "sac"
+    assert card["policy"]["score_kind"] == "action"
+    assert card["policy"]["selection"]["std"] == 0.2
+    assert card["action_space"]["type"] == "Box"
+    assert (card["action_space"]["low"], card["action_space"]["high"]) == ([-2.0], [2.0])
+    # The served action is RLlib's actor mean squashed into the bounds.
+    module = load_module(result.checkpoint)
+    obs = torch.as_tensor(np.random.default_rng(1).normal(size=(128, 3)), dtype=torch.float32)
+    with torch.no_grad():
+        mean = module.forward_inference({"obs": obs})["action_dist_inputs"][:, :1]
+        torch.testing.assert_close(scripted(obs), 2.0 * torch.tanh(mean), rtol=1e-5, atol=1e-5)
+    # Reference episodes were explored with the served std: their log-densities are exact.
+    reference = load(tmp_path / "reference.parquet")
+    assert reference.meta.is_continuous
+    assert np.isfinite(reference.behavior_logp).all()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    learned = [r for r in records if "td_loss" in r]
+    assert learned, records
+    assert {"alpha", "entropy", "policy_loss", "q_mean"} <= set(learned[-1])
+    assert "eval_return" in records[-1]
+    assert "exploration_rate" not in records[-1]

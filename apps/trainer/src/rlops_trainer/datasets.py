@@ -184,6 +184,26 @@ def discrete_space(n: int) -> dict[str, Any]:
     return {"type": "Discrete", "n": int(n)}
 
 
+def same_action_space(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two action space dicts (datasets, model cards) describe the same space: the same number
+    of Discrete actions, or Box bounds equal up to float32 rounding."""
+    if a.get("type") != b.get("type"):
+        return False
+    if a.get("type") == "Discrete":
+        return int(a["n"]) == int(b["n"])
+    (low_a, high_a), (low_b, high_b) = space_bounds(a), space_bounds(b)
+    return low_a.shape == low_b.shape and bool(
+        np.allclose(low_a, low_b, rtol=1e-6, atol=0) and np.allclose(high_a, high_b, rtol=1e-6, atol=0)
+    )
+
+
+def action_space_text(space: dict[str, Any]) -> str:
+    """An action space dict in words: ``3 actions`` or ``Box actions of shape [1] in [-2.0]..[2.0]``."""
+    if space.get("type") == "Discrete":
+        return f"{space['n']} actions"
+    return f"Box actions of shape {space['shape']} in {space['low']}..{space['high']}"
+
+
 def space_bounds(space: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """``(low, high)`` of a Box space dict as float64 arrays, with ±inf restored."""
     return (

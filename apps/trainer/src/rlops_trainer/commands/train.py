@@ -18,6 +18,7 @@ from rlops_trainer.algos import ALGORITHMS, CONTINUOUS_ALGORITHMS, NAMES, TrainF
 from rlops_trainer.commands import err_console, group
 from rlops_trainer.commands import fail as _fail
 from rlops_trainer.hyperparams import apply_overrides, config_fields, type_name
+from rlops_trainer.online.config import ALGORITHMS as ONLINE_ALGORITHMS
 from rlops_trainer.training import RunOptions, TrainResult, resolve_device
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ console = Console()
 app = group(
     "train",
     "Learn a policy offline from a dataset (BC, CQL, IQL; TD3+BC for Box actions) or online on Ray (PPO, "
-    "APPO, DQN) and write it as a policy directory.",
+    "APPO, DQN; SAC for Box actions) and write it as a policy directory.",
 )
 
 
@@ -269,7 +270,7 @@ for _algorithm in NAMES:
     app.command(name=_algorithm)(_train_command(_algorithm))
 
 
-_ONLINE_ALGORITHMS = ("ppo", "appo", "dqn")
+_ONLINE_ALGORITHMS = tuple(a.lower() for a in ONLINE_ALGORITHMS)
 
 
 def _show_online_config(algorithm: str) -> None:
@@ -316,7 +317,7 @@ def show_config(
 ) -> None:
     """Print an algorithm's hyperparameters with their defaults and meaning.
 
-    Offline algorithms take them with --set key=value; online ones (ppo, appo, dqn) in the config file.
+    Offline algorithms take them with --set key=value; online ones (ppo, appo, dqn, sac) in the config file.
     An offline algorithm has one config per kind of action space (Discrete, Box); all are shown unless
     --actions picks one.
     """
@@ -424,7 +425,8 @@ def online(
     export: Annotated[bool, typer.Option("--export/--no-export", help=_ONLINE_HELP["export"])] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help=_HELP["progress"])] = True,
 ) -> None:
-    """Train online with RLlib on Ray (PPO, APPO or DQN), locally or on a cluster (--address).
+    """Train online with RLlib on Ray (PPO, APPO or DQN for Discrete actions, SAC for Box actions), locally
+    or on a cluster (--address).
 
     Checkpoints every checkpoint.every iterations (--resume continues from the newest), serves training
     metrics for Prometheus, and writes the policy as policy.pt and model-card.json under --out/policy,

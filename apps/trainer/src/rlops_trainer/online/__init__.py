@@ -1,4 +1,5 @@
-"""Online training on Ray with RLlib (PPO, APPO, DQN): one config file from a laptop to a Ray cluster.
+"""Online training on Ray with RLlib (PPO, APPO, DQN; SAC for Box actions): one config file from a
+laptop to a Ray cluster.
 
 ``config`` (the typed YAML config), ``rllib`` (the RLlib algorithm and its results as rlops metrics
 records), ``run`` (the loop: checkpoints, resume, stop rules, metrics endpoint), ``export`` (the

@@ -1,6 +1,7 @@
 """The online training config: one YAML file, typed and validated before Ray starts.
 
-Top-level keys: ``algorithm`` (PPO, APPO or DQN), ``env`` (a Gymnasium id), ``env_kwargs``, ``seed``,
+Top-level keys: ``algorithm`` (PPO, APPO or DQN for Discrete actions; SAC for Box actions), ``env`` (a
+Gymnasium id), ``env_kwargs``, ``seed``,
 and the sections ``resources``, ``model``, ``training`` (the algorithm's hyperparameters: its own
 class below), ``stop``, ``checkpoint``, ``export``, ``metrics`` and ``tracking``. Every field is
 documented where it is declared; ``rlops train online-config ALGO`` prints them. A mistake is reported
@@ -21,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rlops_contracts.card import NAME_RE
 from rlops_contracts.metrics import PORT_TRAINER_METRICS
 
-ALGORITHMS: tuple[str, ...] = ("PPO", "APPO", "DQN")
+ALGORITHMS: tuple[str, ...] = ("PPO", "APPO", "DQN", "SAC")
+BOX_ALGORITHMS: tuple[str, ...] = ("SAC",)
+"""Algorithms for Box (continuous) action spaces; the others take Discrete actions."""
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -67,7 +70,8 @@ class Resources(Section):
 
 
 class Model(Section):
-    """The policy network (RLlib's default MLP module; exported as a plain torch MLP)."""
+    """The policy network (RLlib's default MLP module; exported as a plain torch MLP). SAC's two Q
+    networks have the same layers."""
 
     hidden: list[PositiveInt] = Field(default_factory=lambda: [64, 64], min_length=1)
     """Hidden layer widths."""
@@ -121,6 +125,9 @@ class Export(Section):
     """How serving picks actions: 0 is greedy, > 0 samples from softmax(scores / temperature)."""
     serve_epsilon: float = Field(default=0.0, ge=0, le=1)
     """Probability mass spread uniformly over the actions when serving."""
+    serve_std: float = Field(default=0.0, ge=0, le=10)
+    """Box actions (SAC): standard deviation of the Gaussian noise added before the tanh squashing when
+    serving; 0 serves the deterministic action (the squashed mean)."""
 
     @field_validator("name")
     @classmethod
@@ -284,7 +291,57 @@ class DQNTraining(Section):
         return self.epsilon_start + done * (self.epsilon_end - self.epsilon_start)
 
 
-TRAINING: dict[str, type[Section]] = {"PPO": PPOTraining, "APPO": APPOTraining, "DQN": DQNTraining}
+class SACTraining(Section):
+    """SAC hyperparameters (soft actor-critic: twin Q networks, a tanh-squashed Gaussian actor and an
+    entropy temperature tuned towards a target entropy). For Box action spaces."""
+
+    actor_lr: float = Field(default=3e-4, gt=0)
+    """Adam learning rate of the actor."""
+    critic_lr: float = Field(default=3e-4, gt=0)
+    """Adam learning rate of the Q networks."""
+    alpha_lr: float = Field(default=3e-4, gt=0)
+    """Adam learning rate of the entropy temperature."""
+    gamma: float = Field(default=0.99, gt=0, le=1)
+    """Discount factor."""
+    tau: float = Field(default=0.005, gt=0, le=1)
+    """Rate of the target Q networks' soft update after every learner update."""
+    initial_alpha: float = Field(default=1.0, gt=0)
+    """Entropy temperature at the start."""
+    target_entropy: float | Literal["auto"] = "auto"
+    """Entropy the temperature steers the actor towards; auto is minus the number of action dimensions."""
+    train_batch_size: PositiveInt = 256
+    """Replayed transitions per gradient step."""
+    replay_capacity: PositiveInt = 100_000
+    """Transitions the replay buffer holds."""
+    prioritized_replay: bool = False
+    """Replay transitions in proportion to their TD error (false: uniformly)."""
+    learning_starts: int = Field(default=1000, ge=0)
+    """Environment steps sampled (with the initial, untrained actor) before the first update."""
+    n_step: PositiveInt = 1
+    """Steps in the bootstrapped return."""
+    twin_q: bool = True
+    """Two Q networks, the smaller of their estimates in the target (clipped double Q)."""
+    training_intensity: float | None = Field(default=None, gt=0)
+    """Replayed over sampled steps; None lets RLlib derive it from the batch sizes."""
+    grad_clip: float | None = Field(default=None, gt=0)
+    """Clip of the global gradient norm of each network; None: no clipping."""
+    rollout_fragment_length: PositiveInt | Literal["auto"] = 1
+    """Steps each environment contributes per sample call (1: one update per sampled step)."""
+
+    @field_validator("target_entropy", mode="before")
+    @classmethod
+    def _target_entropy(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int | float) and not isinstance(value, bool)):
+            return value
+        raise ValueError("expected a number, or auto for minus the number of action dimensions")
+
+
+TRAINING: dict[str, type[Section]] = {
+    "PPO": PPOTraining,
+    "APPO": APPOTraining,
+    "DQN": DQNTraining,
+    "SAC": SACTraining,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,17 +351,19 @@ TRAINING: dict[str, type[Section]] = {"PPO": PPOTraining, "APPO": APPOTraining, 
 class OnlineConfig(Section):
     """An online training run."""
 
-    algorithm: Literal["PPO", "APPO", "DQN"]
-    """PPO (synchronous), APPO (asynchronous, IMPALA-style) or DQN."""
+    algorithm: Literal["PPO", "APPO", "DQN", "SAC"]
+    """PPO (synchronous), APPO (asynchronous, IMPALA-style) or DQN for Discrete actions; SAC for Box
+    actions."""
     env: str = Field(min_length=1)
-    """Gymnasium environment id (Box observations, Discrete actions), e.g. CartPole-v1."""
+    """Gymnasium environment id with Box observations, e.g. CartPole-v1 (Discrete actions) or
+    Pendulum-v1 (Box actions with finite bounds, for SAC)."""
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for gymnasium.make."""
     seed: int = Field(default=0, ge=0)
     """Seed of the networks, the environments and the samplers."""
     resources: Resources = Resources()
     model: Model = Model()
-    training: PPOTraining | APPOTraining | DQNTraining
+    training: PPOTraining | APPOTraining | DQNTraining | SACTraining
     stop: Stop = Stop()
     evaluation: Evaluation = Evaluation()
     checkpoint: Checkpoint = Checkpoint()
@@ -318,6 +377,11 @@ class OnlineConfig(Section):
             return self.export.name
         return re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.algorithm}-{self.env}".lower())[:100]
 
+    @property
+    def box_actions(self) -> bool:
+        """Whether the algorithm acts in a Box (continuous) action space."""
+        return self.algorithm in BOX_ALGORITHMS
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data, the form written to ``config.yaml`` and the model card."""
         return self.model_dump(mode="json")
@@ -327,6 +391,17 @@ class OnlineConfig(Section):
         if not isinstance(self.training, TRAINING[self.algorithm]):
             raise ValueError(
                 f"training: holds {type(self.training).__name__}, not the {self.algorithm} section"
+            )
+        e = self.export
+        if self.box_actions and (e.serve_temperature or e.serve_epsilon):
+            raise ValueError(
+                f"export: serve_temperature and serve_epsilon are for Discrete actions; {self.algorithm} "
+                "serves Box actions, explored with serve_std"
+            )
+        if not self.box_actions and e.serve_std:
+            raise ValueError(
+                f"export: serve_std is for Box actions (SAC); {self.algorithm} serves Discrete actions, "
+                "explored with serve_temperature and serve_epsilon"
             )
         s = self.stop
         if s.env_steps is None and s.iterations is None and s.time_s is None:

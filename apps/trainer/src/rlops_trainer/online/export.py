@@ -6,11 +6,16 @@ layers on the module's score path are copied into a plain torch network:
 * PPO and APPO: the actor encoder's MLP followed by the policy head's MLP; scores are logits.
 * DQN: the encoder's MLP, then the advantage head, plus with ``dueling`` the value head
   (``Q = V + A - mean(A)``, RLlib's own combination); scores are Q-values.
+* SAC (Box actions): the actor encoder's MLP and the policy head, whose output is RLlib's squashed
+  Gaussian (mean, log-std); the mean is the pre-squash action. RLlib squashes into [-1, 1] and its env
+  connector rescales into the bounds, which is ``mid + half * tanh(mean)``: the same action as
+  :class:`~rlops_trainer.policy.ContinuousPolicyModule`.
 
-That network goes into :class:`~rlops_trainer.policy.PolicyModule` (observations enter unscaled, as
-RLlib saw them) and through :func:`rlops_trainer.export.write_policy_dir`, the exporter of the offline
-trainer: TorchScript, parity check, model card, atomic directory. Before that, the copied network must
-agree with RLlib's module itself on the same probe observations (:func:`check_module_parity`).
+That network goes into :class:`~rlops_trainer.policy.PolicyModule` or ``ContinuousPolicyModule``
+(observations enter unscaled, as RLlib saw them) and through :func:`rlops_trainer.export.write_policy_dir`,
+the exporter of the offline trainer: TorchScript, parity check, model card, atomic directory. Before
+that, the copied network must agree with RLlib's module itself on the same probe observations
+(:func:`check_module_parity`).
 
 The model card describes data as the offline card does; for an online policy, its data are
 ``export.reference_episodes`` episodes of the trained policy acting as it will be served, recorded as a
@@ -25,16 +30,24 @@ import math
 from pathlib import Path
 from typing import Any, cast
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
 from rlops_trainer import datasets
-from rlops_trainer.collect import make_env
+from rlops_trainer.collect import STEP_COLUMNS, make_env, transitions_from_steps
 from rlops_trainer.datasets import DatasetMeta, Transitions, box_space, discrete_space
-from rlops_trainer.export import ExportError, check_parity, probe_observations, write_policy_dir
+from rlops_trainer.export import (
+    PARITY_TOL,
+    ExportError,
+    check_parity,
+    probe_observations,
+    within_tolerance,
+    write_policy_dir,
+)
 from rlops_trainer.online.config import OnlineConfig
-from rlops_trainer.policy import PolicyModule, Selection
+from rlops_trainer.policy import ContinuousPolicyModule, PolicyModule, Selection
 from rlops_trainer.training import TrainResult
 
 REFERENCE_FILE = "reference.parquet"
@@ -64,8 +77,24 @@ class DuelingQ(nn.Module):
         return self.value(h) + a - a.mean(dim=-1, keepdim=True)
 
 
+class GaussianMean(nn.Module):
+    """The mean half of RLlib's squashed-Gaussian inputs ``(mean, log_std)``: the pre-squash action."""
+
+    def __init__(self, action_dim: int) -> None:
+        super().__init__()
+        self.action_dim = action_dim
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs[:, : self.action_dim]
+
+
 def score_network(module: Any, algorithm: str) -> tuple[nn.Module, str]:
-    """A plain torch copy of the module's score path, and what it scores (``logits`` or ``q_values``)."""
+    """A plain torch copy of the module's score path, and what it scores (``logits``, ``q_values``, or
+    for SAC ``action``: the pre-squash mean action)."""
+    if algorithm == "SAC":
+        action_dim = int(np.prod(module.action_space.shape))
+        layers = [*_mlp(module.pi_encoder, "the actor encoder"), *_mlp(module.pi, "the policy head")]
+        return nn.Sequential(*layers, GaussianMean(action_dim)), "action"
     if algorithm in ("PPO", "APPO"):
         encoder = module.encoder
         actor = getattr(encoder, "actor_encoder", None) or getattr(encoder, "encoder", None)
@@ -103,11 +132,18 @@ def _unscaled(net: nn.Module, obs_dim: int, score_kind: str) -> PolicyModule:
     return PolicyModule(net, np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32), score_kind).eval()
 
 
-def policy_from_module(module: nn.Module, algorithm: str, obs_dim: int) -> PolicyModule:
-    """The exported policy for an RLlib module: its score path copied, observations unscaled."""
+def policy_from_module(
+    module: nn.Module, algorithm: str, obs_dim: int
+) -> PolicyModule | ContinuousPolicyModule:
+    """The exported policy for an RLlib module: its score path copied, observations unscaled; for a Box
+    action space squashed into the bounds of the module's action space."""
     net, kind = score_network(module, algorithm)
     for p in net.parameters():
         p.requires_grad_(False)
+    if kind == "action":
+        space: Any = module.action_space
+        zeros, ones = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
+        return ContinuousPolicyModule(net.eval(), zeros, ones, space.low, space.high).eval()
     return _unscaled(net.eval(), obs_dim, kind)
 
 
@@ -117,12 +153,38 @@ def rllib_policy(module: nn.Module, algorithm: str, obs_dim: int) -> PolicyModul
     return _unscaled(RLlibScores(module.eval(), algorithm), obs_dim, kind)
 
 
+def _check_box_parity(module: Any, policy: ContinuousPolicyModule, probe: np.ndarray) -> dict[str, float]:
+    """SAC: the pre-squash mean against RLlib's distribution inputs, and the deterministic action
+    against RLlib's own path (its distribution's deterministic sample in [-1, 1], rescaled into the
+    bounds by RLlib's ``unsquash_action``)."""
+    from ray.rllib.utils.spaces.space_utils import unsquash_action
+
+    x = torch.as_tensor(probe, dtype=torch.float32)
+    with torch.no_grad():
+        inputs = module.forward_inference({"obs": x})["action_dist_inputs"]
+        dist = module.get_inference_action_dist_cls().from_logits(inputs).to_deterministic()
+        action = unsquash_action(dist.sample().numpy(), module.action_space)
+        mean = inputs[:, : policy.action_half.numel()]
+        ours_mean, ours_action = policy.pre_squash(x), policy(x)
+    deviations = {
+        "pre_squash": float(((ours_mean - mean).abs() / mean.abs().clamp(min=1.0)).max()),
+        "action": float(np.abs(ours_action.numpy() - action).max() / max(1.0, float(np.abs(action).max()))),
+    }
+    return within_tolerance(deviations, PARITY_TOL)
+
+
 def check_module_parity(
-    module: nn.Module, policy: PolicyModule, algorithm: str, probe: np.ndarray, selection: Selection
+    module: nn.Module,
+    policy: PolicyModule | ContinuousPolicyModule,
+    algorithm: str,
+    probe: np.ndarray,
+    selection: Selection,
 ) -> dict[str, float]:
     """Compare ``policy`` with RLlib's module on ``probe``; raises ExportError when they differ."""
-    reference = rllib_policy(module, algorithm, probe.shape[1])
     try:
+        if isinstance(policy, ContinuousPolicyModule):
+            return _check_box_parity(module, policy, probe)
+        reference = rllib_policy(module, algorithm, probe.shape[1])
         # check_parity only calls forward and action_probs, which PolicyModule has as well.
         return check_parity(reference, cast(torch.jit.ScriptModule, policy), probe, selection)
     except ExportError as e:
@@ -147,69 +209,78 @@ def load_module(checkpoint: Path) -> Any:
 
 
 def reference_episodes(
-    policy: PolicyModule, selection: Selection, cfg: OnlineConfig, episodes: int, seed: int
+    policy: PolicyModule | ContinuousPolicyModule,
+    selection: Selection,
+    cfg: OnlineConfig,
+    episodes: int,
+    seed: int,
 ) -> Transitions:
     """Episodes of ``policy`` acting as served (``selection``), as a validated transition dataset.
 
-    Every action is drawn from the served distribution, so ``behavior_logp`` is exact.
+    Every action is drawn from the served distribution, so ``behavior_logp`` is exact: a probability
+    for Discrete actions, a log-density for Box actions explored with ``selection.std`` (unknown, NaN,
+    for the deterministic action, a point mass).
     """
-    handle = make_env(cfg.env, kwargs=dict(cfg.env_kwargs))
+    handle = make_env(cfg.env, kwargs=dict(cfg.env_kwargs), box_actions=cfg.box_actions)
     env, n, start, space = handle.env, handle.n_actions, handle.start, handle.observation_space
     rng = np.random.default_rng([seed, 3])
-    cols: dict[str, list[Any]] = {
-        k: [] for k in ("obs", "action", "reward", "next_obs", "term", "trunc", "logp")
-    }
+    columns: dict[str, list[Any]] = {k: [] for k in STEP_COLUMNS}
     lengths: list[int] = []
+    action: Any
     try:
-        for _ in range(episodes):
-            obs, _ = env.reset(seed=int(rng.integers(0, 2**31 - 1)))
-            obs = np.asarray(obs, dtype=np.float32).ravel()
-            steps = 0
-            while True:
-                probs = policy.probs_numpy(obs[None], selection)[0]
-                action = int(min(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum()), n - 1))
-                next_obs, reward, terminated, truncated, _ = env.step(start + action)
-                next_obs = np.asarray(next_obs, dtype=np.float32).ravel()
-                cols["obs"].append(obs)
-                cols["action"].append(action)
-                cols["reward"].append(float(reward))
-                cols["next_obs"].append(next_obs)
-                cols["term"].append(bool(terminated))
-                cols["trunc"].append(bool(truncated) and not terminated)
-                cols["logp"].append(math.log(probs[action]) if probs[action] > 0 else -math.inf)
-                obs = next_obs
-                steps += 1
-                if terminated or truncated:
-                    break
-            lengths.append(steps)
+        # A Box policy's noise comes from torch's generator: seed it, and leave the caller's state alone.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(int(rng.integers(0, 2**31 - 1)))
+            for _ in range(episodes):
+                obs, _ = env.reset(seed=int(rng.integers(0, 2**31 - 1)))
+                obs = np.asarray(obs, dtype=np.float32).ravel()
+                steps = 0
+                while True:
+                    if isinstance(policy, ContinuousPolicyModule):
+                        sample, density = policy.act(torch.as_tensor(obs)[None], selection.std)
+                        action, logp = sample[0].numpy().astype(np.float32), float(density[0])
+                        env_action = action
+                    else:
+                        probs = policy.probs_numpy(obs[None], selection)[0]
+                        action = int(
+                            min(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum()), n - 1)
+                        )
+                        logp = math.log(probs[action]) if probs[action] > 0 else -math.inf
+                        env_action = start + action
+                    next_obs, reward, terminated, truncated, _ = env.step(env_action)
+                    next_obs = np.asarray(next_obs, dtype=np.float32).ravel()
+                    for key, value in (
+                        ("obs", obs),
+                        ("action", action),
+                        ("reward", float(reward)),
+                        ("next_obs", next_obs),
+                        ("term", bool(terminated)),
+                        ("trunc", bool(truncated) and not terminated),
+                        ("logp", logp),
+                    ):
+                        columns[key].append(value)
+                    obs = next_obs
+                    steps += 1
+                    if terminated or truncated:
+                        break
+                lengths.append(steps)
     finally:
         env.close()
+    if isinstance(handle.action_space, gym.spaces.Box):
+        actions = box_space(handle.action_space.low, handle.action_space.high)
+        served = f"std {selection.std:g}"
+    else:
+        actions = discrete_space(n)
+        served = f"temperature {selection.temperature:g}, epsilon {selection.epsilon:g}"
     meta = DatasetMeta(
         env_id=cfg.env,
         observation_space=box_space(space.low, space.high),
-        action_space=discrete_space(n),
-        behavior_policy=(
-            f"{cfg.policy_name} ({cfg.algorithm}, temperature {selection.temperature:g}, "
-            f"epsilon {selection.epsilon:g})"
-        ),
+        action_space=actions,
+        behavior_policy=f"{cfg.policy_name} ({cfg.algorithm}, {served})",
         source=f"online:{cfg.algorithm.lower()}",
         extra={"seed": seed, "episodes": episodes, "env_kwargs": dict(cfg.env_kwargs)},
     )
-    length_arr = np.asarray(lengths, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(length_arr)[:-1]])
-    t = Transitions(
-        episode_id=np.repeat(np.arange(episodes, dtype=np.int64), length_arr),
-        step=np.arange(int(length_arr.sum()), dtype=np.int64) - np.repeat(starts, length_arr),
-        observation=np.stack(cols["obs"]),
-        action=np.asarray(cols["action"], dtype=np.int64),
-        reward=np.asarray(cols["reward"], dtype=np.float32),
-        next_observation=np.stack(cols["next_obs"]),
-        terminated=np.asarray(cols["term"], dtype=np.bool_),
-        truncated=np.asarray(cols["trunc"], dtype=np.bool_),
-        behavior_logp=np.asarray(cols["logp"], dtype=np.float32),
-        meta=meta,
-    )
-    return datasets.validate(t)
+    return transitions_from_steps(columns, lengths, meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,7 +306,9 @@ def export_checkpoint(
     """
     module = load_module(checkpoint)
     obs_dim = int(np.prod(module.observation_space.shape))
-    selection = Selection(temperature=cfg.export.serve_temperature, epsilon=cfg.export.serve_epsilon)
+    selection = Selection(
+        temperature=cfg.export.serve_temperature, epsilon=cfg.export.serve_epsilon, std=cfg.export.serve_std
+    )
     policy = policy_from_module(module, cfg.algorithm, obs_dim)
     data = reference_episodes(policy, selection, cfg, cfg.export.reference_episodes, cfg.seed)
     deviations = check_module_parity(module, policy, cfg.algorithm, probe_observations(data), selection)

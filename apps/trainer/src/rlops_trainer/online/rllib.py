@@ -26,10 +26,14 @@ from ray.rllib.algorithms.dqn import DQNConfig
 from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.algorithms.sac import SACConfig
+from ray.rllib.algorithms.sac.sac_catalog import SACCatalog
 from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchSquashedGaussian
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from rlops_trainer.online.config import APPOTraining, DQNTraining, OnlineConfig, PPOTraining
+from rlops_trainer.online.config import APPOTraining, DQNTraining, OnlineConfig, PPOTraining, SACTraining
 from rlops_trainer.training import adam
 
 if TYPE_CHECKING:
@@ -46,7 +50,7 @@ class EpisodeStats(RLlibCallback):
 
     A sampled action is non-greedy when it is not the argmax of the policy's scores at that step; their
     share is the measured exploration rate of a stochastic policy. Modules that do not return their
-    scores (DQN) report 0 actions with scores.
+    scores (DQN) and Box actions (SAC, where no action is "greedy") report 0 actions with scores.
     """
 
     def on_episode_end(
@@ -69,7 +73,10 @@ class EpisodeStats(RLlibCallback):
                 continue
             steps = end - chunk.t_started  # leaves out a bootstrap step appended later
             scores = np.asarray(chunk.get_extra_model_outputs("action_dist_inputs"))[:steps]
-            actions = np.asarray(chunk.get_actions()).reshape(-1)[:steps]
+            actions = np.asarray(chunk.get_actions())
+            if not np.issubdtype(actions.dtype, np.integer):
+                continue
+            actions = actions.reshape(-1)[:steps]
             if scores.ndim == 2 and len(scores) == len(actions):
                 nongreedy += int((scores.argmax(axis=-1) != actions).sum())
                 scored += len(actions)
@@ -99,6 +106,31 @@ class APPOLearner(_FusedAdam, APPOTorchLearner):  # type: ignore[misc]  # RLlib'
 
 class DQNLearner(_FusedAdam, DQNTorchLearner):
     pass
+
+
+class SquashedGaussian(TorchSquashedGaussian):
+    """RLlib's tanh-squashed Gaussian whose deterministic action is squashed as well. RLlib 2.60 returns
+    the raw mean there (ray-project/ray#51544), which its env connector then clips into the bounds: greedy
+    evaluation would act with ``clip(mean)`` instead of ``tanh(mean)``, the action the exported policy
+    serves. Sampling and log-densities, all that training uses, are RLlib's own."""
+
+    def to_deterministic(self) -> TorchDeterministic:
+        return TorchDeterministic(loc=self._squash(self.loc))
+
+
+class SACModuleCatalog(SACCatalog):
+    """SAC's catalog with :class:`SquashedGaussian` for Box actions."""
+
+    def get_action_dist_cls(self, framework: str) -> Any:
+        cls: Any = super().get_action_dist_cls(framework)  # a class, though RLlib annotates an instance
+        return SquashedGaussian if cls is TorchSquashedGaussian else cls
+
+
+def _replay_buffer(capacity: int, prioritized: bool) -> dict[str, Any]:
+    """RLlib's replay buffer config: episodes replayed uniformly, or in proportion to their TD error."""
+    if prioritized:
+        return {"type": "PrioritizedEpisodeReplayBuffer", "capacity": capacity, "alpha": 0.6, "beta": 0.4}
+    return {"type": "EpisodeReplayBuffer", "capacity": capacity}
 
 
 def _hyperparameters(cfg: OnlineConfig) -> AlgorithmConfig:
@@ -154,11 +186,30 @@ def _hyperparameters(cfg: OnlineConfig) -> AlgorithmConfig:
                 circular_buffer_iterations_per_batch=t.circular_buffer_iterations_per_batch,
             )
         )
-    buffer: dict[str, Any] = {"capacity": t.replay_capacity}
-    if t.prioritized_replay:
-        buffer |= {"type": "PrioritizedEpisodeReplayBuffer", "alpha": 0.6, "beta": 0.4}
-    else:
-        buffer |= {"type": "EpisodeReplayBuffer"}
+    if isinstance(t, SACTraining):
+        # SAC keeps RLlib's learner: it steps three optimisers (actor, critics, temperature) of its own.
+        return (
+            SACConfig()
+            .env_runners(rollout_fragment_length=t.rollout_fragment_length)
+            .training(
+                actor_lr=t.actor_lr,
+                critic_lr=t.critic_lr,
+                alpha_lr=t.alpha_lr,
+                lr=None,
+                gamma=t.gamma,
+                tau=t.tau,
+                initial_alpha=t.initial_alpha,
+                target_entropy=t.target_entropy,
+                train_batch_size_per_learner=t.train_batch_size,
+                replay_buffer_config=_replay_buffer(t.replay_capacity, t.prioritized_replay),
+                num_steps_sampled_before_learning_starts=t.learning_starts,
+                n_step=t.n_step,
+                twin_q=t.twin_q,
+                training_intensity=t.training_intensity,
+                grad_clip=t.grad_clip,
+                target_network_update_freq=1,
+            )
+        )
     return (
         DQNConfig()
         .env_runners(rollout_fragment_length=t.rollout_fragment_length)
@@ -167,7 +218,7 @@ def _hyperparameters(cfg: OnlineConfig) -> AlgorithmConfig:
             lr=t.lr,
             gamma=t.gamma,
             train_batch_size_per_learner=t.train_batch_size,
-            replay_buffer_config=buffer,
+            replay_buffer_config=_replay_buffer(t.replay_capacity, t.prioritized_replay),
             num_steps_sampled_before_learning_starts=t.learning_starts,
             target_network_update_freq=t.target_network_update_freq,
             tau=t.tau,
@@ -187,6 +238,8 @@ def algorithm_config(cfg: OnlineConfig) -> AlgorithmConfig:
     """The RLlib config of ``cfg`` (new API stack, torch)."""
     r = cfg.resources
     c = _hyperparameters(cfg)
+    if cfg.box_actions:
+        c = c.rl_module(rl_module_spec=RLModuleSpec(catalog_class=SACModuleCatalog))
     if cfg.evaluation.every:
         c = c.evaluation(
             evaluation_interval=cfg.evaluation.every,
@@ -219,7 +272,7 @@ def algorithm_config(cfg: OnlineConfig) -> AlgorithmConfig:
                 fcnet_hiddens=list(cfg.model.hidden),
                 fcnet_activation=cfg.model.activation,
                 vf_share_layers=cfg.model.vf_share_layers,
-            )
+            ),
         )
         .reporting(metrics_num_episodes_for_smoothing=cfg.metrics.episode_window)
         .callbacks(EpisodeStats)
@@ -305,6 +358,8 @@ _LEARNER_KEYS: dict[str, str] = {
     "gradients_default_optimizer_global_norm": "grad_norm",
     "default_optimizer_learning_rate": "lr",
     "vf_explained_var": "vf_explained_var",
+    "alpha_value": "alpha",
+    "alpha_loss": "alpha_loss",
 }
 
 
@@ -345,6 +400,9 @@ def record_from_result(
             value = _number(learner.get(key))
             if value is not None:
                 record[name] = value
+        logps = _number(learner.get("logps"))  # SAC: mean log-density of the actor's own actions
+        if logps is not None:
+            record["entropy"] = -logps
     evaluation = (result.get("evaluation", {}) or {}).get("env_runners", {}) or {}
     eval_return = _number(evaluation.get("episode_return_mean"))
     if eval_return is not None and math.isfinite(eval_return):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gymnasium as gym
 import torch
 import yaml
 from rich.console import Console
@@ -39,7 +40,7 @@ from rlops_contracts.durable import fsync_path, replace_atomic
 from rlops_trainer import telemetry
 from rlops_trainer.card import jsonable
 from rlops_trainer.collect import CollectError, make_env
-from rlops_trainer.online.config import ConfigError, OnlineConfig
+from rlops_trainer.online.config import ALGORITHMS, BOX_ALGORITHMS, ConfigError, OnlineConfig
 from rlops_trainer.training import METRICS_FILE, start_metrics
 
 if TYPE_CHECKING:
@@ -209,11 +210,18 @@ def prepare_run_dir(cfg: OnlineConfig, run: OnlineRun) -> Path | None:
 def check_environment(cfg: OnlineConfig) -> None:
     """Fail before Ray starts when the environment cannot be made or exported (names the key)."""
     try:
-        handle = make_env(cfg.env, kwargs=dict(cfg.env_kwargs))
+        handle = make_env(cfg.env, kwargs=dict(cfg.env_kwargs), box_actions=cfg.box_actions)
     except CollectError as e:
         key = "env_kwargs" if "does not accept" in str(e) else "env"
-        raise ConfigError(f"{key}: {e}") from None
+        hint = f"; {', '.join(BOX_ALGORITHMS)} takes Box actions" if "action space" in str(e) else ""
+        raise ConfigError(f"{key}: {e}{hint}") from None
     handle.env.close()
+    if cfg.box_actions and not isinstance(handle.action_space, gym.spaces.Box):
+        discrete = ", ".join(a for a in ALGORITHMS if a not in BOX_ALGORITHMS)
+        raise ConfigError(
+            f"env: {cfg.env} has action space {handle.action_space}: {cfg.algorithm} needs a Box action "
+            f"space; {discrete} take Discrete actions"
+        )
 
 
 def _check_resources(cfg: OnlineConfig, local: bool) -> None:
@@ -334,8 +342,7 @@ def _start_telemetry(cfg: OnlineConfig, out: Path) -> telemetry.TrainingTelemetr
 def baseline_return(policy_dir: Path, cfg: OnlineConfig) -> float:
     """Mean return of the policy in ``policy_dir`` in the run's environment, with the selection its card
     records, over as many episodes as the run's final evaluation (``export.reference_episodes``)."""
-    import gymnasium as gym
-
+    from rlops_trainer.datasets import action_space_text, box_space, discrete_space, same_action_space
     from rlops_trainer.export import load_policy_dir
     from rlops_trainer.policy import Selection
     from rlops_trainer.rollout import RolloutError, rollout
@@ -352,15 +359,18 @@ def baseline_return(policy_dir: Path, cfg: OnlineConfig) -> float:
     env = gym.make(cfg.env, **cfg.env_kwargs)
     try:
         obs_shape = list(env.observation_space.shape or ())
-        n_actions = int(getattr(env.action_space, "n", -1))
+        if isinstance(env.action_space, gym.spaces.Box):
+            actions = box_space(env.action_space.low, env.action_space.high)
+        else:
+            actions = discrete_space(int(getattr(env.action_space, "n", -1)))
     finally:
         env.close()
     card_shape = [int(x) for x in card["observation_space"]["shape"]]
-    if card_shape != obs_shape or int(card["action_space"]["n"]) != n_actions:
+    if card_shape != obs_shape or not same_action_space(card["action_space"], actions):
         raise OnlineTrainingError(
             f"baseline policy {policy_dir} takes observations of shape {card_shape} and "
-            f"{card['action_space']['n']} actions; {cfg.env} with env_kwargs {cfg.env_kwargs} has "
-            f"{obs_shape} and {n_actions}"
+            f"{action_space_text(card['action_space'])}; {cfg.env} with env_kwargs {cfg.env_kwargs} has "
+            f"{obs_shape} and {action_space_text(actions)}"
         )
     try:
         result = rollout(
