@@ -49,8 +49,26 @@ def test_box_drills_refuse_what_does_not_apply(box_source: Path, tmp_path: Path)
         write_constant_policy_dir(box_source, tmp_path / "a", action=1)
     with pytest.raises(ValueError, match=r"bound 'middle': choose from low, high"):
         write_constant_policy_dir(box_source, tmp_path / "b", bound="middle")
-    with pytest.raises(ValueError, match="for a Box policy use the constant drill"):
-        write_drill_policy_dir(box_source, tmp_path / "c", "slow")
+
+
+def test_a_box_slow_drill_answers_like_its_source_but_later(box_source: Path, tmp_path: Path) -> None:
+    out = write_drill_policy_dir(box_source, tmp_path / "drill", "slow", seconds=0.05)
+    slow, card = load_policy_dir(out)
+    fast, source = load_policy_dir(box_source)
+    obs = torch.as_tensor(np.random.default_rng(0).normal(size=(6, BOX_OBS)), dtype=torch.float32)
+    actions = np.random.default_rng(1).uniform(BOX_LOW, BOX_HIGH, size=(6, 2)).astype(np.float32)
+    torch.testing.assert_close(slow(obs), fast(obs))
+    torch.testing.assert_close(slow.pre_squash(obs), fast.pre_squash(obs))
+    torch.testing.assert_close(
+        slow.log_prob(obs, torch.as_tensor(actions), 0.3), fast.log_prob(obs, torch.as_tensor(actions), 0.3)
+    )
+    torch.manual_seed(0)
+    explored_slow = slow.act(obs, 0.3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(explored_slow, fast.act(obs, 0.3))
+    assert slow.rounds == card["hyperparameters"]["fault"]["rounds"] >= 1  # the matrix products per pass
+    assert card["action_space"] == source["action_space"]
+    assert card["hyperparameters"]["fault"]["kind"] == "slow_forward"
 
 
 def test_a_discrete_constant_drill_answers_its_action(cartpole_data: Any, tmp_path: Path) -> None:

@@ -120,11 +120,6 @@ def write_drill_policy_dir(
     if kind == "constant":
         return write_constant_policy_dir(source, out, action, bound)
     if kind == "slow":
-        if read_card(Path(source))["action_space"]["type"] == "Box":
-            raise ValueError(
-                "the slow drill wraps a Discrete policy's methods (rlops_stack.faults.SlowPolicy); "
-                "for a Box policy use the constant drill"
-            )
         if not seconds > 0:
             raise ValueError(f"the delay must be positive seconds, got {seconds}")
         # The delay is calibrated in this process: with one thread, as a TorchServe worker runs it.

@@ -1,10 +1,11 @@
 """Faults to inject on purpose, to prove that the alert path works end to end (tests, drills, benchmarks).
 
-:func:`write_slow_policy_dir` makes a policy version that answers exactly like an existing one but whose
-forward pass takes longer: the TorchScript module wraps the original and multiplies a matrix before every
-pass. Nothing in serving is told about it (no handler setting, no sleep in Python): TorchServe serves it
-like any version, and its latency histogram, the p99 recording rule and ``RlopsServingLatencyHigh`` see a
-genuinely slow model. :class:`Load` sends it (or any version) steady traffic.
+:func:`write_slow_policy_dir` makes a policy version that answers exactly like an existing one (Discrete
+or Box actions) but whose forward pass takes longer: the TorchScript module wraps the original and
+multiplies a matrix before every pass. Nothing in serving is told about it (no handler setting, no sleep
+in Python): TorchServe serves it like any version, and its latency histogram, the p99 recording rule and
+``RlopsServingLatencyHigh`` see a genuinely slow model. :class:`Load` sends it (or any version) steady
+traffic.
 """
 
 from __future__ import annotations
@@ -57,6 +58,38 @@ class SlowPolicy(torch.nn.Module):
         return self.inner.forward(obs) + delay, self.inner.action_probs(obs, temperature, epsilon)
 
 
+class SlowBoxPolicy(torch.nn.Module):
+    """``inner`` (a scripted rlops Box policy: ``forward``, ``pre_squash``, ``act``, ``log_prob``) with
+    ``rounds`` matrix products before each pass."""
+
+    def __init__(self, inner: torch.jit.ScriptModule, rounds: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rounds = rounds
+        self.size = MATRIX
+
+    def _work(self) -> torch.Tensor:
+        x = torch.full((self.size, self.size), 1.0 / self.size)
+        for _ in range(self.rounds):
+            x = x @ x
+        return x[0, 0] * 0.0
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.inner.forward(obs + self._work())
+
+    @torch.jit.export
+    def pre_squash(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.inner.pre_squash(obs + self._work())
+
+    @torch.jit.export
+    def act(self, obs: torch.Tensor, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.act(obs + self._work(), std)
+
+    @torch.jit.export
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor, std: float) -> torch.Tensor:
+        return self.inner.log_prob(obs + self._work(), action, std)
+
+
 def rounds_for(seconds: float) -> int:
     """Matrix products that take about ``seconds`` on this machine, in this process (one thread)."""
     x = torch.full((MATRIX, MATRIX), 1.0 / MATRIX)
@@ -78,9 +111,10 @@ def write_slow_policy_dir(source: Path, out: Path, seconds: float) -> Path:
     card = read_card(source)
     inner = load_script(source / card["policy"]["file"])
     rounds = rounds_for(seconds)
+    slow = SlowBoxPolicy if card["action_space"]["type"] == "Box" else SlowPolicy
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        scripted = torch.jit.script(SlowPolicy(inner, rounds).eval())
+        scripted = torch.jit.script(slow(inner, rounds).eval())
         out.mkdir(parents=True, exist_ok=False)
         policy_file = out / card["policy"]["file"]
         torch.jit.save(scripted, str(policy_file))
