@@ -7,13 +7,15 @@ log, no custom metrics: what a first TorchServe deployment of a policy looks lik
 benchmark compares rlops' handler with.
 
 Besides ``{"observation": [...]}`` it accepts ``{"observations": [[...], ...]}`` (answered with
-``{"actions": [...]}``) so that the batch endpoint has a baseline too. TorchServe imports this file as
-the archive's handler module, which must define exactly one class.
+``{"actions": [...]}``) so that the batch endpoint has a baseline too. A policy with Box actions (its
+model card, archived beside ``policy.pt``, says so) is answered with the network's output, the action
+vector. TorchServe imports this file as the archive's handler module, which must define exactly one class.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,13 @@ from ts.torch_handler.base_handler import BaseHandler
 
 
 class NaivePolicyHandler(BaseHandler):
-    """Observations in, argmax actions out; ``initialize``, ``inference`` and ``handle`` are BaseHandler's."""
+    """Observations in, argmax actions (or Box action vectors) out; ``inference`` and ``handle`` are
+    BaseHandler's."""
+
+    def initialize(self, context: Any) -> None:
+        super().initialize(context)
+        card = Path(context.system_properties.get("model_dir", ".")) / "model-card.json"
+        self.box = card.is_file() and json.loads(card.read_text())["action_space"]["type"] == "Box"
 
     def preprocess(self, data: list[dict[str, Any]]) -> torch.Tensor:
         rows: list[list[float]] = []
@@ -43,7 +51,7 @@ class NaivePolicyHandler(BaseHandler):
         return torch.tensor(rows, dtype=torch.float32)
 
     def postprocess(self, data: torch.Tensor) -> list[dict[str, Any]]:
-        actions = data.argmax(dim=1).tolist()
+        actions = data.tolist() if self.box else data.argmax(dim=1).tolist()
         answers: list[dict[str, Any]] = []
         start = 0
         for size in self.sizes:

@@ -2730,7 +2730,7 @@ def _load_previous(path: Path) -> dict[str, Any]:
 
 
 def make_served(work: Path, registry: Path | None, name: str, steps: int, seed: int) -> Served:
-    registry_dir, policy, version_dir = S.prepare_policy(work, registry, name, steps)
+    registry_dir, policy, version_dir = S.prepare_policy(work, registry, name, steps, S.ENV_ID)
     card = json.loads((version_dir / "model-card.json").read_text(encoding="utf-8"))
     oracle = Oracle(version_dir)
     pool = [

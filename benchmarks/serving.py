@@ -5,7 +5,8 @@
 
 What it does, in order:
 
-1. Makes a policy to serve: collects a CartPole-v1 dataset, trains BC briefly, publishes it to a
+1. Makes a policy to serve: collects a CartPole-v1 dataset (``--env Pendulum-v1``: a Pendulum-v1
+   dataset of uniform actions, for a policy with Box actions), trains BC briefly, publishes it to a
    temporary registry and promotes it to champion, all through the ``rlops`` command (``--registry``
    serves an existing registry's champion instead).
 2. The floor, in this process with one torch thread: the TorchScript forward pass alone on 1, 16 and
@@ -30,7 +31,7 @@ What it does, in order:
    workers, wrk and everything else on the machine), TorchServe's own latency counters and the handler
    time rlops reports, and the load average.
 4. Writes ``results.json`` and ``results.md`` (with the exact command) to ``benchmarks/results/serving/``
-   and checks the targets of issue 3.
+   (``serving-box/`` for a Box policy) and checks the targets of issue 3, the same for both kinds.
 
 Every server it starts is stopped again, also when a step fails or the run is interrupted.
 """
@@ -79,10 +80,11 @@ from rlops_server.torchserve.process import ServeError, read_keys
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 NAIVE_HANDLER = BENCH / "naive_handler.py"
-DEFAULT_OUT = BENCH / "results" / "serving"
+RESULTS = BENCH / "results"
 BIN = Path(sys.executable).parent
 RLOPS = BIN / "rlops"
 ENV_ID = "CartPole-v1"
+BOX_ENV_ID = "Pendulum-v1"
 NAIVE_MODEL = "naive"
 BATCH_OBS = 256
 SINGLE_BODIES = 64
@@ -335,16 +337,20 @@ def _kill_leftovers(run_dir: Path) -> list[int]:
 # --- the policy and the requests ------------------------------------------------------------------------
 
 
-def prepare_policy(work: Path, registry: Path | None, name: str, steps: int) -> tuple[Path, str, Path]:
+def prepare_policy(
+    work: Path, registry: Path | None, name: str, steps: int, env_id: str
+) -> tuple[Path, str, Path]:
     """(registry, policy name, champion version dir): trained and published here unless one is given."""
     if registry is None:
         registry = work / "registry"
         data = work / "data.parquet"
-        console.print(f"making a policy: {ENV_ID} data, BC for {steps} steps, registry {registry}")
+        console.print(f"making a policy: {env_id} data, BC for {steps} steps, registry {registry}")
         rlops = str(RLOPS)
+        # Box actions: uniform actions (no controller to train first); the policy's quality is not measured.
+        behavior = ["--behavior", "uniform"] if env_id == BOX_ENV_ID else []
         commands = [
-            [rlops, "data", "collect", "--env", ENV_ID, "--episodes", "50", "--out", str(data),
-             "--no-progress"],
+            [rlops, "data", "collect", "--env", env_id, "--episodes", "50", "--out", str(data),
+             *behavior, "--no-progress"],
             [rlops, "train", "bc", "--data", str(data), "--out", str(work / "train"), "--steps", str(steps),
              "--name", name, "--checkpoint-every", "0", "--no-progress"],
             [rlops, "registry", "publish", str(work / "train" / "policy"), "--name", name,
@@ -660,6 +666,7 @@ def naive_server(work: Path, version_dir: Path, spec: ServerSpec) -> Iterator[Ru
             "--version", "1",
             "--serialized-file", str(version_dir / "policy.pt"),
             "--handler", str(NAIVE_HANDLER),
+            "--extra-files", str(version_dir / "model-card.json"),
             "--export-path", str(store),
             "--force",
         ],
@@ -796,7 +803,10 @@ def _check_answers(running: Running, single: bytes, batch: bytes) -> dict[str, A
     """One request of each kind with an ordinary HTTP client: the server answers what wrk will send."""
     url = running.inference_url + running.predict_path
     status, answer = _http(url, key=running.key, body=single)
-    if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("action"), int):
+    action = answer.get("action") if isinstance(answer, dict) else None
+    # An action index, or an action vector (Box).
+    vector = isinstance(action, list) and bool(action) and all(isinstance(a, float) for a in action)
+    if status != 200 or not (isinstance(action, int) or vector):
         raise BenchError(f"{running.spec.key}: a single request was answered {status}: {answer}")
     status_b, answer_b = _http(url, key=running.key, body=batch)
     n = len(json.loads(batch)["observations"])
@@ -1032,7 +1042,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "rlops servers log every decision and collect metrics.",
         "",
         f"Policy: {policy['name']} version {policy['version']} ({policy['algorithm']}, hidden layers "
-        f"{policy['hidden']}, {policy['obs_dim']} features, {policy['actions']} actions). Servers as "
+        f"{policy['hidden']}, {policy['obs_dim']} features, {policy['actions']}). Servers as "
         "TorchServe describes them: "
         + "; ".join(
             f"{key}: {d['workers']} worker(s), batch size {d['batch_size']}, "
@@ -1233,11 +1243,24 @@ def main(
             "--registry", file_okay=False, help="Serve this registry's champion instead of training."
         ),
     ] = None,
-    name: Annotated[str, typer.Option("--name", help="Policy name.")] = "cartpole",
+    env: Annotated[
+        str,
+        typer.Option(
+            "--env", help=f"{ENV_ID} (Discrete actions) or {BOX_ENV_ID} (Box actions) for the trained policy."
+        ),
+    ] = ENV_ID,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Policy name (default: cartpole, or pendulum for Box).")
+    ] = None,
     train_steps: Annotated[
         int | None, typer.Option("--train-steps", min=1, help="BC steps of the served policy (default 100).")
     ] = None,
-    out: Annotated[Path, typer.Option("--out", file_okay=False, help="Where the results go.")] = DEFAULT_OUT,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", file_okay=False, help="Where the results go (default: benchmarks/results/serving[-box])."
+        ),
+    ] = None,
     keep_work: Annotated[
         bool, typer.Option("--keep-work", help="Keep the working directory (servers' logs, decisions).")
     ] = False,
@@ -1245,6 +1268,11 @@ def main(
     """Run the serving load benchmark (see the module docstring)."""
     if shutil.which("wrk") is None:
         raise typer.BadParameter("wrk is not installed (Debian: apt-get install -y wrk)", param_hint="wrk")
+    if env not in (ENV_ID, BOX_ENV_ID):
+        raise typer.BadParameter(f"{env!r}: use {ENV_ID} or {BOX_ENV_ID}", param_hint="--env")
+    box = env == BOX_ENV_ID
+    name = name or ("pendulum" if box else "cartpole")
+    out = out or RESULTS / ("serving-box" if box else "serving")
     wanted = [s.strip() for s in servers.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in {spec.key for spec in SERVERS}]
     if unknown or not wanted:
@@ -1270,7 +1298,7 @@ def main(
     console.print(f"working directory {work}; load average {load_start[0]:.2f}")
     try:
         registry_dir, policy, version_dir = prepare_policy(
-            work, registry.resolve() if registry else None, name, train_steps or (20 if quick else 100)
+            work, registry.resolve() if registry else None, name, train_steps or (20 if quick else 100), env
         )
         card = json.loads((version_dir / "model-card.json").read_text(encoding="utf-8"))
         singles, batches = request_bodies(card)
@@ -1323,7 +1351,11 @@ def main(
                 "algorithm": card.get("algorithm"),
                 "hidden": (card.get("hyperparameters") or {}).get("hidden"),
                 "obs_dim": card["policy"]["input"]["shape"][1],
-                "actions": card["action_space"]["n"],
+                "actions": (
+                    f"{card['action_space']['shape'][0]}-dimensional Box actions"
+                    if card["action_space"]["type"] == "Box"
+                    else f"{card['action_space']['n']} actions"
+                ),
             },
             "servers": [asdict(s) for s in specs],
             "floor": floor,

@@ -119,7 +119,9 @@ def main(
     points: list[dict[str, Any]] = []
     batches: list[dict[str, Any]] = []
     try:
-        reg, policy, version_dir = S.prepare_policy(work, registry.resolve() if registry else None, name, 100)
+        reg, policy, version_dir = S.prepare_policy(
+            work, registry.resolve() if registry else None, name, 100, S.ENV_ID
+        )
         card = json.loads((version_dir / "model-card.json").read_text(encoding="utf-8"))
         singles, _ = S.request_bodies(card)
         for r in range(1, rounds + 1):
