@@ -285,3 +285,65 @@ def test_action_bin_divergence_measures_the_worst_dimension() -> None:
     assert m.value == 0.0
     with pytest.raises(a.AnalysisError, match="version 2 has no dimension 0 bin 5"):
         _bin_check().measure(ARGS, _bin_answers({"1": champion, "2": [[0, 0, 0, 0, 0, 1], [1]]}, asked), 3.0)
+
+
+def test_only_the_replacements_are_beyond_prometheus() -> None:
+    spec = a.load(ANALYSIS)
+    assert a.beyond_prometheus(spec, a.for_policies(spec, DISCRETE_CARD, DISCRETE_CARD)[0]) == []
+    box = a.beyond_prometheus(spec, a.for_policies(spec, BOX_CARD, BOX_CARD)[0])
+    assert [c.name for c in box] == ["action-divergence-per-dimension"]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _watch(rounds: list[dict[str, Any]], wait_s: float) -> tuple[a.Watch, _Clock, list[list[a.Measurement]]]:
+    """Measure the bin check against ``rounds`` (one Prometheus answer per round, the last repeating)."""
+    answers = list(rounds)
+    clock, reported = _Clock(), []
+    settings: dict[str, Any] = {"interval_s": 15, "wait_s": wait_s, "clock": clock, "sleep": clock.sleep}
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        per_version = answers.pop(0) if len(answers) > 1 else answers[0]
+        return _bin_answers(per_version, [])(expr)
+
+    watch = a.measure_until_conclusive([_bin_check()], ARGS, query, report=reported.append, **settings)
+    return watch, clock, reported
+
+
+def test_measure_until_conclusive_waits_for_samples_then_decides() -> None:
+    champion = [[100, 100], [50, 50, 50, 50]]
+    few = [[10, 10], [5, 5, 5, 5]]
+    watch, clock, reported = _watch(
+        [{"1": champion}, {"1": champion, "2": few}, {"1": champion, "2": champion}], 60
+    )
+    assert (watch.verdict, watch.rounds, watch.elapsed_s) == (a.PASS, 3, 30.0)
+    assert clock.slept == [15, 15]
+    assert [r[0].verdict for r in reported] == [a.INCONCLUSIVE, a.INCONCLUSIVE, a.PASS]
+    # A failure ends it at once, whatever time is left.
+    collapsed = [[0, 200], [0, 0, 0, 200]]
+    watch, clock, _ = _watch([{"1": champion, "2": collapsed}], 600)
+    assert (watch.verdict, watch.rounds, clock.slept) == (a.FAIL, 1, [])
+
+
+def test_measure_until_conclusive_gives_up_inconclusive_when_time_runs_out() -> None:
+    champion = [[100, 100], [50, 50, 50, 50]]
+    few = [[10, 10], [5, 5, 5, 5]]
+    # Rounds at 0, 15, 30 and 45 s; one at 60 s would come later than the 50 s allowed.
+    watch, clock, _ = _watch([{"1": champion, "2": few}], 50)
+    assert (watch.verdict, watch.rounds, watch.elapsed_s) == (a.INCONCLUSIVE, 4, 45.0)
+    assert watch.shortfall() == "action-divergence-per-dimension: samples 20 of 100"
+    # No time to wait: one measurement.
+    watch, clock, _ = _watch([{"1": champion}], 0)
+    assert (watch.verdict, watch.rounds, clock.slept) == (a.INCONCLUSIVE, 1, [])
+    assert watch.shortfall() == "action-divergence-per-dimension: samples 0 of 100"

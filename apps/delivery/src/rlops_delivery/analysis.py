@@ -13,14 +13,17 @@ Box (continuous-action) policies: a check that compares discrete action distribu
 aggregates ``by (action)``) does not apply to them. :func:`for_policies` skips it with the reason and
 puts in its place an :class:`ActionBinDivergence`: the same distance, per action dimension, between the
 candidate's and the champion's actions as serving bins them against each card's ``reference.actions``
-(``rlops_action_drift_bin_total{dimension, bin}``), measured here and never rendered for Argo (whose
-analysis is the file's checks alone).
+(``rlops_action_drift_bin_total{dimension, bin}``). Each card has its own bin edges, so no PromQL query
+can compare them: the replacement is measured here, in Python, and :func:`beyond_prometheus` names such
+checks. Argo Rollouts renders the file's checks as Prometheus metrics and runs ``rlops rollout check``
+(:func:`measure_until_conclusive` over those checks) as a Job metric beside them.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -524,3 +527,69 @@ def for_policies(
             )
         )
     return checks, skipped
+
+
+def beyond_prometheus(analysis: Analysis, checks: Sequence[Measurable]) -> list[Measurable]:
+    """Those of ``checks`` (from :func:`for_policies`) that are not the analysis file's: the per-dimension
+    replacements, which Python measures from two model cards and which Argo's Prometheus metrics (the
+    file's checks, rendered) therefore cannot. Empty for Discrete policies."""
+    in_file = {c.name for c in analysis.checks}
+    return [c for c in checks if c.name not in in_file]
+
+
+# --- measuring until conclusive -----------------------------------------------------------------------
+
+
+@dataclass
+class Watch:
+    """Checks measured until they were conclusive or the time ran out."""
+
+    verdict: str
+    """pass (every check passed), fail (one failed) or inconclusive (time ran out before either)."""
+    measurements: list[Measurement]
+    """The last round: one measurement per check."""
+    rounds: int
+    elapsed_s: float
+    """Seconds from the first measurement to the last."""
+
+    def shortfall(self) -> str:
+        """The checks that were not conclusive in the last round, with their samples."""
+
+        def samples(m: Measurement) -> str:
+            have = 0.0 if m.samples is None or math.isnan(m.samples) else m.samples
+            return f"{m.check}: samples {have:.0f} of {m.min_samples:.0f}" + (
+                "" if have < m.min_samples else ", no value yet"
+            )
+
+        return "; ".join(samples(m) for m in self.measurements if m.verdict == INCONCLUSIVE)
+
+
+def measure_until_conclusive(
+    checks: Sequence[Measurable],
+    args: Mapping[str, str],
+    query: QueryFn,
+    *,
+    interval_s: float,
+    wait_s: float,
+    report: Callable[[list[Measurement]], None] = lambda round_: None,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Watch:
+    """Measure every check now and then every ``interval_s`` until one fails (fail), all pass in one
+    round (pass), or the next round would come later than ``wait_s`` after the first (inconclusive: no
+    traffic is not success). Errors of ``query`` propagate: the caller decides whether to retry."""
+    start = clock()
+    rounds = 0
+    while True:
+        at = clock()
+        round_ = [c.measure(args, query, at) for c in checks]
+        rounds += 1
+        report(round_)
+        elapsed = clock() - start
+        if any(m.verdict == FAIL for m in round_):
+            return Watch(FAIL, round_, rounds, elapsed)
+        if all(m.verdict == PASS for m in round_):
+            return Watch(PASS, round_, rounds, elapsed)
+        if elapsed + interval_s > wait_s:
+            return Watch(INCONCLUSIVE, round_, rounds, elapsed)
+        sleep(interval_s)

@@ -1,6 +1,7 @@
 """``rlops rollout``: canary a candidate on the local TorchServe, judged by the canary analysis.
 
-Exit codes: ``start`` 0 promoted, 1 rolled back or rejected; ``ope-gate`` 0 pass, 1 fail; 2 bad input.
+Exit codes: ``start`` 0 promoted, 1 rolled back or rejected; ``ope-gate`` 0 pass, 1 fail; ``check`` 0
+pass, 1 fail or inconclusive; 2 bad input.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rlops_contracts.registry import DEFAULT_REGISTRY, REGISTRY_ENV
 from rlops_server.commands import fail, group
 from rlops_server.serving import DEFAULT_RUN_DIR, ServeError
 from rlops_stack import prometheus
+from rlops_stack.prometheus import PrometheusError
 from rlops_trainer.card import utc_now
 from rlops_trainer.registry import Registry, RegistryError
 
@@ -61,6 +63,7 @@ def _user_errors() -> Iterator[None]:
         ServingError,
         ServeError,
         records.RolloutBusy,
+        PrometheusError,
         ValueError,
     ) as e:
         fail(str(e))
@@ -429,6 +432,130 @@ def ope_gate(
             ("[green]pass[/green] " if result["promote"] else "[red]fail[/red] ") + escape(result["reason"])
         )
     if not result["promote"]:
+        raise typer.Exit(1)
+
+
+DEFAULT_CHECK_WAIT_S = 600.0
+
+
+def _version(reg: Registry, policy: str, ref: str, role: str) -> int:
+    try:
+        return reg.resolve_version(policy, ref)
+    except RegistryError as e:
+        where = "" if str(reg.root) in str(e) else f" (registry {reg.root})"
+        raise RegistryError(f"the {role} {ref!r}: {e}{where}") from None
+
+
+@app.command()
+def check(
+    policy: Annotated[str, typer.Argument(help="Policy name in the registry.")],
+    candidate: Annotated[str, typer.Argument(help="Candidate version number (or alias).")],
+    champion: Annotated[str, typer.Argument(help="Champion version number (or alias).")],
+    prometheus_url_: Annotated[
+        str | None,
+        typer.Option(
+            "--prometheus-url",
+            help="Prometheus to query (default: the local stack's, rlops stack up, else port 9090).",
+        ),
+    ] = None,
+    analysis_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--analysis", help="Canary analysis file (default: alerts/canary/analysis.yaml).", dir_okay=False
+        ),
+    ] = None,
+    registry: RegistryOption = DEFAULT_REGISTRY,
+    wait_s: Annotated[
+        float,
+        typer.Option(
+            "--wait-s",
+            min=0.0,
+            help="Give up after this many seconds without a verdict (exit 1: no traffic is not success).",
+        ),
+    ] = DEFAULT_CHECK_WAIT_S,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure until conclusive the canary checks no Prometheus query can (Box: action divergence per
+    dimension), as Argo's Job metric: exit 0 pass (Discrete: nothing to add), 1 fail or inconclusive."""
+    with _user_errors():
+        spec = analysis.load(analysis_path(analysis_file))
+        reg = Registry(registry)
+        reg.versions(policy)  # an unknown policy, named as such before either version
+        cand = _version(reg, policy, candidate, "candidate")
+        champ = _version(reg, policy, champion, "champion")
+        if cand == champ:
+            fail(f"the candidate and the champion are both {policy} version {cand}; a canary compares two")
+        where = f"{policy} version {cand} against version {champ} (registry {registry})"
+        cards = reg.card(policy, cand), reg.card(policy, champ)
+        try:
+            checks, skipped = analysis.for_policies(spec, *cards)
+        except analysis.AnalysisError as e:
+            fail(f"cannot check {where}: {e}")
+        own = analysis.beyond_prometheus(spec, checks)
+        result: dict[str, Any] = {
+            "policy": policy,
+            "candidate": cand,
+            "champion": champ,
+            "analysis": spec.source,
+            "skipped_checks": skipped,
+        }
+        if not own:
+            kind = cards[0]["action_space"]["type"]
+            reason = (
+                f"{where}, {kind} actions: every check of {spec.source} applies as written, and the "
+                "rendered Prometheus checks cover them; nothing more to measure"
+            )
+            if as_json:
+                console.print_json(json.dumps({**result, "verdict": analysis.PASS, "reason": reason}))
+            else:
+                console.print(escape(reason), highlight=False, soft_wrap=True)
+            return
+        url = prometheus_url(prometheus_url_)
+        if not as_json:
+            console.print(
+                f"{where}: {', '.join(c.name for c in own)} against {url}, every "
+                f"{spec.interval_s:g} s for up to {wait_s:g} s",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        def report(round_: list[analysis.Measurement]) -> None:
+            if not as_json:
+                line = "; ".join(f"{m.check} {m.verdict} ({m.detail})" for m in round_)
+                console.print("  " + escape(line), highlight=False, soft_wrap=True)
+
+        watch = analysis.measure_until_conclusive(
+            own,
+            {"policy": policy, "candidate": str(cand), "champion": str(champ)},
+            partial(prometheus.query, url),
+            interval_s=spec.interval_s,
+            wait_s=wait_s,
+            report=report,
+        )
+    if watch.verdict == analysis.INCONCLUSIVE:
+        reason = (
+            f"inconclusive after {watch.elapsed_s:.0f} s ({watch.shortfall()}): no traffic is not success"
+        )
+    else:
+        shown = [m for m in watch.measurements if m.verdict == watch.verdict]
+        reason = f"{watch.verdict}: " + "; ".join(f"{m.check} {m.detail}" for m in shown)
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    **result,
+                    "verdict": watch.verdict,
+                    "reason": reason,
+                    "rounds": watch.rounds,
+                    "elapsed_s": watch.elapsed_s,
+                    "checks": [m.to_dict() for m in watch.measurements],
+                }
+            )
+        )
+    else:
+        colour = "green" if watch.verdict == analysis.PASS else "red"
+        console.print(f"[{colour}]{escape(reason)}[/{colour}]", highlight=False, soft_wrap=True)
+    if watch.verdict != analysis.PASS:
         raise typer.Exit(1)
 
 
