@@ -3,6 +3,15 @@ runs. The canary checks are rendered from ``alerts/canary/analysis.yaml`` (the s
 rollout reads), each as a Prometheus-provider metric; the OPE gate is a Job-provider metric running
 ``rlops rollout ope-gate`` in the trainer image before any traffic moves.
 
+Box (continuous-action) policies: the file's ``action-divergence`` compares discrete action distributions,
+and every Box decision is counted under one ``action`` label, so for them it measures 0 and passes
+whatever the candidate does. Its per-dimension counterpart compares each version's binned actions using
+the bin edges of each model card, which no PromQL query can do: the canary template runs it as one more
+metric, a Job running ``rlops rollout check`` in the trainer image with the registry and the analysis file
+mounted (the same Python as the local rollout). The template is rendered before the action space is
+known, so the metric is there for every policy; for Discrete ones the command has nothing to add and
+exits 0 at once.
+
 No traffic is not success. Each check's query is guarded by its minimum sample count and always answers
 exactly one value: the check's value when enough samples stand behind it, NaN otherwise (no traffic yet,
 or a quantile of nothing). A NaN measurement meets neither condition, so Argo records it Inconclusive;
@@ -11,10 +20,13 @@ more than ``inconclusive_limit`` of them pause the rollout for a human instead o
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+from rlops_delivery.analysis import parse_duration
 
 from rlops_infra import charts
 from rlops_infra import config as cfg
@@ -37,6 +49,14 @@ NAMESPACE = "argo-rollouts"
 CANARY_TEMPLATE = "rlops-canary"
 OPE_TEMPLATE = "rlops-ope-gate"
 ARGS = ("policy", "candidate", "champion")
+CHECK_METRIC = "action-divergence-per-dimension"
+"""The canary metric running ``rlops rollout check``, named after the check it measures for Box policies."""
+ANALYSIS_CONFIG_MAP = "rlops-canary-analysis"
+"""The analysis file, for ``rlops rollout check`` in the check Jobs."""
+ANALYSIS_DIR = "/etc/rlops-canary"
+ANALYSIS_FILE = "analysis.yaml"
+CHECK_STARTUP_S = 300
+"""Time a check Job may take beyond its wait: scheduling, pulling the trainer image, imports."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,114 @@ def conditions(check: Check) -> tuple[str, str]:
     )
 
 
+def trainer_job(
+    args: DeliveryArgs,
+    name: str,
+    command: list[str],
+    *,
+    cpu: str,
+    memory: str,
+    scratch: str,
+    deadline_s: int,
+    volumes: Sequence[tuple[dict[str, Any], dict[str, Any]]] = (),
+) -> dict[str, Any]:
+    """The Job of a Job-provider metric: ``command`` once in the trainer image, with ``volumes`` (each a
+    volume and its mount), the models volume read-only (the registry) and a scratch ``/tmp``."""
+    return {
+        # The verdict is the command's exit code (0 pass, else fail); a retry would not change it.
+        "backoffLimit": 0,
+        "activeDeadlineSeconds": deadline_s,
+        "template": {
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": pod_security(),
+                "containers": [
+                    {
+                        "name": name,
+                        "image": args.trainer_image,
+                        "command": command,
+                        "env": [{"name": "HOME", "value": "/tmp"}],
+                        "resources": resources(cpu, memory),
+                        "securityContext": container_security(),
+                        "volumeMounts": [
+                            *(m for _, m in volumes),
+                            mount("models", MODELS_MOUNT, read_only=True),
+                            mount("tmp", "/tmp"),
+                        ],
+                    }
+                ],
+                "volumes": [
+                    *(v for v, _ in volumes),
+                    pvc_volume("models", args.models_claim, read_only=True),
+                    scratch_volume("tmp", scratch),
+                ],
+            }
+        },
+    }
+
+
+def check_wait_s(args: DeliveryArgs) -> int:
+    """How long one check Job waits for enough samples: as long as the rendered Prometheus checks go on
+    measuring the same traffic inconclusively (``inconclusive_limit`` + 1 intervals) before they pause
+    the rollout for a human."""
+    interval = parse_duration(args.analysis.interval, "alerts/canary/analysis.yaml: interval")
+    return math.ceil((args.delivery.inconclusive_limit + 1) * interval)
+
+
+def check_command(args: DeliveryArgs) -> list[str]:
+    return [
+        "rlops", "rollout", "check", "{{args.policy}}", "{{args.candidate}}", "{{args.champion}}",
+        "--prometheus-url", args.prometheus_url,
+        "--registry", REGISTRY_DIR,
+        "--analysis", f"{ANALYSIS_DIR}/{ANALYSIS_FILE}",
+        "--wait-s", str(check_wait_s(args)),
+    ]  # fmt: skip
+
+
+def check_metric(args: DeliveryArgs) -> dict[str, Any]:
+    """``rlops rollout check`` as a Job metric of the canary's background analysis. Each Job is one
+    measurement: it measures every ``interval`` of the file until the check is conclusive, and exits 0
+    (pass) or 1 (fail, or still inconclusive after ``--wait-s``: a Job can only succeed or fail, and no
+    traffic is not success)."""
+    a = args.analysis
+    wait = check_wait_s(args)
+    analysis_volume = {"name": "analysis", "configMap": {"name": ANALYSIS_CONFIG_MAP}}
+    job = trainer_job(
+        args,
+        "check",
+        check_command(args),
+        cpu="500m",
+        memory="1Gi",
+        scratch="1Gi",
+        deadline_s=wait + CHECK_STARTUP_S,
+        volumes=[(analysis_volume, mount("analysis", ANALYSIS_DIR, read_only=True))],
+    )
+    return {
+        "name": CHECK_METRIC,
+        # No count: Argo starts the next Job `interval` after one finishes, until the rollout ends (a Job
+        # still running then is stopped and counts as successful). A long canary step is re-measured as
+        # the candidate's traffic grows, at the file's pace; a count would stop measuring partway through.
+        "interval": a.interval,
+        # The file's: one failed Job more than it aborts the rollout, as for the Prometheus checks.
+        "failureLimit": a.failure_limit,
+        # Argo v1.9 never ends a Job measurement Inconclusive (later releases do when the image cannot
+        # be pulled); the stack's limit then holds as for the other checks.
+        "inconclusiveLimit": args.delivery.inconclusive_limit,
+        "provider": {"job": {"spec": job}},
+    }
+
+
+def analysis_config_map(args: DeliveryArgs) -> dict[str, Any]:
+    meta = metadata(ANALYSIS_CONFIG_MAP, args.namespace, "delivery")
+    meta["annotations"] = {"rlops.dev/source": "alerts/canary/analysis.yaml"}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {ANALYSIS_FILE: args.analysis.text},
+    }
+
+
 def canary_template(args: DeliveryArgs) -> dict[str, Any]:
     a = args.analysis
     metrics = []
@@ -96,6 +224,7 @@ def canary_template(args: DeliveryArgs) -> dict[str, Any]:
                 },
             }
         )
+    metrics.append(check_metric(args))
     meta = metadata(CANARY_TEMPLATE, args.namespace, "delivery")
     meta["annotations"] = {"rlops.dev/source": "alerts/canary/analysis.yaml"}
     return {
@@ -115,37 +244,18 @@ def ope_command() -> list[str]:
 
 
 def ope_template(args: DeliveryArgs) -> dict[str, Any]:
-    job_spec = {
-        # The gate's verdict is its exit code (0 pass, 1 fail); a retry would not change it.
-        "backoffLimit": 0,
-        "activeDeadlineSeconds": 3600,
-        "template": {
-            "spec": {
-                "restartPolicy": "Never",
-                "securityContext": pod_security(),
-                "containers": [
-                    {
-                        "name": "ope-gate",
-                        "image": args.trainer_image,
-                        "command": ope_command(),
-                        "env": [{"name": "HOME", "value": "/tmp"}],
-                        "resources": resources("2", "8Gi"),
-                        "securityContext": container_security(),
-                        "volumeMounts": [
-                            mount("data", DATA_MOUNT, read_only=True),
-                            mount("models", MODELS_MOUNT, read_only=True),
-                            mount("tmp", "/tmp"),
-                        ],
-                    }
-                ],
-                "volumes": [
-                    pvc_volume("data", args.data_claim, read_only=True),
-                    pvc_volume("models", args.models_claim, read_only=True),
-                    scratch_volume("tmp", "8Gi"),
-                ],
-            }
-        },
-    }
+    job_spec = trainer_job(
+        args,
+        "ope-gate",
+        ope_command(),
+        cpu="2",
+        memory="8Gi",
+        scratch="8Gi",
+        deadline_s=3600,
+        volumes=[
+            (pvc_volume("data", args.data_claim, read_only=True), mount("data", DATA_MOUNT, read_only=True))
+        ],
+    )
     return {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "AnalysisTemplate",
@@ -172,7 +282,7 @@ def controller_values() -> dict[str, Any]:
 
 
 def objects(args: DeliveryArgs) -> list[dict[str, Any]]:
-    out = [canary_template(args)]
+    out = [analysis_config_map(args), canary_template(args)]
     if args.delivery.ope_gate:
         out.append(ope_template(args))
     return out

@@ -13,6 +13,7 @@ import yaml
 from rlops_infra import config as cfg
 from rlops_infra import delivery, monitoring, ray, serving, storage, tenancy, training
 from rlops_infra.cluster import Cluster, ClusterArgs
+from rlops_infra.files import ROOT as FILES_ROOT
 from rlops_infra.files import RepoFiles
 from rlops_infra.render import Recorded, run_mocked
 from rlops_server.torchserve.config import BATCHER_BUILT
@@ -479,7 +480,7 @@ def test_delivery_templates_follow_the_analysis_file() -> None:
     }
     canary = templates[delivery.CANARY_TEMPLATE]
     metrics = {m["name"]: m for m in canary["spec"]["metrics"]}
-    assert set(metrics) == {c.name for c in FILES.analysis.checks}
+    assert set(metrics) == {c.name for c in FILES.analysis.checks} | {delivery.CHECK_METRIC}
     for check in FILES.analysis.checks:
         metric = metrics[check.name]
         assert metric["interval"] == FILES.analysis.interval
@@ -494,6 +495,81 @@ def test_delivery_templates_follow_the_analysis_file() -> None:
     command = ope["template"]["spec"]["containers"][0]["command"]
     assert command[:5] == ["rlops", "rollout", "ope-gate", "{{args.policy}}", "{{args.candidate}}"]
     assert ope["backoffLimit"] == 0
+    mounts = {m["name"]: m for m in ope["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert (mounts["data"]["readOnly"], mounts["models"]["readOnly"]) == (True, True)
+
+
+def _pod(metric: dict) -> tuple[dict, dict]:
+    """(the pod spec, its one container) of a Job-provider metric."""
+    pod = metric["provider"]["job"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return pod, container
+
+
+def test_box_policies_are_checked_per_dimension_by_a_job_metric() -> None:
+    """The canary template runs rlops rollout check as a Job beside the Prometheus checks: the analysis
+    file's pace and failure limit, the registry read-only from the models volume, the file from a
+    ConfigMap of its exact text."""
+    args = _delivery_args()
+    assert FILES.analysis is not None
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in delivery.objects(args)}
+    canary = objects[("AnalysisTemplate", delivery.CANARY_TEMPLATE)]
+    (metric,) = [m for m in canary["spec"]["metrics"] if m["name"] == delivery.CHECK_METRIC]
+    assert (metric["interval"], metric["failureLimit"]) == (
+        FILES.analysis.interval,
+        FILES.analysis.failure_limit,
+    )
+    assert metric["inconclusiveLimit"] == 7
+    assert "count" not in metric  # measured until the rollout ends
+    job = metric["provider"]["job"]["spec"]
+    assert job["backoffLimit"] == 0
+    pod, container = _pod(metric)
+    assert container["image"] == IMAGE
+    assert container["command"][:6] == [
+        "rlops", "rollout", "check", "{{args.policy}}", "{{args.candidate}}", "{{args.champion}}",
+    ]  # fmt: skip
+    flags = dict(zip(container["command"][6::2], container["command"][7::2], strict=True))
+    assert flags["--prometheus-url"] == "http://kps-prometheus.monitoring.svc:9090"
+    # (7 + 1) measurements of 15 s: as long as the Prometheus checks wait before pausing the rollout.
+    assert flags["--wait-s"] == "120"
+    assert job["activeDeadlineSeconds"] == 120 + delivery.CHECK_STARTUP_S
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    registry_mount = next(p for p in mounts if flags["--registry"].startswith(p + "/"))
+    assert mounts[registry_mount]["readOnly"]
+    assert volumes[mounts[registry_mount]["name"]]["persistentVolumeClaim"] == {
+        "claimName": "rlops-models",
+        "readOnly": True,
+    }
+    analysis_mount = next(p for p in mounts if flags["--analysis"].startswith(p + "/"))
+    config_map = volumes[mounts[analysis_mount]["name"]]["configMap"]["name"]
+    shipped = objects[("ConfigMap", config_map)]["data"][
+        flags["--analysis"].removeprefix(analysis_mount + "/")
+    ]
+    assert shipped == FILES.analysis.text
+    assert "data" not in volumes  # it reads Prometheus, not the logs
+    # The OPE gate's Job is the same pod, with the logs' volume and more room to compute.
+    ope = objects[("AnalysisTemplate", delivery.OPE_TEMPLATE)]["spec"]["metrics"][0]
+    ope_pod, ope_container = _pod(ope)
+    assert (ope_pod["securityContext"], ope_container["securityContext"]) == (
+        pod["securityContext"],
+        container["securityContext"],
+    )
+    assert ope_container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert ope["provider"]["job"]["spec"]["activeDeadlineSeconds"] == 3600
+
+
+def test_the_job_metric_is_named_after_the_check_the_local_rollout_adds() -> None:
+    """The Job metric measures what rlops rollout measures beyond the file for Box policies."""
+    from rlops_delivery import analysis
+
+    spec = analysis.load(FILES_ROOT / "alerts/canary/analysis.yaml")
+    box = {
+        "action_space": {"type": "Box", "shape": [1], "low": [-1.0], "high": [1.0]},
+        "reference": {"actions": {"bins": [{"edges": [0.0], "proportions": [0.5, 0.5]}]}},
+    }
+    added = analysis.beyond_prometheus(spec, analysis.for_policies(spec, box, box)[0])
+    assert [c.name for c in added] == [delivery.CHECK_METRIC]
 
 
 def _evaluate(condition: str, result: list[float]) -> bool:
