@@ -278,8 +278,9 @@ class TrainingJob(Section):
     name: Name
     runner: Literal["ray", "job"]
     """``ray``: a RayJob with its own Ray cluster; ``job``: one batch/v1 Job."""
-    algorithm: Literal["bc", "cql", "iql", "online"]
-    """Offline (bc, cql, iql: ``rlops train <algorithm> --data``) or on Ray (``rlops train online``)."""
+    algorithm: Literal["bc", "cql", "iql", "td3bc", "online"]
+    """Offline (bc, cql, iql, and td3bc for Box actions: ``rlops train <algorithm> --data``) or on Ray
+    (``rlops train online``)."""
     data: str | None = Field(default=None, pattern=RELATIVE_PATH)
     """Dataset path inside the data volume (offline algorithms)."""
     config: str | None = Field(default=None, pattern=RELATIVE_PATH)
@@ -309,6 +310,12 @@ class TrainingJob(Section):
         elif self.data is None or self.config is not None:
             raise ValueError(
                 f"job '{self.name}': offline algorithm {self.algorithm} takes 'data' (and no 'config')"
+            )
+        elif self.algorithm == "td3bc" and self.runner != "job":
+            # Ray Train's data-parallel path takes Discrete actions only; td3bc is for Box actions.
+            raise ValueError(
+                f"job '{self.name}': td3bc trains Box-action data, which Ray Train does not take; "
+                "accepted runner: job"
             )
         return self
 
@@ -565,8 +572,8 @@ class Loop(Section):
     """Cron schedule of the iterations (at most one runs at a time)."""
     time_zone: str = Field(default="Etc/UTC", pattern=r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$")
     """IANA time zone the schedule is read in."""
-    algorithm: Literal["bc", "cql", "iql"] | None = None
-    """Offline algorithm that retrains the policy (default: cql)."""
+    algorithm: Literal["bc", "cql", "iql", "td3bc"] | None = None
+    """Offline algorithm that retrains the policy (default: cql; td3bc for Box actions only)."""
     train: dict[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$")], TrainValue] = {}
     """Fields of the algorithm's config, as ``rlops train ALGO --set``: e.g. ``steps: 20000``."""
     min_new_transitions: int | None = Field(default=None, ge=1)

@@ -632,3 +632,14 @@ def test_online_training_runs_rlops_train_online_on_ray() -> None:
         cfg.TrainingJob(name="x", runner="job", algorithm="online", config="online/a.yaml", out="runs/x")
     with pytest.raises(ValueError, match="takes 'data'"):
         cfg.TrainingJob(name="x", runner="job", algorithm="cql", config="online/a.yaml", out="runs/x")
+
+
+def test_td3bc_jobs_train_box_data_in_a_job() -> None:
+    job = cfg.TrainingJob(name="td3bc", runner="job", algorithm="td3bc", data="p.parquet", out="runs/x")
+    args = training.TrainingArgs(cfg.Training(jobs=[job]), RAY, "rlops", IMAGE, "rlops-data", "rlops-models")
+    (batch_job,) = kinds(mocked(lambda: training.Training("training", args)))["Job"]
+    command = " ".join(batch_job["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert command.startswith("rlops train td3bc --data /mnt/data/p.parquet")
+    with pytest.raises(ValueError, match="td3bc trains Box-action data, which Ray Train does not take"):
+        cfg.TrainingJob(name="x", runner="ray", algorithm="td3bc", data="p.parquet", out="runs/x")
+    assert cfg.Loop(algorithm="td3bc").algorithm == "td3bc"
