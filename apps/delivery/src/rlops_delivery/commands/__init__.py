@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rlops_contracts.metrics import PORT_PROMETHEUS
 from rlops_stack import local
 
 from rlops_delivery.analysis import AnalysisError
 
 CANARY_ANALYSIS = Path("canary") / "analysis.yaml"
+
+PrometheusUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--prometheus-url",
+        help="Prometheus to query (default: the local stack's, rlops stack up, else port 9090).",
+    ),
+]
+"""The Prometheus a command queries; :func:`prometheus_url` resolves it."""
+AnalysisOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--analysis", help="Canary analysis file (default: alerts/canary/analysis.yaml).", dir_okay=False
+    ),
+]
+"""The canary analysis file a command reads; :func:`analysis_path` resolves it."""
 
 
 def analysis_path(explicit: Path | None) -> Path:

@@ -27,7 +27,7 @@ from rlops_trainer.registry import RegistryError
 
 from rlops_delivery import analysis, loop, opegate, records
 from rlops_delivery import config as loop_config
-from rlops_delivery.commands import analysis_path, prometheus_url
+from rlops_delivery.commands import AnalysisOption, PrometheusUrlOption, analysis_path, prometheus_url
 from rlops_delivery.rollout import LocalServing, Rollout, RolloutError, RolloutSettings
 from rlops_delivery.serving import ServingError, restart_with_candidate
 
@@ -57,16 +57,8 @@ def run_once(
     run_dir: Annotated[
         Path, typer.Option("--serve-run-dir", help="Run directory of the local TorchServe.", file_okay=False)
     ] = DEFAULT_RUN_DIR,
-    prometheus_url_: Annotated[
-        str | None,
-        typer.Option("--prometheus-url", help="Prometheus (default: the local stack's, else port 9090)."),
-    ] = None,
-    analysis_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--analysis", help="Canary analysis file (default: alerts/canary/analysis.yaml).", dir_okay=False
-        ),
-    ] = None,
+    prometheus_url_: PrometheusUrlOption = None,
+    analysis_file: AnalysisOption = None,
     canary_mode: Annotated[
         str,
         typer.Option(

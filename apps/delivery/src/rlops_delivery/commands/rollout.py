@@ -28,7 +28,7 @@ from rlops_trainer.card import utc_now
 from rlops_trainer.registry import Registry, RegistryError
 
 from rlops_delivery import analysis, records
-from rlops_delivery.commands import analysis_path, prometheus_url
+from rlops_delivery.commands import AnalysisOption, PrometheusUrlOption, analysis_path, prometheus_url
 from rlops_delivery.config import parse_steps
 from rlops_delivery.opegate import OPEGateError, OPESettings, gate_on_logs
 from rlops_delivery.rollout import LocalServing, Rollout, RolloutError, RolloutSettings
@@ -141,19 +141,8 @@ def start(
             help="A step without a verdict after this long rolls back (no traffic is not success).",
         ),
     ] = "10m",
-    prometheus_url_: Annotated[
-        str | None,
-        typer.Option(
-            "--prometheus-url",
-            help="Prometheus to query (default: the local stack's, rlops stack up, else port 9090).",
-        ),
-    ] = None,
-    analysis_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--analysis", help="Canary analysis file (default: alerts/canary/analysis.yaml).", dir_okay=False
-        ),
-    ] = None,
+    prometheus_url_: PrometheusUrlOption = None,
+    analysis_file: AnalysisOption = None,
     registry: RegistryOption = DEFAULT_REGISTRY,
     run_dir: Annotated[
         Path, typer.Option("--serve-run-dir", help="Run directory of the local TorchServe.", file_okay=False)
@@ -451,19 +440,8 @@ def check(
     policy: Annotated[str, typer.Argument(help="Policy name in the registry.")],
     candidate: Annotated[str, typer.Argument(help="Candidate version number (or alias).")],
     champion: Annotated[str, typer.Argument(help="Champion version number (or alias).")],
-    prometheus_url_: Annotated[
-        str | None,
-        typer.Option(
-            "--prometheus-url",
-            help="Prometheus to query (default: the local stack's, rlops stack up, else port 9090).",
-        ),
-    ] = None,
-    analysis_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--analysis", help="Canary analysis file (default: alerts/canary/analysis.yaml).", dir_okay=False
-        ),
-    ] = None,
+    prometheus_url_: PrometheusUrlOption = None,
+    analysis_file: AnalysisOption = None,
     registry: RegistryOption = DEFAULT_REGISTRY,
     wait_s: Annotated[
         float,
