@@ -28,8 +28,8 @@ MATRIX = 256
 """Side of the square matrix multiplied per round: small enough for any CPU cache, one core each."""
 
 
-class SlowPolicy(torch.nn.Module):
-    """``inner`` (a scripted rlops policy) with ``rounds`` matrix products before each pass."""
+class _SlowWork(torch.nn.Module):
+    """``inner`` (a scripted rlops policy) and ``_work()``: ``rounds`` matrix products that add zero."""
 
     def __init__(self, inner: torch.jit.ScriptModule, rounds: int) -> None:
         super().__init__()
@@ -42,6 +42,10 @@ class SlowPolicy(torch.nn.Module):
         for _ in range(self.rounds):
             x = x @ x  # stays at 1/size: the product of two such matrices is the same matrix
         return x[0, 0] * 0.0
+
+
+class SlowPolicy(_SlowWork):
+    """``inner`` (a scripted rlops Discrete policy) with ``rounds`` matrix products before each pass."""
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.inner.forward(obs) + self._work()
@@ -58,21 +62,9 @@ class SlowPolicy(torch.nn.Module):
         return self.inner.forward(obs) + delay, self.inner.action_probs(obs, temperature, epsilon)
 
 
-class SlowBoxPolicy(torch.nn.Module):
+class SlowBoxPolicy(_SlowWork):
     """``inner`` (a scripted rlops Box policy: ``forward``, ``pre_squash``, ``act``, ``log_prob``) with
     ``rounds`` matrix products before each pass."""
-
-    def __init__(self, inner: torch.jit.ScriptModule, rounds: int) -> None:
-        super().__init__()
-        self.inner = inner
-        self.rounds = rounds
-        self.size = MATRIX
-
-    def _work(self) -> torch.Tensor:
-        x = torch.full((self.size, self.size), 1.0 / self.size)
-        for _ in range(self.rounds):
-            x = x @ x
-        return x[0, 0] * 0.0
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.inner.forward(obs + self._work())
@@ -111,7 +103,7 @@ def write_slow_policy_dir(source: Path, out: Path, seconds: float) -> Path:
     card = read_card(source)
     inner = load_script(source / card["policy"]["file"])
     rounds = rounds_for(seconds)
-    slow = SlowBoxPolicy if card["action_space"]["type"] == "Box" else SlowPolicy
+    slow: type[_SlowWork] = SlowBoxPolicy if card["action_space"]["type"] == "Box" else SlowPolicy
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         scripted = torch.jit.script(slow(inner, rounds).eval())
