@@ -49,6 +49,7 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -558,8 +559,83 @@ def _progress_bar(progress: bool) -> Progress:
     )
 
 
+def _eps_greedy(
+    rng: np.random.Generator, n: int, start: int, eps: float, policy: LinearPolicy | None
+) -> Choice:
+    """Uniform with probability ``eps``, else ``policy``'s greedy action (uniform without a policy)."""
+    log_uniform = -math.log(n)
+    # Both branches give exact probabilities: the greedy action also wins eps / n of the time.
+    log_greedy = math.log((1.0 - eps) + eps / n) if eps < 1.0 else log_uniform
+    log_other = math.log(eps / n) if eps > 0.0 else -math.inf
+
+    def choose(obs: np.ndarray) -> tuple[int, int, float]:
+        if eps >= 1.0 or policy is None:
+            action, logp = int(rng.integers(n)), log_uniform
+        else:
+            greedy = policy.act(obs.astype(np.float64))
+            action = int(rng.integers(n)) if rng.random() < eps else greedy
+            logp = log_greedy if action == greedy else log_other
+        return action, start + action, min(logp, 0.0)
+
+    return choose
+
+
+def _uniform_box(rng: np.random.Generator, low: np.ndarray, high: np.ndarray) -> Choice:
+    """Actions uniform in the Box ``[low, high]``."""
+    log_uniform = -float(np.log(high - low).sum())
+
+    def choose(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        action = rng.uniform(low, high).astype(np.float32)
+        return action, action, log_uniform
+
+    return choose
+
+
+def squashed_gaussian(policy: ContinuousPolicyModule, std: float) -> Choice:
+    """``policy``'s action explored with pre-squash noise ``std`` (torch's generator), with its exact
+    log-density (NaN when ``std`` is 0, a point mass)."""
+
+    def choose(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        sample, density = policy.act(torch.as_tensor(obs)[None], std)
+        action = sample[0].numpy().astype(np.float32)
+        return action, action, float(density[0])
+
+    return choose
+
+
 STEP_COLUMNS = ("obs", "action", "reward", "next_obs", "term", "trunc", "logp")
 """What a rollout records per step (lists, one entry per step) for :func:`transitions_from_steps`."""
+
+
+Choice = Callable[[np.ndarray], tuple[Any, Any, float]]
+"""A behaviour's step: observation -> (the action to record, the action the environment takes, its
+log-probability or log-density)."""
+
+
+def record_episode(env: gym.Env[Any, Any], seed: int, choose: Choice, columns: dict[str, list[Any]]) -> int:
+    """Play one episode from ``env.reset(seed=seed)`` with ``choose``, append every step to ``columns``
+    (the :data:`STEP_COLUMNS`) and return its length."""
+    obs, _ = env.reset(seed=seed)
+    obs = np.asarray(obs, dtype=np.float32).ravel()
+    steps = 0
+    while True:
+        action, env_action, logp = choose(obs)
+        next_obs, reward, terminated, truncated, _ = env.step(env_action)
+        next_obs = np.asarray(next_obs, dtype=np.float32).ravel()
+        for key, value in (
+            ("obs", obs),
+            ("action", action),
+            ("reward", float(reward)),
+            ("next_obs", next_obs),
+            ("term", bool(terminated)),
+            ("trunc", bool(truncated) and not terminated),
+            ("logp", logp),
+        ):
+            columns[key].append(value)
+        obs = next_obs
+        steps += 1
+        if terminated or truncated:
+            return steps
 
 
 def transitions_from_steps(
@@ -662,41 +738,14 @@ def collect(
         task = progress_bar.add_task(f"collecting {env_id} with {spec.spec}", total=episodes)
 
         rng = np.random.default_rng([seed, 2])
-        log_uniform = -math.log(n)
         columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
         lengths: list[int] = []
         chosen = rng.choice(len(spec.components), size=episodes, p=spec.weights)
         for episode in range(episodes):
             component = spec.components[chosen[episode]]
-            eps = component.epsilon
             policy = policies.get(component.budget_steps or budget_steps)
-            # Both branches give exact probabilities: the greedy action also wins eps / n of the time.
-            log_greedy = math.log((1.0 - eps) + eps / n) if eps < 1.0 else log_uniform
-            log_other = math.log(eps / n) if eps > 0.0 else -math.inf
-            obs, _ = env.reset(seed=int(rng.integers(0, 2**31 - 1)))
-            obs = np.asarray(obs, dtype=np.float32).ravel()
-            steps = 0
-            while True:
-                if eps >= 1.0 or policy is None:
-                    action, logp = int(rng.integers(n)), log_uniform
-                else:
-                    greedy = policy.act(obs.astype(np.float64))
-                    action = int(rng.integers(n)) if rng.random() < eps else greedy
-                    logp = log_greedy if action == greedy else log_other
-                next_obs, reward, terminated, truncated, _ = env.step(start + action)
-                next_obs = np.asarray(next_obs, dtype=np.float32).ravel()
-                columns["obs"].append(obs)
-                columns["action"].append(action)
-                columns["reward"].append(float(reward))
-                columns["next_obs"].append(next_obs)
-                columns["term"].append(bool(terminated))
-                columns["trunc"].append(bool(truncated) and not terminated)
-                columns["logp"].append(min(logp, 0.0))
-                obs = next_obs
-                steps += 1
-                if terminated or truncated:
-                    break
-            lengths.append(steps)
+            choose = _eps_greedy(rng, n, start, component.epsilon, policy)
+            lengths.append(record_episode(env, int(rng.integers(0, 2**31 - 1)), choose, columns))
             progress_bar.advance(task)
     env.close()
 
@@ -748,7 +797,6 @@ def _collect_box(
         task = progress_bar.add_task(f"collecting {env_id} with {spec.spec}", total=episodes)
 
         rng = np.random.default_rng([seed, 2])
-        log_uniform = -float(np.log(high - low).sum())
         columns: dict[str, list[Any]] = {c: [] for c in STEP_COLUMNS}
         lengths: list[int] = []
         chosen = rng.choice(len(spec.components), size=episodes, p=spec.weights)
@@ -758,32 +806,11 @@ def _collect_box(
             for episode in range(episodes):
                 component = spec.components[chosen[episode]]
                 controller = controllers.get(component.budget_steps or budget_steps)
-                obs, _ = env.reset(seed=int(rng.integers(0, 2**31 - 1)))
-                obs = np.asarray(obs, dtype=np.float32).ravel()
-                steps = 0
-                while True:
-                    if controller is None or component.std is None:
-                        action, logp = rng.uniform(low, high).astype(np.float32), log_uniform
-                    else:
-                        sample, density = controller.policy.act(torch.as_tensor(obs)[None], component.std)
-                        action, logp = sample[0].numpy().astype(np.float32), float(density[0])
-                    next_obs, reward, terminated, truncated, _ = env.step(action)
-                    next_obs = np.asarray(next_obs, dtype=np.float32).ravel()
-                    for key, value in (
-                        ("obs", obs),
-                        ("action", action),
-                        ("reward", float(reward)),
-                        ("next_obs", next_obs),
-                        ("term", bool(terminated)),
-                        ("trunc", bool(truncated) and not terminated),
-                        ("logp", logp),
-                    ):
-                        columns[key].append(value)
-                    obs = next_obs
-                    steps += 1
-                    if terminated or truncated:
-                        break
-                lengths.append(steps)
+                if controller is None or component.std is None:
+                    choose = _uniform_box(rng, low, high)
+                else:
+                    choose = squashed_gaussian(controller.policy, component.std)
+                lengths.append(record_episode(env, int(rng.integers(0, 2**31 - 1)), choose, columns))
                 progress_bar.advance(task)
     env.close()
 

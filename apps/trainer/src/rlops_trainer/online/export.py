@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from rlops_trainer import datasets
-from rlops_trainer.collect import STEP_COLUMNS, make_env, transitions_from_steps
+from rlops_trainer.collect import (
+    STEP_COLUMNS,
+    Choice,
+    make_env,
+    record_episode,
+    squashed_gaussian,
+    transitions_from_steps,
+)
 from rlops_trainer.datasets import DatasetMeta, Transitions, box_space, discrete_space
 from rlops_trainer.export import (
     PARITY_TOL,
@@ -225,45 +232,23 @@ def reference_episodes(
     env, n, start, space = handle.env, handle.n_actions, handle.start, handle.observation_space
     rng = np.random.default_rng([seed, 3])
     columns: dict[str, list[Any]] = {k: [] for k in STEP_COLUMNS}
-    lengths: list[int] = []
-    action: Any
+    choose: Choice
+    if isinstance(policy, ContinuousPolicyModule):
+        choose = squashed_gaussian(policy, selection.std)
+    else:
+
+        def choose(obs: np.ndarray) -> tuple[int, int, float]:
+            probs = policy.probs_numpy(obs[None], selection)[0]
+            action = int(min(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum()), n - 1))
+            return action, start + action, math.log(probs[action]) if probs[action] > 0 else -math.inf
+
     try:
         # A Box policy's noise comes from torch's generator: seed it, and leave the caller's state alone.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(int(rng.integers(0, 2**31 - 1)))
-            for _ in range(episodes):
-                obs, _ = env.reset(seed=int(rng.integers(0, 2**31 - 1)))
-                obs = np.asarray(obs, dtype=np.float32).ravel()
-                steps = 0
-                while True:
-                    if isinstance(policy, ContinuousPolicyModule):
-                        sample, density = policy.act(torch.as_tensor(obs)[None], selection.std)
-                        action, logp = sample[0].numpy().astype(np.float32), float(density[0])
-                        env_action = action
-                    else:
-                        probs = policy.probs_numpy(obs[None], selection)[0]
-                        action = int(
-                            min(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum()), n - 1)
-                        )
-                        logp = math.log(probs[action]) if probs[action] > 0 else -math.inf
-                        env_action = start + action
-                    next_obs, reward, terminated, truncated, _ = env.step(env_action)
-                    next_obs = np.asarray(next_obs, dtype=np.float32).ravel()
-                    for key, value in (
-                        ("obs", obs),
-                        ("action", action),
-                        ("reward", float(reward)),
-                        ("next_obs", next_obs),
-                        ("term", bool(terminated)),
-                        ("trunc", bool(truncated) and not terminated),
-                        ("logp", logp),
-                    ):
-                        columns[key].append(value)
-                    obs = next_obs
-                    steps += 1
-                    if terminated or truncated:
-                        break
-                lengths.append(steps)
+            lengths = [
+                record_episode(env, int(rng.integers(0, 2**31 - 1)), choose, columns) for _ in range(episodes)
+            ]
     finally:
         env.close()
     if isinstance(handle.action_space, gym.spaces.Box):
