@@ -1,21 +1,26 @@
-"""Offline RL with continuous actions on Pendulum-v1: rlops against d3rlpy, in one run.
+"""Offline RL with continuous actions (Pendulum-v1 or a MuJoCo task): rlops against d3rlpy, in one run.
 
-    .venv/bin/python benchmarks/continuous.py            # the full benchmark (3 seeds)
+    .venv/bin/python benchmarks/continuous.py            # Pendulum-v1, the full benchmark (3 seeds)
     .venv/bin/python benchmarks/continuous.py --quick    # a small run that checks the plumbing
+    .venv/bin/python benchmarks/continuous.py --env Hopper-v5 --data-dir DIR   # D4RL-style MuJoCo data
 
 What it does, in order:
 
-1. Collects two datasets with ``rlops data collect``'s behaviours (``Settings.behaviors``): "medium"
-   (a partially trained controller explored with Gaussian noise) and "medium-replay" (a mixture of that
-   controller's noisy play and uniform random actions). Each is written in D4RL's HDF5 layout
-   (``observations, actions, rewards, terminals, timeouts, next_observations, infos/action_log_probs``)
-   and imported back through ``rlops data import --format d4rl-hdf5``: what every algorithm trains on.
+1. Datasets. On Pendulum-v1 it collects two with ``rlops data collect``'s behaviours
+   (``Settings.behaviors``): "medium" (a partially trained controller explored with Gaussian noise) and
+   "medium-replay" (a mixture of that controller's noisy play and uniform random actions), each written in
+   D4RL's HDF5 layout (``observations, actions, rewards, terminals, timeouts, next_observations,
+   infos/action_log_probs``). On a MuJoCo task it reads ``<task>-medium-replay.hdf5`` and
+   ``<task>-medium.hdf5`` from ``--data-dir``, made by ``mujoco_data.py`` from a partly trained SAC run
+   the way D4RL made its own. Every file is imported through ``rlops data import --format d4rl-hdf5``:
+   what every algorithm trains on.
 2. Trains rlops CQL, IQL, TD3+BC and BC, and d3rlpy's CQL, IQL, TD3PlusBC and BC (in d3rlpy's own
    virtual environment, ``benchmarks/.venv-d3rlpy``), per dataset and seed, the same gradient steps,
    batch size and hidden widths; the d3rlpy runs go on in a second process while rlops trains in this
    one (one torch thread each, one core each on a 2-core machine).
-3. Rolls every policy out deterministically in Pendulum-v1 with the same episode seeds and reports
-   normalised returns: 0 is the uniform random policy, 100 the reference controller (``--expert-return``).
+3. Rolls every policy out deterministically in the task with the same episode seeds and reports
+   normalised returns: on Pendulum-v1 0 is the uniform random policy and 100 the reference controller
+   (``--expert-return``); on Hopper, HalfCheetah and Walker2d D4RL's own reference scores.
 4. Off-policy evaluation: FQE for candidate policies of graded quality (trained policies served
    deterministically and with exploration noise) next to the discounted return of rollouts (the truth).
 5. Writes ``results.json`` and ``results.md`` and checks the targets.
@@ -39,6 +44,7 @@ import h5py
 import numpy as np
 import torch
 import typer
+from mujoco_data import write_d4rl_hdf5 as write_d4rl_columns
 from offline import (
     D3RLPY_VENV,
     RUNNER,
@@ -69,6 +75,14 @@ MEDIUM = "gaussian:0.3@200000"
 """D4RL's "medium" shape: one partially trained controller (the cross-entropy method's, at half the
 budget of the good one in :data:`rlops_trainer.collect.PENDULUM_MIXED`) explored with small noise."""
 
+D4RL_REFERENCE = {
+    "Hopper": (-20.272305, 3234.3),
+    "HalfCheetah": (-280.178953, 12135.0),
+    "Walker2d": (1.629008, 4592.3),
+}
+"""D4RL's normalisation per task family (``REF_MIN_SCORE``, ``REF_MAX_SCORE`` in d4rl/infos.py): random and
+expert returns of the v2 tasks, whose reward terms the v5 tasks keep."""
+
 # (label suffix, rlops algorithm, d3rlpy runner --algo)
 ALGOS: tuple[tuple[str, str], ...] = (("CQL", "cql"), ("IQL", "iql"), ("TD3+BC", "td3bc"), ("BC", "bc"))
 
@@ -87,9 +101,11 @@ class Settings:
     n_bootstrap: int
     data_seed: int
     behaviors: dict[str, str]
-    expert_return: float
+    expert_return: float | None
     out: Path
     quick: bool
+    env: str = ENV_ID
+    data_dir: Path | None = None
     eval_seed: int = 10_000
     truth_seed: int = 20_000
 
@@ -113,31 +129,52 @@ class Run:
 
 def write_d4rl_hdf5(data: Transitions, path: Path) -> Path:
     """``data`` in D4RL's HDF5 layout (what D4RL's MuJoCo datasets look like on disk)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with h5py.File(tmp, "w") as f:
-        f["observations"] = data.observation
-        f["next_observations"] = data.next_observation
-        f["actions"] = data.action
-        f["rewards"] = data.reward
-        f["terminals"] = data.terminated
-        f["timeouts"] = data.truncated
-        if data.has_propensities:
-            f["infos/action_log_probs"] = data.behavior_logp
-    tmp.replace(path)
-    return path
+    columns = {
+        "observations": data.observation,
+        "next_observations": data.next_observation,
+        "actions": data.action,
+        "rewards": data.reward,
+        "terminals": data.terminated,
+        "timeouts": data.truncated,
+    }
+    if data.has_propensities:
+        columns["infos/action_log_probs"] = data.behavior_logp
+    return write_d4rl_columns(columns, path)
+
+
+def stem(env_id: str) -> str:
+    """File-name form of a task id (``Hopper-v5`` -> ``hopper-v5``), as ``mujoco_data.py`` names its files."""
+    return env_id.lower()
+
+
+def dataset_file(s: Settings, name: str) -> tuple[Path, str]:
+    """The HDF5 file of dataset ``name`` and the behaviour that made it: collected here on Pendulum-v1,
+    read from ``--data-dir`` otherwise."""
+    if s.data_dir is None:
+        behavior = s.behaviors[name]
+        with console.status(f"collecting {s.episodes} episodes of {s.env} ({name}: {behavior})"):
+            collected = collect.collect(s.env, behavior, s.episodes, s.data_seed, progress=False)
+            return write_d4rl_hdf5(collected, s.out / "data" / f"{stem(s.env)}-{name}.hdf5"), behavior
+    h5 = s.data_dir / f"{stem(s.env)}-{name}.hdf5"
+    if not h5.is_file():
+        raise BenchmarkError(
+            f"--data-dir: {h5} does not exist; make it with benchmarks/mujoco_data.py "
+            f"(train, then rollout) --env {s.env} --out {s.data_dir}"
+        )
+    with h5py.File(h5, "r") as f:
+        behavior = str(f.attrs.get("behavior", h5.name))
+    return h5, behavior
 
 
 def prepare_datasets(s: Settings) -> tuple[dict[str, Transitions], dict[str, Path], dict[str, Any]]:
     loaded: dict[str, Transitions] = {}
     paths: dict[str, Path] = {}
     info: dict[str, Any] = {}
-    for name, behavior in s.behaviors.items():
-        with console.status(f"collecting {s.episodes} episodes of {ENV_ID} ({name}: {behavior})"):
-            collected = collect.collect(ENV_ID, behavior, s.episodes, s.data_seed, progress=False)
-            h5 = write_d4rl_hdf5(collected, s.out / "data" / f"pendulum-{name}.hdf5")
-            data = importers.import_dataset("d4rl-hdf5", h5, env_id=ENV_ID)
-            paths[name] = datasets.save(data, s.out / "data" / f"pendulum-{name}.parquet")
+    for name in s.behaviors:
+        h5, behavior = dataset_file(s, name)
+        with console.status(f"importing {h5}"):
+            data = importers.import_dataset("d4rl-hdf5", h5, env_id=s.env)
+            paths[name] = datasets.save(data, s.out / "data" / f"{stem(s.env)}-{name}.parquet")
         returns = data.episode_returns()
         info[name] = {
             "behavior": behavior,
@@ -159,11 +196,24 @@ def prepare_datasets(s: Settings) -> tuple[dict[str, Transitions], dict[str, Pat
     return loaded, paths, info
 
 
+def reference_returns(s: Settings) -> tuple[float, float, str]:
+    """The returns that score 0 and 100, and where they come from."""
+    family = s.env.split("-")[0]
+    if family in D4RL_REFERENCE:
+        random, expert = D4RL_REFERENCE[family]
+        return random, expert if s.expert_return is None else s.expert_return, "D4RL reference scores"
+    if s.expert_return is None:
+        raise BenchmarkError(
+            f"--expert-return: {s.env} has no reference score; pass the return that scores 100"
+        )
+    return random_return(s), s.expert_return, "uniform random actions on the evaluation seeds"
+
+
 def random_return(s: Settings) -> float:
     """Mean return of uniform random actions over the evaluation episodes (the 0 of the normalised scale)."""
     import gymnasium as gym
 
-    env = gym.make(ENV_ID)
+    env = gym.make(s.env)
     totals = []
     for i in range(s.eval_episodes):
         env.reset(seed=s.eval_seed + i)
@@ -212,7 +262,7 @@ def d3rlpy_job(
         f"--batch-size={s.batch_size}",
         f"--hidden={','.join(str(w) for w in hidden)}",
         "--eval-episodes=0",
-        f"--env-id={ENV_ID}",
+        f"--env-id={s.env}",
         f"--export={export}",
     ]
     return call_runner(cmd, log, f"d3rlpy {algo} seed {seed}")
@@ -237,7 +287,7 @@ class ExportedActions(nn.Module):
 
 
 def deterministic_returns(policy: nn.Module, s: Settings) -> list[float]:
-    result = rollout.rollout(policy, DETERMINISTIC, ENV_ID, s.eval_episodes, s.eval_seed, GAMMA)
+    result = rollout.rollout(policy, DETERMINISTIC, s.env, s.eval_episodes, s.eval_seed, GAMMA)
     return [float(x) for x in result.returns]
 
 
@@ -275,7 +325,7 @@ def evaluate_candidate(cand: Candidate, data: Transitions, s: Settings) -> dict[
         fqe_config=ope.FQEConfig(steps=s.fqe_steps, seed=s.data_seed),
         n_bootstrap=s.n_bootstrap,
     )
-    truth = rollout.rollout(cand.policy, cand.selection, ENV_ID, s.truth_episodes, s.truth_seed, GAMMA)
+    truth = rollout.rollout(cand.policy, cand.selection, s.env, s.truth_episodes, s.truth_seed, GAMMA)
     value = float(truth.discounted_returns.mean())
     return {
         "name": cand.name,
@@ -381,22 +431,22 @@ def _fmt(x: Any) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
+    ref = result["reference"]
     lines = [
-        f"# Continuous offline RL on {ENV_ID}: rlops vs d3rlpy {result['d3rlpy'].get('version', '?')}",
+        f"# Continuous offline RL on {s['env']}: rlops vs d3rlpy {result['d3rlpy'].get('version', '?')}",
         "",
         f"Command: `{result['command']}`  ",
         f"Created {result['created_at']} on {result['machine']['cpu']} ({result['machine']['cores']} cores); "
         f"{s['seeds']} seeds, {s['steps']} gradient steps, batch {s['batch_size']}, "
         f"{s['eval_episodes']} evaluation episodes; elapsed {result['elapsed_s'] / 60:.1f} min.",
-        f"Normalised return: 0 = uniform random ({result['reference']['random_return']:.1f}), "
-        f"100 = reference controller ({result['reference']['expert_return']:.1f}).",
+        f"Normalised return ({ref['source']}): 0 = {ref['random_return']:.1f}, "
+        f"100 = {ref['expert_return']:.1f}.",
         "",
         "## Datasets",
         "",
         table_row(["dataset", "behaviour", "episodes", "transitions", "behaviour return", "normalised"]),
         table_row(["---"] * 6),
     ]
-    ref = result["reference"]
     for name, d in result["datasets"].items():
         score = normalised(d["behavior_return_mean"], ref["random_return"], ref["expert_return"])
         lines.append(
@@ -469,7 +519,7 @@ def run_benchmark(s: Settings, command: str) -> dict[str, Any]:
     logs.mkdir(exist_ok=True)
     python = ensure_d3rlpy_venv(D3RLPY_VENV, logs / "d3rlpy-venv.log")
     data, paths, dataset_info = prepare_datasets(s)
-    random = random_return(s)
+    random, expert, reference_source = reference_returns(s)
 
     runs: list[Run] = []
     d3: dict[str, Any] = {"python": str(python), "configs": {}}
@@ -530,14 +580,14 @@ def run_benchmark(s: Settings, command: str) -> dict[str, Any]:
     truths = [r["truth"] for r in rows]
     spearman = float(stats.spearmanr(truths, [r["estimates"]["fqe"]["value"] for r in rows]).statistic)
     ope_result = {"dataset": "medium-replay", "candidates": rows, "spearman": {"fqe": spearman}}
-    summary = summarise(runs, random, s.expert_return)
+    summary = summarise(runs, random, expert)
     report: dict[str, Any] = {
-        "benchmark": "offline-pendulum",
+        "benchmark": f"offline-{stem(s.env)}",
         "command": command,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()},
-        "reference": {"random_return": random, "expert_return": s.expert_return},
+        "reference": {"random_return": random, "expert_return": expert, "source": reference_source},
         "datasets": dataset_info,
         "d3rlpy": d3,
         "runs": [dataclasses.asdict(r) for r in runs],
@@ -568,15 +618,32 @@ def main(
         str, typer.Option(help="Behaviour spec of the 'medium-replay' dataset.")
     ] = collect.PENDULUM_MIXED,
     expert_return: Annotated[
-        float, typer.Option(help="Return that scores 100 (a well-trained Pendulum-v1 controller).")
-    ] = -150.0,
+        float | None,
+        typer.Option(
+            help="Return that scores 100 (default: -150, a well-trained controller, on Pendulum-v1; "
+            "D4RL's expert score on Hopper, HalfCheetah and Walker2d)."
+        ),
+    ] = None,
+    env: Annotated[
+        str, typer.Option(help="Gymnasium task: Pendulum-v1, or a MuJoCo task with --data-dir.")
+    ] = ENV_ID,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with <task>-medium-replay.hdf5 and <task>-medium.hdf5 (benchmarks/mujoco_data.py); "
+            "required for any task but Pendulum-v1."
+        ),
+    ] = None,
     quick: Annotated[
         bool,
         typer.Option("--quick", help="1 seed, 20 episodes, 300 steps: checks the plumbing."),
     ] = False,
-    out: Annotated[Path, typer.Option(help="Directory for the results.")] = BENCH / "results" / "continuous",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Directory for the results (default: results/continuous, or continuous-<task>)."),
+    ] = None,
 ) -> None:
-    """Train rlops and d3rlpy CQL, IQL, TD3+BC and BC on Pendulum-v1 datasets; compare normalised returns,
+    """Train rlops and d3rlpy CQL, IQL, TD3+BC and BC on continuous datasets; compare normalised returns,
     gradient steps per second and FQE with rollout truth; write results.json and results.md to --out."""
     if quick:
         seeds, episodes, steps, eval_episodes, truth_episodes, fqe_steps, n_bootstrap = (
@@ -594,8 +661,21 @@ def main(
         console.print(f"[red]--datasets: medium-replay and optionally medium, got {datasets_!r}[/red]")
         raise typer.Exit(2)
     behaviors = {n: specs[n] for n in specs if n in names}
-    for name, spec in behaviors.items():
-        check_behavior(f"--{name}", spec)
+    if env == ENV_ID and data_dir is None:
+        for name, spec in behaviors.items():
+            check_behavior(f"--{name}", spec)
+        if expert_return is None:
+            expert_return = -150.0
+    elif data_dir is None:
+        console.print(
+            f"[red]--data-dir: {env} data are not collected here; make them with mujoco_data.py[/red]"
+        )
+        raise typer.Exit(2)
+    elif not data_dir.is_dir():
+        console.print(f"[red]--data-dir: {data_dir} is not a directory[/red]")
+        raise typer.Exit(2)
+    if out is None:
+        out = BENCH / "results" / ("continuous" if env == ENV_ID else f"continuous-{stem(env)}")
     check_minimums(
         [
             ("--seeds", seeds, 1),
@@ -624,6 +704,8 @@ def main(
         expert_return=expert_return,
         out=out.resolve(),
         quick=quick,
+        env=env,
+        data_dir=None if data_dir is None else data_dir.resolve(),
     )
     command = shlex.join(["python", "benchmarks/continuous.py", *sys.argv[1:]])
     try:
