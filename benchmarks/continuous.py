@@ -46,19 +46,17 @@ import torch
 import typer
 from mujoco_data import write_d4rl_hdf5 as write_d4rl_columns
 from offline import (
-    D3RLPY_VENV,
     RUNNER,
-    BenchmarkError,
     call_runner,
     check_behavior,
     check_minimums,
     console,
-    ensure_d3rlpy_venv,
     machine,
     progress_bar,
     relative_error,
     table_row,
 )
+from peers import BenchmarkError, ensure_peer
 from rlops_trainer import collect, datasets, importers, ope, rollout
 from rlops_trainer.algos import for_dataset
 from rlops_trainer.datasets import Transitions
@@ -517,7 +515,7 @@ def run_benchmark(s: Settings, command: str) -> dict[str, Any]:
     s.out.mkdir(parents=True, exist_ok=True)
     logs = s.out / "logs"
     logs.mkdir(exist_ok=True)
-    python = ensure_d3rlpy_venv(D3RLPY_VENV, logs / "d3rlpy-venv.log")
+    python = ensure_peer("d3rlpy", logs / "d3rlpy-venv.log")
     data, paths, dataset_info = prepare_datasets(s)
     random, expert, reference_source = reference_returns(s)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ import machine_info
 import numpy as np
 import torch
 import typer
+from peers import BenchmarkError, ensure_peer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rlops_trainer import collect, datasets, ope, rollout
@@ -54,8 +54,6 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 RUNNER = BENCH / "d3rlpy_runner.py"
-REQUIREMENTS = BENCH / "requirements-d3rlpy.txt"
-D3RLPY_VENV = BENCH / ".venv-d3rlpy"
 ENV_ID = "CartPole-v1"
 GAMMA = 0.99
 GREEDY = Selection(temperature=0.0, epsilon=0.0)
@@ -76,10 +74,6 @@ CQL, BC, TOP10, D3_CQL = "rlops CQL", "rlops BC", "rlops BC top-10%", "d3rlpy Di
 
 console = Console(stderr=True)
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
-
-
-class BenchmarkError(RuntimeError):
-    """A step of the benchmark failed; the message says which and where its log is."""
 
 
 @dataclass
@@ -121,43 +115,6 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------------
 # The d3rlpy environment and runner
-
-
-def _torch_pin() -> str:
-    for line in REQUIREMENTS.read_text().splitlines():
-        if line.strip().lower().startswith("torch=="):
-            return line.strip()
-    raise BenchmarkError(f"{REQUIREMENTS} pins no torch version (a line 'torch==X.Y.Z' is expected)")
-
-
-def _pip(python: Path, args: list[str], log: Path) -> None:
-    cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *args]
-    with open(log, "a") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise BenchmarkError(f"'{shlex.join(cmd)}' failed with exit code {done.returncode}; see {log}")
-
-
-def ensure_d3rlpy_venv(venv: Path, log: Path) -> Path:
-    """The d3rlpy interpreter, (re)creating the environment when the pins changed since it was built."""
-    python = venv / "bin" / "python"
-    stamp = venv / ".requirements.sha256"
-    wanted = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text().strip() == wanted:
-        return python
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("")
-    with console.status(f"creating the d3rlpy environment in {venv} (log: {log})"):
-        # The base interpreter of this venv is Python 3.11, which is what d3rlpy is pinned against.
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        # torch first, alone: it resolves to the machine's local CPU wheel, where a resolver pass over
-        # the whole file could pick the multi-gigabyte CUDA build from the index.
-        _pip(python, [_torch_pin()], log)
-        _pip(python, ["-r", str(REQUIREMENTS)], log)
-    stamp.write_text(wanted + "\n")
-    return python
 
 
 def run_d3rlpy(
@@ -688,7 +645,7 @@ def run_benchmark(s: Settings, command: str) -> dict[str, Any]:
     s.out.mkdir(parents=True, exist_ok=True)
     logs = s.out / "logs"
     logs.mkdir(exist_ok=True)
-    python = ensure_d3rlpy_venv(D3RLPY_VENV, logs / "d3rlpy-venv.log")
+    python = ensure_peer("d3rlpy", logs / "d3rlpy-venv.log")
     data, data_path, dataset_info = prepare_dataset(s)
     top10, dataset_info["top10"] = top_episodes(data, 0.10)
 

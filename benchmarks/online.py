@@ -25,7 +25,6 @@ which can only make them look slower. Writes ``results.json``, ``results.md`` an
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shlex
@@ -39,22 +38,17 @@ from typing import Annotated, Any
 
 import typer
 from machine_info import machine
+from peers import ensure_peer
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-SB3_REQUIREMENTS = BENCH / "requirements-sb3.txt"
-SB3_VENV = BENCH / ".venv-sb3"
 FRAMEWORKS = ("sb3", "rllib", "rlops")
 LABELS = {"sb3": "SB3 PPO (rl-zoo)", "rllib": "RLlib PPO (defaults)", "rlops": "rlops PPO"}
 COLORS = {"sb3": "tab:blue", "rllib": "tab:orange", "rlops": "tab:green"}
 
 console = Console(stderr=True)
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
-
-
-class BenchmarkError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -67,49 +61,6 @@ class Settings:
     max_env_steps: int
     rlops_set: tuple[str, ...]
     scaling: int
-
-
-# ----------------------------------------------------------------------------------------------------
-# SB3's environment
-
-
-def _pip(python: Path, args: list[str], log: Path) -> None:
-    cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *args]
-    with open(log, "a") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise BenchmarkError(f"'{shlex.join(cmd)}' failed with exit code {done.returncode}; see {log}")
-
-
-def ensure_venv(venv: Path, requirements: Path, log: Path) -> Path:
-    """The interpreter of ``venv``, (re)created when ``requirements`` changed since it was built."""
-    python = venv / "bin" / "python"
-    stamp = venv / ".requirements.sha256"
-    wanted = hashlib.sha256(requirements.read_bytes()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text().strip() == wanted:
-        return python
-    torch_pin = next(
-        (
-            line.strip()
-            for line in requirements.read_text().splitlines()
-            if line.lower().startswith("torch==")
-        ),
-        None,
-    )
-    if torch_pin is None:
-        raise BenchmarkError(f"{requirements} pins no torch version (a line 'torch==X.Y.Z' is expected)")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("")
-    with console.status(f"creating {venv} from {requirements.name} (log: {log})"):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        # torch first, alone: it resolves to the machine's local CPU wheel, where a resolver pass over the
-        # whole file could pick the multi-gigabyte CUDA build from the index.
-        _pip(python, [torch_pin], log)
-        _pip(python, ["-r", str(requirements)], log)
-    stamp.write_text(wanted + "\n")
-    return python
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,9 +370,7 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     log_dir = out / "logs"
     log_dir.mkdir(exist_ok=True)
-    sb3_python = (
-        ensure_venv(SB3_VENV, SB3_REQUIREMENTS, log_dir / "sb3-venv.log") if "sb3" in chosen else None
-    )
+    sb3_python = ensure_peer("sb3", log_dir / "sb3-venv.log") if "sb3" in chosen else None
 
     runs: list[dict[str, Any]] = []
     for seed in range(s.seeds):
