@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 import torch
 import typer
+from mujoco_data import stem
 from mujoco_data import write_d4rl_hdf5 as write_d4rl_columns
 from offline import (
     RUNNER,
@@ -138,11 +139,6 @@ def write_d4rl_hdf5(data: Transitions, path: Path) -> Path:
     if data.has_propensities:
         columns["infos/action_log_probs"] = data.behavior_logp
     return write_d4rl_columns(columns, path)
-
-
-def stem(env_id: str) -> str:
-    """File-name form of a task id (``Hopper-v5`` -> ``hopper-v5``), as ``mujoco_data.py`` names its files."""
-    return env_id.lower()
 
 
 def dataset_file(s: Settings, name: str) -> tuple[Path, str]:

@@ -52,7 +52,8 @@ def write_d4rl_hdf5(columns: dict[str, np.ndarray], path: Path, attrs: dict[str,
     return path
 
 
-def _stem(env_id: str) -> str:
+def stem(env_id: str) -> str:
+    """File-name form of a task id (``Hopper-v5`` -> ``hopper-v5``): datasets are ``<stem>-<name>.hdf5``."""
     return env_id.lower()
 
 
@@ -193,13 +194,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.learn(args.steps, callback=Record())
     elapsed = time.time() - started
     out = Path(args.out)
-    stem = _stem(args.env)
+    task = stem(args.env)
     h5 = write_d4rl_hdf5(
         rec.columns(),
-        out / f"{stem}-medium-replay.hdf5",
+        out / f"{task}-medium-replay.hdf5",
         {"env_id": args.env, "behavior": f"SB3 SAC replay, {model.num_timesteps} steps, seed {args.seed}"},
     )
-    model.save(out / f"{stem}-sac.zip")
+    model.save(out / f"{task}-sac.zip")
     result = {
         "env": args.env,
         "device": args.device,
@@ -212,7 +213,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "medium_replay": {"path": str(h5), **rec.summary()},
         "curve": curve,
     }
-    (out / f"{stem}-sac.json").write_text(json.dumps(result, indent=1))
+    (out / f"{task}-sac.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -223,8 +224,8 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    stem = _stem(args.env)
-    model = SAC.load(args.model or out / f"{stem}-sac.zip", device=args.device)
+    task = stem(args.env)
+    model = SAC.load(args.model or out / f"{task}-sac.zip", device=args.device)
     env = gym.make(args.env)
     low, high = _bounds(env, args.env)
     rec = Recorder(low, high)
@@ -251,7 +252,7 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
         del columns["infos/action_log_probs"]
     h5 = write_d4rl_hdf5(
         columns,
-        out / f"{stem}-{args.name or name}.hdf5",
+        out / f"{task}-{args.name or name}.hdf5",
         {
             "env_id": args.env,
             "behavior": f"SB3 SAC policy {model.num_timesteps} steps, sampled, seed {args.seed}",
@@ -263,7 +264,7 @@ def rollout(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": time.time() - started,
         "dataset": {"path": str(h5), **rec.summary()},
     }
-    (out / f"{stem}-{args.name or name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{task}-{args.name or name}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
