@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
-from rlops_trainer import rollout
+from rlops_trainer import collect, rollout
 from rlops_trainer.algos import for_dataset
 from rlops_trainer.datasets import DatasetError
 from rlops_trainer.importers import import_d4rl_hdf5
@@ -18,30 +17,20 @@ from rlops_trainer.training import RunOptions
 ENV = "Hopper-v5"
 
 
-def hopper_file(path: Path, episodes: int = 4, max_len: int = 40) -> Path:
-    """Uniform random play of Hopper-v5 in D4RL's layout, episodes cut at ``max_len`` (timeouts)."""
-    env = gym.make(ENV)
-    env.action_space.seed(0)
-    cols: dict[str, list[object]] = {
-        k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+def hopper_file(path: Path, episodes: int = 4) -> Path:
+    """Uniform random play of Hopper-v5 (``rlops data collect``'s recorder) in D4RL's layout."""
+    played = collect.collect(ENV, "uniform", episodes, seed=0, progress=False)
+    columns = {
+        "observations": played.observation,
+        "actions": played.action,
+        "rewards": played.reward,
+        "terminals": played.terminated,
+        "timeouts": played.truncated,
+        "next_observations": played.next_observation,
     }
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=ep)
-        for t in range(max_len):
-            action = env.action_space.sample()
-            nxt, reward, terminated, truncated, _ = env.step(action)
-            cut = truncated or t == max_len - 1
-            for key, value in zip(
-                cols, (obs, action, reward, terminated, cut and not terminated, nxt), strict=True
-            ):
-                cols[key].append(value)
-            obs = nxt
-            if terminated or cut:
-                break
-    env.close()
     with h5py.File(path, "w") as f:
-        for key, values in cols.items():
-            f[key] = np.asarray(values, dtype=np.bool_ if key in ("terminals", "timeouts") else np.float32)
+        for key, values in columns.items():
+            f[key] = values
     return path
 
 
@@ -62,7 +51,7 @@ def test_hopper_data_imports_trains_and_plays(tmp_path: Path) -> None:
 
 
 def test_hopper_data_for_the_wrong_task_is_refused(tmp_path: Path) -> None:
-    path = hopper_file(tmp_path / "hopper.hdf5", episodes=1, max_len=5)
+    path = hopper_file(tmp_path / "hopper.hdf5", episodes=1)
     with pytest.raises(DatasetError, match=r"the actions have 3 dimensions but HalfCheetah-v5 has Box") as e:
         import_d4rl_hdf5(path, env_id="HalfCheetah-v5")
     assert str(path) in str(e.value)
